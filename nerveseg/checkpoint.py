@@ -1,0 +1,82 @@
+"""The checkpoint format, written by train.py and read by predict.py (and anything else).
+
+A checkpoint is a plain dict that torch.load(..., weights_only=True) reads: no pickled objects, so
+loading a file from elsewhere cannot run code. The weights are the unwrapped model's state_dict, with
+no "module." (DistributedDataParallel) or "_orig_mod." (torch.compile) prefixes.
+"""
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nerveseg.errors import UserError
+from nerveseg.files import atomic_write
+from nerveseg.model import build_model
+
+FORMAT = "nerveseg-unet"
+VERSION = 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel and torch.compile wrappers."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def save_torch(path: str | Path, value: Any) -> None:
+    """torch.save, atomically (temporary file, fsync, rename)."""
+    with atomic_write(path, "wb") as file:
+        torch.save(value, file)
+
+
+def make_checkpoint(model: nn.Module, model_config: dict, preprocessing: dict, postprocessing: dict,
+                    settings: dict, epoch: int, metrics: dict) -> dict:
+    """Everything inference needs, and the record of how the model was made."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": model_config,
+        "state_dict": unwrap(model).state_dict(),
+        "preprocessing": preprocessing,  # image_size (height, width) the network sees, intensity scaling
+        "postprocessing": postprocessing,  # threshold, keep_largest, min_area_fraction
+        "settings": settings,
+        "epoch": epoch,
+        "metrics": metrics,
+    }
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """torch.load with weights_only=True, and a clear message for each way it can fail."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; train a model first (python train.py) or pass --checkpoint PATH")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(
+            f"{path} holds Python objects that safe loading refuses (weights_only=True), so it was not loaded "
+            f"and nothing in it was run. Only use checkpoints written by train.py. ({str(error).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise UserError(f"{path} is not a readable checkpoint (truncated or another kind of file: {error}); "
+                        "train again or copy it again") from None
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The model (in eval mode, on `device`) and the checkpoint dict."""
+    checkpoint = read_torch_file(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise UserError(f"{path} is not a checkpoint written by train.py (no '{FORMAT}' format tag)")
+    if checkpoint.get("version", 0) > VERSION:
+        raise UserError(f"{path} was written by a newer version of this project; update it to read the file")
+    try:
+        model = build_model(checkpoint["model_config"])
+        model.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, TypeError, KeyError) as error:
+        raise UserError(f"{path} does not match the model it describes ({str(error).splitlines()[0]}); "
+                        "it was damaged or edited") from None
+    return model.to(device).eval(), checkpoint

@@ -1,0 +1,380 @@
+"""Stage 1: verify a Kaggle download and write a clean, renamed copy with a manifest.
+
+The clean folder (``data/clean`` by default) holds::
+
+    images/<subject>_<n>.tif   training images, byte-identical copies of the verified originals
+    masks/<subject>_<n>.tif    their masks, values {0, 255} (same name as the image: no string tricks)
+    test/<n>.tif               test images, byte-identical copies
+    manifest.csv               one row per training id: paths, mask area, kept or why not, duplicates
+    test.csv                   one row per test image
+    cleaning.json              what was cleaned, with which options, and the summary
+
+It is built in a temporary folder beside the target and swapped in only when complete.
+"""
+
+import concurrent.futures
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from nerveseg.errors import UserError
+from nerveseg.files import write_csv, write_json
+from nerveseg.rle import rle_encode
+from nerveseg.sources import ArchiveCache, Download, Locator, read_csv_text
+
+KAGGLE_SIZE = (420, 580)  # height, width of every competition image
+TRAIN_NAME = re.compile(r"^(\d+)_(\d+)(_mask)?\.tiff?$", re.IGNORECASE)
+TEST_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
+FEATURE_SIZE = (64, 48)  # width, height of the thumbnail compared to find near-duplicates
+MANIFEST_COLUMNS = ["id", "subject", "frame", "image", "mask", "mask_area", "kept", "reason", "duplicate_of",
+                    "similarity"]
+TEST_COLUMNS = ["id", "image", "kept", "reason"]
+DUPLICATE_POLICIES = ("drop-empty", "drop-both", "keep")
+FORMAT_VERSION = 1
+
+_cache = ArchiveCache()  # one per worker process
+
+
+@dataclass
+class PairResult:
+    """What verifying one training id found."""
+
+    id: str
+    subject: int
+    frame: int
+    image: str = ""
+    mask: str = ""
+    mask_area: int = 0
+    kept: bool = False
+    reason: str = ""
+    duplicate_of: str = ""
+    similarity: str = ""
+    feature: np.ndarray | None = field(default=None, repr=False)
+
+    def row(self) -> dict:
+        """The manifest row."""
+        return {name: getattr(self, name) if name != "kept" else int(self.kept) for name in MANIFEST_COLUMNS}
+
+
+def decode_gray8(data: bytes, name: str) -> tuple[np.ndarray, str]:
+    """Decode an 8-bit grayscale TIFF; return (pixels, "") or (empty array, the reason it is unusable)."""
+    if not data:
+        return np.zeros(0), f"{name} is an empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image_format, mode = image.format, image.mode
+            pixels = np.asarray(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        return np.zeros(0), f"{name} cannot be decoded (truncated or not an image: {error})"
+    if image_format != "TIFF":
+        return np.zeros(0), f"{name} is a {image_format} file, not a TIFF"
+    if mode != "L" or pixels.ndim != 2:
+        return np.zeros(0), f"{name} is mode {mode}, expected 8-bit grayscale (L)"
+    return pixels, ""
+
+
+def read_unique(locators: list[Locator], name: str) -> tuple[bytes, str]:
+    """The bytes of a file found once, or found several times with the same content."""
+    contents = {_cache.read(locator) for locator in locators}
+    if len(contents) > 1:
+        places = ", ".join(locator.describe() for locator in locators)
+        return b"", f"{name} was found {len(locators)} times with different content ({places})"
+    return contents.pop(), ""
+
+
+def thumbnail_feature(pixels: np.ndarray) -> np.ndarray:
+    """A 64x48 area-averaged thumbnail, zero mean and unit length: the dot product of two is Pearson's r."""
+    thumb = np.asarray(Image.fromarray(pixels).resize(FEATURE_SIZE, Image.Resampling.BOX), dtype=np.float32).ravel()
+    thumb -= thumb.mean()
+    return thumb / max(float(np.linalg.norm(thumb)), 1e-6)
+
+
+def normalize_mask(mask: np.ndarray) -> tuple[np.ndarray, str, str]:
+    """Return (mask as {0, 255}, a note on what was repaired, the reason it is refused).
+
+    A 0/1 mask is repaired (scaled to 0/255: nothing is guessed). Any other value, such as the grey
+    edge of an anti-aliased drawing, is refused: which side of the edge is nerve would be a guess.
+    """
+    values = set(np.unique(mask).tolist())
+    if values <= {0, 255}:
+        return mask, "", ""
+    if values <= {0, 1}:
+        return (mask * 255).astype(np.uint8), "repaired: 0/1 mask scaled to 0/255", ""
+    shown = sorted(values)[:6]
+    return mask, "", f"mask is not binary (values {shown}{'...' if len(values) > 6 else ''}), expected 0/255"
+
+
+def verify_pair(job: tuple) -> PairResult:
+    """Verify one training id and copy its files into the output folder (runs in a worker process)."""
+    (subject, frame, image_locators, mask_locators, rle_text, output) = job
+    result = PairResult(f"{subject}_{frame}", subject, frame)
+    image_name = image_locators[0].describe() if image_locators else ""
+    mask_name = mask_locators[0].describe() if mask_locators else ""
+    if not image_locators:
+        result.reason = f"mask {mask_name} has no image"
+        return result
+    if not mask_locators:
+        result.reason = f"image {image_name} has no mask"
+        return result
+    image_bytes, problem = read_unique(image_locators, image_name)
+    mask_bytes, mask_duplicate = read_unique(mask_locators, mask_name)
+    problem = problem or mask_duplicate
+    image = mask = np.zeros(0)
+    if not problem:
+        image, problem = decode_gray8(image_bytes, image_name)
+    if not problem:
+        mask, problem = decode_gray8(mask_bytes, mask_name)
+    if not problem and image.shape != mask.shape:
+        problem = f"{mask_name} is {mask.shape[1]}x{mask.shape[0]}, its image is {image.shape[1]}x{image.shape[0]}"
+    note = ""
+    if not problem:
+        mask, note, refused = normalize_mask(mask)
+        problem = f"{mask_name}: {refused}" if refused else ""
+    if not problem and rle_text is not None and rle_encode(mask) != " ".join(rle_text.split()):
+        problem = f"{mask_name} differs from its train_masks.csv row"
+    if problem:
+        result.reason = problem
+        return result
+    result.image, result.mask = f"images/{result.id}.tif", f"masks/{result.id}.tif"
+    Path(output, result.image).write_bytes(image_bytes)
+    if note:
+        Image.fromarray(mask).save(Path(output, result.mask), compression="tiff_lzw")
+    else:
+        Path(output, result.mask).write_bytes(mask_bytes)
+    result.mask_area = int(np.count_nonzero(mask))
+    result.kept, result.reason, result.feature = True, note, thumbnail_feature(image)
+    return result
+
+
+def verify_test_image(job: tuple) -> dict:
+    """Verify one test image and copy it into the output folder (runs in a worker process)."""
+    number, locators, output = job
+    name = locators[0].describe()
+    data, problem = read_unique(locators, name)
+    if not problem:
+        _, problem = decode_gray8(data, name)
+    row = {"id": str(number), "image": "", "kept": 0, "reason": problem}
+    if not problem:
+        row["image"], row["kept"] = f"test/{number}.tif", 1
+        Path(output, row["image"]).write_bytes(data)
+    return row
+
+
+def parse_train_masks_csv(text: str, where: str) -> dict[str, str]:
+    """train_masks.csv rows as id -> run-length text."""
+    rows = csv.DictReader(io.StringIO(text))
+    if rows.fieldnames is None or not {"subject", "img", "pixels"} <= set(rows.fieldnames):
+        raise UserError(f"{where} should have the columns subject,img,pixels; re-download it")
+    return {f"{row['subject']}_{row['img']}": row["pixels"] or "" for row in rows}
+
+
+def pair_jobs(download: Download, rle_rows: dict[str, str] | None, output: Path) -> tuple[list[tuple], list[PairResult]]:
+    """Group the training files by id; names that do not follow <subject>_<n> become results at once."""
+    images: dict[tuple[int, int], list[Locator]] = {}
+    masks: dict[tuple[int, int], list[Locator]] = {}
+    unnamed = []
+    for name, locators in download.train.items():
+        match = TRAIN_NAME.match(name)
+        if not match:
+            unnamed.append(PairResult(name, -1, -1, reason=f"{locators[0].describe()}: name is not <subject>_<n>.tif"))
+            continue
+        key = (int(match[1]), int(match[2]))
+        (masks if match[3] else images).setdefault(key, []).extend(locators)
+    jobs = []
+    for key in sorted(images.keys() | masks.keys()):
+        rle_text = None if rle_rows is None else rle_rows.get(f"{key[0]}_{key[1]}")
+        jobs.append((key[0], key[1], images.get(key, []), masks.get(key, []), rle_text, str(output)))
+    return jobs, unnamed
+
+
+def find_contradictions(results: list[PairResult], threshold: float) -> list[tuple[PairResult, PairResult, float]]:
+    """Near-identical kept frames of one subject (Pearson r of thumbnails >= threshold) with one empty mask."""
+    by_subject: dict[int, list[PairResult]] = {}
+    for result in results:
+        if result.kept:
+            by_subject.setdefault(result.subject, []).append(result)
+    found = []
+    for frames in by_subject.values():
+        features = np.stack([frame.feature for frame in frames])
+        similarity = features @ features.T
+        for i, j in zip(*np.nonzero(np.triu(similarity, 1) >= threshold), strict=True):
+            first, second = frames[i], frames[j]
+            if (first.mask_area == 0) != (second.mask_area == 0):
+                with_mask, empty = (first, second) if first.mask_area else (second, first)
+                found.append((with_mask, empty, float(similarity[i, j])))
+    return found
+
+
+def apply_duplicate_policy(found: list[tuple[PairResult, PairResult, float]], policy: str) -> None:
+    """Record each contradictory pair in the manifest and drop what the policy says."""
+    for with_mask, empty, r in found:
+        for this, other in ((with_mask, empty), (empty, with_mask)):
+            this.duplicate_of = " ".join(filter(None, [this.duplicate_of, other.id]))
+            this.similarity = " ".join(filter(None, [this.similarity, f"{r:.4f}"]))
+        dropped = {"drop-empty": [empty], "drop-both": [with_mask, empty], "keep": []}[policy]
+        for result in dropped:
+            result.kept = False
+            result.reason = f"contradictory near-duplicate of {result.duplicate_of} (--duplicates {policy})"
+
+
+def run_parallel(function, jobs: list, workers: int, description: str, quiet: bool) -> list:
+    """Map `function` over `jobs` in worker processes, in order, with a progress bar."""
+    bar = tqdm(total=len(jobs), desc=description, unit="file", disable=quiet or None, leave=False)
+    if workers <= 1:
+        results = []
+        for job in jobs:
+            results.append(function(job))
+            bar.update()
+    else:
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            results = []
+            for result in pool.map(function, jobs, chunksize=64):
+                results.append(result)
+                bar.update()
+    bar.close()
+    return results
+
+
+def source_fingerprint(download: Download, options: dict) -> str:
+    """A hash of the source files' names, sizes and times and of the options: equal means nothing to redo."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    digest.update(str(FORMAT_VERSION).encode())
+    paths = {loc.path for group in (download.train, download.test) for locs in group.values() for loc in locs}
+    paths |= {loc.path for loc in (download.train_masks_csv, download.sample_submission_csv) if loc}
+    for path in sorted(paths):
+        info = os.stat(path)
+        digest.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def summarize(results: list[PairResult], tests: list[dict], found: list, policy: str) -> dict:
+    """The figures printed at the end and stored in cleaning.json."""
+    kept = [r for r in results if r.kept]
+    reasons = Counter(r.reason.split(" (")[0] if "near-duplicate" in r.reason else "skipped" for r in results
+                      if not r.kept)
+    return {
+        "ids_found": len(results),
+        "pairs_kept": len(kept),
+        "pairs_skipped": len(results) - len(kept),
+        "skipped_by_reason": dict(reasons),
+        "contradictory_duplicates_found": len(found),
+        "duplicate_policy": policy,
+        "dropped_as_duplicates": sum("near-duplicate" in r.reason for r in results if not r.kept),
+        "empty_mask_fraction": round(sum(r.mask_area == 0 for r in kept) / max(len(kept), 1), 4),
+        "subjects": len({r.subject for r in kept}),
+        "test_images_kept": sum(row["kept"] for row in tests),
+        "test_images_skipped": sum(not row["kept"] for row in tests),
+    }
+
+
+@dataclass
+class CleaningOptions:
+    """How to clean."""
+
+    duplicates: str = "drop-empty"
+    similarity: float = 0.99
+    strict: bool = False
+    workers: int = 0
+    quiet: bool = False
+
+
+def clean_download(download: Download, output: Path, options: CleaningOptions, overwrite: bool) -> dict:
+    """Verify and copy a download into `output`; return the summary (or {"unchanged": True, ...})."""
+    fingerprint = source_fingerprint(download, {"duplicates": options.duplicates, "similarity": options.similarity,
+                                                "strict": options.strict})
+    record_path = output / "cleaning.json"
+    if output.exists() and any(output.iterdir()):
+        previous = read_previous_record(record_path)
+        if previous.get("fingerprint") == fingerprint:
+            return {**previous["summary"], "unchanged": True}
+        if not overwrite:
+            what = f"a clean of {previous['source']}" if previous else "files that data_cleaning.py did not write"
+            raise UserError(
+                f"{output} already holds {what}, made from other files or options. Pass --overwrite true "
+                "to replace it, or --output OTHER_FOLDER to keep both."
+            )
+    rle_rows = None
+    if download.train_masks_csv is not None:
+        rle_rows = parse_train_masks_csv(read_csv_text(download.train_masks_csv, _cache), download.train_masks_csv.describe())
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{output.name}.building-", dir=output.parent))
+    except OSError as error:
+        raise UserError(f"cannot write into {output.parent}: {error.strerror}; choose --output in a writable folder") from None
+    try:
+        for folder in ("images", "masks", "test"):
+            (building / folder).mkdir()
+        workers = options.workers or os.cpu_count() or 1
+        jobs, results = pair_jobs(download, rle_rows, building)
+        results += run_parallel(verify_pair, jobs, workers, "training pairs", options.quiet)
+        test_jobs = []
+        for name, locators in sorted(download.test.items(), key=lambda item: natural_key(item[0])):
+            match = TEST_NAME.match(name)
+            if match:
+                test_jobs.append((int(match[1]), locators, str(building)))
+            else:
+                results.append(PairResult(name, -1, -1, reason=f"{locators[0].describe()}: test image name is not <n>.tif"))
+        tests = run_parallel(verify_test_image, test_jobs, workers, "test images", options.quiet)
+        if rle_rows is not None:
+            found_ids = {r.id for r in results}
+            for missing in sorted(rle_rows.keys() - found_ids, key=natural_key):
+                results.append(PairResult(missing, *map(int, missing.split("_")),
+                                          reason="listed in train_masks.csv but no image or mask file was found"))
+        found = find_contradictions(results, options.similarity)
+        apply_duplicate_policy(found, options.duplicates)
+        results.sort(key=lambda r: (r.subject, r.frame, r.id))
+        problems = [r for r in results if not r.kept and "near-duplicate" not in r.reason]
+        problems += [PairResult(row["id"], -1, -1, reason=row["reason"]) for row in tests if not row["kept"]]
+        if options.strict and problems:
+            listing = "\n  ".join(p.reason for p in problems[:20])
+            raise UserError(f"--strict: {len(problems)} problem(s) in {download.origin}:\n  {listing}")
+        if not any(r.kept for r in results):
+            raise UserError(
+                f"no usable training pair in {download.origin}: expected 8-bit grayscale TIFFs train/<subject>_<n>.tif "
+                f"with masks train/<subject>_<n>_mask.tif of the same size, values 0/255. First problems:\n  "
+                + "\n  ".join(r.reason for r in results[:5])
+            )
+        summary = summarize(results, tests, found, options.duplicates)
+        write_csv(building / "manifest.csv", [r.row() for r in results], MANIFEST_COLUMNS)
+        write_csv(building / "test.csv", tests, TEST_COLUMNS)
+        write_json(building / "cleaning.json", {"source": download.origin, "fingerprint": fingerprint,
+                                                "format_version": FORMAT_VERSION, "summary": summary,
+                                                "problems": [p.reason for p in problems]})
+        swap_into_place(building, output)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return {**summary, "problems": [p.reason for p in problems]}
+
+
+def read_previous_record(path: Path) -> dict:
+    """The cleaning.json of an earlier clean, or {} when there is none."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def swap_into_place(building: Path, output: Path) -> None:
+    """Replace `output` by the finished `building` folder; the old one is removed only after the swap."""
+    retired = output.parent / f".{output.name}.old-{os.getpid()}"
+    if output.exists():
+        os.replace(output, retired)
+    os.replace(building, output)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort "2_10" after "2_9"."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))

@@ -1,0 +1,73 @@
+"""Running under torchrun (DistributedDataParallel) or as a single process, with the same code.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process and every helper here
+is a no-op. NCCL is used on CUDA, gloo on the CPU.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nerveseg.errors import UserError
+
+
+@dataclass(frozen=True)
+class Process:
+    """Who this process is."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 prints, draws and writes files."""
+        return self.rank == 0
+
+
+def choose_device(name: str, local_rank: int) -> torch.device:
+    """"auto" picks CUDA when there is a GPU; under torchrun each process takes GPU LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but PyTorch sees no GPU; use --device cpu or auto")
+        return torch.device("cuda", local_rank if name == "cuda" else torch.device(name).index)
+    if name not in ("cpu", "mps"):
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {name!r}")
+    return torch.device(name)
+
+
+def start(device_name: str) -> Process:
+    """Join the process group when launched by torchrun; pick this process's device."""
+    if "RANK" not in os.environ:
+        return Process(0, 1, choose_device(device_name, 0))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = choose_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                            if device.type == "cuda" else None)
+    return Process(dist.get_rank(), dist.get_world_size(), device)
+
+
+def all_reduce_sum(values: torch.Tensor, process: Process) -> torch.Tensor:
+    """The element-wise sum over all processes (float64 sums stay exact for our counts)."""
+    if process.world_size == 1:
+        return values
+    reduced = values.to(process.device)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced.cpu()
+
+
+def all_agree(flag: bool, process: Process) -> bool:
+    """True when the flag is true on every process (used to stop together)."""
+    return bool(all_reduce_sum(torch.tensor([0.0 if flag else 1.0], dtype=torch.float64), process)[0] == 0)
+
+
+def stop(process: Process) -> None:
+    """Leave the process group."""
+    if process.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,24 @@
+"""Expected errors: a clear message that names the file and the fix, and no traceback."""
+
+import sys
+from types import TracebackType
+
+
+class UserError(Exception):
+    """A problem with the user's input or settings that the message explains; the script exits with it."""
+
+
+def exit_on_user_error(script: str) -> None:
+    """Make an uncaught UserError print `script: error: message` (no traceback); the exit status is 1.
+
+    Other exceptions keep their traceback: they are bugs, and the traceback is what a bug report needs.
+    """
+    previous_hook = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+        if issubclass(kind, UserError):
+            print(f"{script}: error: {error}", file=sys.stderr)
+        else:
+            previous_hook(kind, error, traceback)
+
+    sys.excepthook = hook

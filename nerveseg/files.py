@@ -1,0 +1,55 @@
+"""Atomic file writing: a reader sees the old file or the complete new one, never half of one."""
+
+import contextlib
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+from nerveseg.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success fsync it and rename it over `path`.
+
+    On any error the temporary file is removed and `path` keeps its previous content. A full disk
+    or a read-only folder becomes a UserError that names the file.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror}; choose a writable folder") from None
+    try:
+        with os.fdopen(handle, mode, **({} if "b" in mode else {"newline": "", "encoding": "utf-8"})) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise UserError(f"cannot write {path}: {error.strerror}; {path} was left as it was") from None
+        raise
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Write a JSON file atomically."""
+    with atomic_write(path) as file:
+        json.dump(value, file, indent=2)
+        file.write("\n")
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Write a CSV file atomically, one row per dict."""
+    with atomic_write(path) as file:
+        writer = csv.DictWriter(file, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)

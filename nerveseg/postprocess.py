@@ -1,0 +1,86 @@
+"""From probabilities to masks at the original size, and choosing how on the validation subjects.
+
+A probability map is resized back to the image's own size, thresholded, optionally reduced to its
+largest connected component (MONAI's KeepLargestConnectedComponent), and emptied when what is left is
+smaller than a minimum area: a stray blob on one of the many empty images scores 0.
+"""
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import KeepLargestConnectedComponent
+
+from nerveseg.metrics import kaggle_dice
+
+THRESHOLDS = tuple(np.round(np.arange(0.3, 0.81, 0.05), 2).tolist())
+MIN_AREA_FRACTIONS = (0.0, 0.002, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03)
+_largest = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False)
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """How probabilities become a mask. min_area_fraction is a share of the image's pixel count."""
+
+    threshold: float = 0.5
+    keep_largest: bool = False
+    min_area_fraction: float = 0.0
+
+    def as_dict(self) -> dict:
+        """For the checkpoint."""
+        return asdict(self)
+
+
+def upsample(probability: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A (1, h, w) probability map resized to (1, *size), bilinear."""
+    return F.interpolate(probability[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+
+def binarize(probability: torch.Tensor, threshold: float, keep_largest: bool) -> torch.Tensor:
+    """Threshold a full-size (1, H, W) map; keep only the largest component if asked."""
+    mask = (probability > threshold).to(torch.uint8)
+    if keep_largest and mask.any():
+        mask = torch.as_tensor(_largest(mask.cpu()), dtype=torch.uint8)
+    return mask
+
+
+def to_mask(probability: torch.Tensor, size: tuple[int, int], post: PostProcessing) -> np.ndarray:
+    """The final (H, W) uint8 mask, 0 or 1, for one low-resolution (1, h, w) probability map."""
+    mask = binarize(upsample(probability, size), post.threshold, post.keep_largest)
+    if mask.sum() < post.min_area_fraction * size[0] * size[1]:
+        mask.zero_()
+    return mask[0].cpu().numpy()
+
+
+def tuning_scores(probability: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Dice of one image for every (keep_largest, threshold, min_area) choice: shape (2, T, A).
+
+    Summed over images (and ranks), the argmax is the best post-processing on those images.
+    """
+    full = upsample(probability, tuple(truth.shape[-2:]))
+    truth_empty = not bool(truth.any())
+    limits = torch.tensor(MIN_AREA_FRACTIONS, dtype=torch.float64) * truth.shape[-2] * truth.shape[-1]
+    scores = torch.zeros(2, len(THRESHOLDS), len(MIN_AREA_FRACTIONS), dtype=torch.float64)
+    for k, keep_largest in enumerate((False, True)):
+        for t, threshold in enumerate(THRESHOLDS):
+            mask = binarize(full, threshold, keep_largest)
+            dice = float(kaggle_dice(mask[None], truth[None])[0])
+            emptied = 1.0 if truth_empty else 0.0
+            scores[k, t] = torch.where(mask.sum() >= limits, dice, emptied)
+    return scores
+
+
+def choose(score_sums: torch.Tensor) -> tuple[PostProcessing, float, float]:
+    """The best choice from summed tuning scores, with (its sum, the raw 0.5 threshold's sum).
+
+    The raw choice wins ties, so the chosen post-processing never scores below it.
+    """
+    raw = (0, THRESHOLDS.index(0.5), 0)
+    best = raw
+    for index in np.ndindex(*score_sums.shape):
+        if score_sums[index] > score_sums[best] + 1e-9:
+            best = index
+    k, t, a = best
+    chosen = PostProcessing(THRESHOLDS[t], bool(k), MIN_AREA_FRACTIONS[a])
+    return chosen, float(score_sums[best]), float(score_sums[raw])

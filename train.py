@@ -1,0 +1,274 @@
+"""Stage 2: train a MONAI UNet to segment the brachial plexus nerve, and save 2D_Nerve_Segmentation.pt.
+
+    python train.py                               # the settings below
+    python train.py --max-epochs 5 --batch-size 32
+    python train.py --resume                      # continue the latest interrupted run
+    torchrun --nproc_per_node=4 train.py          # several GPUs (or CPU processes), same script
+
+Each "# %%" cell can be run on its own in an editor (VS Code, Spyder, Jupytext). Change a setting by
+editing it below, or on the command line (-h lists them all).
+"""
+
+# %% Import useful libraries
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import monai
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.losses import DiceCELoss
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from nerveseg import distributed
+from nerveseg.checkpoint import load_checkpoint, make_checkpoint, read_torch_file, save_torch, unwrap
+from nerveseg.data import partition, read_manifest, split_by_subject
+from nerveseg.errors import UserError, exit_on_user_error
+from nerveseg.evaluation import autocast, collate_keep_sizes, evaluate
+from nerveseg.files import write_csv, write_json
+from nerveseg.model import build_model, model_config, size_multiple
+from nerveseg.pictures import plot_training_curves
+from nerveseg.postprocess import choose
+from nerveseg.settings import parse_settings, settings_to_json
+from nerveseg.transforms import augment_transforms, load_transforms
+
+# %% Settings
+# -----------------------------------------------------------------------------
+# Data
+DATA_DIR = "data/clean"  # the clean folder written by data_cleaning.py
+IMAGE_HEIGHT = 128  # height the network sees (a multiple of 16); 128x176 keeps the 420:580 aspect
+IMAGE_WIDTH = 176  # width the network sees (a multiple of 16)
+VAL_FRACTION = 0.2  # share of subjects held out for validation (whole subjects, never single frames)
+SEED = 0  # seeds the split, the weights, the shuffling and the augmentation
+# Augmentation
+ROTATE_DEGREES = 10.0  # random rotation, up to this many degrees either way
+SCALE = 0.1  # random zoom, up to this share in or out
+SHIFT = 0.05  # random shift, up to this share of the image side
+FLIP_PROB = 0.0  # chance of a left-right flip (off: it mirrors the anatomy)
+INTENSITY_PROB = 0.3  # chance of each gamma, gain and noise change
+# Model
+CHANNELS = (16, 32, 64, 128, 256)  # UNet feature channels per level
+STRIDES = (2, 2, 2, 2)  # UNet down-sampling per level (image sides must be multiples of their product)
+NUM_RES_UNITS = 2  # residual units per UNet block
+DROPOUT = 0.0  # dropout in the UNet blocks
+# Optimisation
+BATCH_SIZE = 128  # training images per step and per process (global batch = this x processes)
+VAL_BATCH_SIZE = 64  # validation images per forward pass and per process
+MAX_EPOCHS = 60  # passes over the training images
+VAL_INTERVAL = 1  # validate every this many epochs (and always after the last one)
+LEARNING_RATE = 2e-3  # Adam's peak learning rate, for the global batch (see README: scaling)
+WEIGHT_DECAY = 1e-5  # Adam's weight decay
+WARMUP_EPOCHS = 2  # epochs of linear warm-up before the cosine decay
+# Output
+MODEL_PATH = "2D_Nerve_Segmentation.pt"  # the best model (by validation Dice) is copied here
+RUNS_DIR = "runs"  # each run writes a folder here: checkpoints, metrics.csv, curves.png, settings.json
+RUN_NAME = ""  # the run's folder name ("" = the start time)
+RESUME = False  # continue the run RUN_NAME (or the latest run) from its last completed epoch
+# System
+DEVICE = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N
+NUM_WORKERS = 0  # data-loading worker processes (0: in the main process, best for cached data on few cores)
+AMP = True  # mixed precision on CUDA (ignored on CPU)
+COMPILE = False  # torch.compile the model (first epoch slower, then faster on GPU)
+QUIET = False  # no progress bars (they are off anyway when the output is not a terminal)
+# -----------------------------------------------------------------------------
+exit_on_user_error("train.py")
+settings = parse_settings(globals())
+globals().update(settings)
+
+# %% Start: processes, device, run folder
+process = distributed.start(DEVICE)
+print0 = print if process.is_main else (lambda *args, **kwargs: None)
+quiet = QUIET or not process.is_main
+runs = Path(RUNS_DIR)
+if RESUME:
+    candidates = [runs / RUN_NAME] if RUN_NAME else sorted(runs.glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+    last_paths = [p if p.name == "last.pt" else p / "last.pt" for p in candidates]
+    if not last_paths or not last_paths[-1].is_file():
+        raise UserError(f"--resume found no interrupted run in {runs} (no */last.pt); start a run without --resume")
+    state = read_torch_file(last_paths[-1])
+    run_dir = last_paths[-1].parent
+    system = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME"}
+    settings = {**{k.upper(): tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()},
+                **{k: settings[k] for k in system}}
+    globals().update(settings)
+    print0(f"resuming {run_dir} after epoch {state['epoch']} of {MAX_EPOCHS} (its own settings are used)")
+else:
+    state = None
+    run_dir = runs / (RUN_NAME or time.strftime("%Y%m%d-%H%M%S"))
+    if process.is_main and (run_dir / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run; use --resume to continue it or another --run-name")
+image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)
+config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT)
+multiple = size_multiple(config)
+if BATCH_SIZE < 1 or VAL_BATCH_SIZE < 1 or MAX_EPOCHS < 1 or VAL_INTERVAL < 1:
+    raise UserError("--batch-size, --val-batch-size, --max-epochs and --val-interval must be at least 1")
+if IMAGE_HEIGHT % multiple or IMAGE_WIDTH % multiple or min(image_size) < multiple:
+    raise UserError(f"--image-height and --image-width must be multiples of {multiple} (the product of the "
+                    f"strides), not {IMAGE_HEIGHT}x{IMAGE_WIDTH}; for example 128x176 or 224x304")
+monai.utils.set_determinism(SEED)
+monai.data.set_track_meta(False)  # plain tensors: faster, and the metadata is not needed
+
+# %% Load data: the manifest of data_cleaning.py, split by subject
+items = read_manifest(DATA_DIR)
+train_items, val_items = split_by_subject(items, VAL_FRACTION, SEED)
+print0(f"{len(items)} pairs from {len({i['subject'] for i in items})} subjects: {len(train_items)} for training, "
+       f"{len(val_items)} for validation ({len({i['subject'] for i in val_items})} subjects held out); "
+       f"empty masks {sum(i['empty'] for i in train_items) / len(train_items):.0%} / "
+       f"{sum(i['empty'] for i in val_items) / len(val_items):.0%}")
+
+# %% Loaders and MONAI transforms: decode and resize once (cached), augment at every step
+augment = augment_transforms(ROTATE_DEGREES, SCALE, SHIFT, FLIP_PROB, INTENSITY_PROB, image_size)
+my_train_items = partition(train_items, process.rank, process.world_size, pad=True)  # cache only this share
+my_val_items = partition(val_items, process.rank, process.world_size, pad=False)
+train_ds = CacheDataset(my_train_items, monai.transforms.Compose([load_transforms(image_size, True), augment]),
+                        progress=not quiet)
+val_ds = CacheDataset(my_val_items, load_transforms(image_size, True, keep_full_label=True), progress=not quiet)
+# The sampler makes each epoch's order a function of (SEED, epoch): a resumed run sees the same batches.
+sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=SEED)
+train_loader = DataLoader(train_ds, batch_size=BATCH_SIZE, sampler=sampler, num_workers=NUM_WORKERS,
+                          pin_memory=process.device.type == "cuda")
+val_loader = DataLoader(val_ds, batch_size=VAL_BATCH_SIZE, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes)
+
+# %% Model, loss, optimiser and learning-rate schedule
+model = build_model(config).to(process.device)
+if state is not None:
+    model.load_state_dict(state["model"])
+network = torch.compile(model, dynamic=False) if COMPILE else model
+trained = DistributedDataParallel(network) if process.world_size > 1 else network
+# Dice over the whole batch (batch=True) plus cross-entropy: it does not collapse on the many empty masks.
+loss_function = DiceCELoss(sigmoid=True, batch=True)
+optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+steps_per_epoch = len(train_loader)
+METRICS_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_dice_empty", "val_dice_nonempty",
+                   "all_empty_baseline", "lr", "seconds"]
+
+
+def learning_rate_factor(step: int) -> float:
+    """Linear warm-up, then cosine decay to zero at the last step."""
+    warmup, total = WARMUP_EPOCHS * steps_per_epoch, MAX_EPOCHS * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
+use_scaler = AMP and process.device.type == "cuda" and not torch.cuda.is_bf16_supported()
+scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)  # only float16 needs loss scaling
+start_epoch, best_dice, history = 0, -1.0, []
+if state is not None:
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    start_epoch, best_dice, history = state["epoch"], state["best_dice"], state["history"]
+    torch.set_rng_state(state["rng"]["torch"])
+preprocessing = {"image_size": list(image_size), "intensity": "0..255 scaled to 0..1", "reader": "PIL, grayscale"}
+saved_settings = settings_to_json(settings)
+if process.is_main:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "settings.json", saved_settings)
+
+
+def save_last_state(epoch: int) -> None:
+    """Everything --resume needs to continue after `epoch` as if never stopped (rank 0 writes)."""
+    if process.is_main:
+        save_torch(run_dir / "last.pt", {
+            "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+            "best_dice": best_dice, "history": history, "settings": saved_settings,
+            "rng": {"torch": torch.get_rng_state()},
+        })
+
+
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    """Treat SIGTERM (a job scheduler's stop) like Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGTERM, stop_on_sigterm)
+
+# %% Train the model
+print0(f"training on {process.device} x {process.world_size}, {steps_per_epoch} steps of {BATCH_SIZE} per epoch; "
+       f"writing {run_dir}")
+epoch = start_epoch
+try:
+    for epoch in range(start_epoch + 1, MAX_EPOCHS + 1):
+        started = time.perf_counter()
+        sampler.set_epoch(epoch)  # the shuffle of this epoch
+        augment.set_random_state(seed=SEED * 1000 + epoch * 64 + process.rank)  # its augmentation
+        torch.manual_seed(SEED * 1000 + epoch)  # its worker seeds
+        trained.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=process.device)
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{MAX_EPOCHS}", leave=False, disable=quiet or None)
+        for step, batch in enumerate(bar):
+            images = batch["image"].to(process.device, non_blocking=True)
+            labels = batch["label"].to(process.device, non_blocking=True)
+            with autocast(process.device, AMP):
+                logits = trained(images)
+            loss = loss_function(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.detach() * len(images)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum.cpu(), torch.tensor(len(train_ds), dtype=torch.float64)]), process)
+        train_loss = float(totals[0] / totals[1])
+        if not math.isfinite(train_loss):
+            raise UserError(f"the training loss became {train_loss} in epoch {epoch}; the last good state is "
+                            f"{run_dir / 'last.pt'} (epoch {epoch - 1}). Lower --learning-rate, or turn off --amp")
+        row = {"epoch": epoch, "train_loss": round(train_loss, 5), "lr": f"{scheduler.get_last_lr()[0]:.3g}"}
+        if epoch % VAL_INTERVAL == 0 or epoch == MAX_EPOCHS:
+            metrics, _ = evaluate(network, val_loader, loss_function, process, AMP, quiet=quiet)
+            row |= {"val_loss": round(metrics["loss"], 5), "val_dice": round(metrics["dice"], 5),
+                    "val_dice_empty": round(metrics["dice_empty"], 5),
+                    "val_dice_nonempty": round(metrics["dice_nonempty"], 5),
+                    "all_empty_baseline": round(metrics["all_empty_baseline"], 5)}
+            if metrics["dice"] > best_dice:
+                best_dice = metrics["dice"]
+                if process.is_main:
+                    checkpoint = make_checkpoint(model, config, preprocessing, {"threshold": 0.5, "keep_largest": False,
+                                                 "min_area_fraction": 0.0}, saved_settings, epoch, metrics)
+                    save_torch(run_dir / "best.pt", checkpoint)
+        row["seconds"] = round(time.perf_counter() - started, 2)
+        history.append(row)
+        save_last_state(epoch)
+        if process.is_main:
+            write_csv(run_dir / "metrics.csv", history, METRICS_COLUMNS)
+            plot_training_curves(history, run_dir / "curves.png")
+        dice_text = (f", val loss {row['val_loss']:.4f}, Dice {row['val_dice']:.4f} (empty {row['val_dice_empty']:.3f}, "
+                     f"nerve {row['val_dice_nonempty']:.3f}; all-empty baseline {row['all_empty_baseline']:.3f})"
+                     if "val_dice" in row else "")
+        print0(f"epoch {epoch:3d}/{MAX_EPOCHS}: train loss {train_loss:.4f}{dice_text}, {row['seconds']:.1f} s")
+except KeyboardInterrupt:
+    print0(f"\ninterrupted in epoch {epoch}; the last completed epoch is saved in {run_dir / 'last.pt'}. "
+           f"Continue with: python train.py --resume --run-name {run_dir.name}")
+    distributed.stop(process)
+    sys.exit(130)
+except torch.cuda.OutOfMemoryError:
+    raise UserError(f"the GPU ran out of memory; try a smaller --batch-size (now {BATCH_SIZE}) or image size "
+                    f"(now {IMAGE_HEIGHT}x{IMAGE_WIDTH})") from None
+
+# %% Choose the post-processing on the validation subjects, and publish the best model
+best_model, checkpoint = load_checkpoint(run_dir / "best.pt", process.device)
+tuned_metrics, scores = evaluate(best_model, val_loader, loss_function, process, AMP, tune=True, quiet=quiet)
+post, tuned_sum, raw_sum = choose(scores)
+images = tuned_metrics["images"]
+checkpoint["postprocessing"] = post.as_dict()
+checkpoint["metrics"] |= {"dice_raw": raw_sum / images, "dice_postprocessed": tuned_sum / images}
+if process.is_main:
+    save_torch(run_dir / "best.pt", checkpoint)
+    save_torch(MODEL_PATH, checkpoint)
+    write_json(run_dir / "summary.json", {"best_epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"],
+                                          "postprocessing": post.as_dict(), "model_path": MODEL_PATH})
+print0(f"best epoch {checkpoint['epoch']}: validation Dice {raw_sum / images:.4f} at threshold 0.5, "
+       f"{tuned_sum / images:.4f} with the chosen post-processing (threshold {post.threshold}, "
+       f"largest component {'on' if post.keep_largest else 'off'}, minimum area {post.min_area_fraction:.2%} "
+       f"of the image); all-empty baseline {tuned_metrics['all_empty_baseline']:.4f}.\nSaved {MODEL_PATH}; "
+       f"curves and metrics in {run_dir}")
+distributed.stop(process)
