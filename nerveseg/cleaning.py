@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from nerveseg.errors import UserError
-from nerveseg.files import write_csv, write_json
+from nerveseg.files import swap_into_place, write_csv, write_json
 from nerveseg.rle import rle_encode
 from nerveseg.sources import ArchiveCache, Download, Locator, read_csv_text
 
@@ -364,15 +364,6 @@ def read_previous_record(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def swap_into_place(building: Path, output: Path) -> None:
-    """Replace `output` by the finished `building` folder; the old one is removed only after the swap."""
-    retired = output.parent / f".{output.name}.old-{os.getpid()}"
-    if output.exists():
-        os.replace(output, retired)
-    os.replace(building, output)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def natural_key(name: str) -> tuple:

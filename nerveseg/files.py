@@ -4,6 +4,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,3 +54,12 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) 
         writer = csv.DictWriter(file, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def swap_into_place(building: Path, target: Path) -> None:
+    """Replace the folder `target` by the finished folder `building`; the old one is deleted only after."""
+    retired = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, retired)
+    os.replace(building, target)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -27,6 +27,7 @@ class DiceTally:
 
     def add(self, dice: torch.Tensor, truth_is_empty: torch.Tensor) -> None:
         """Add a batch of per-image scores."""
+        truth_is_empty = truth_is_empty.bool()
         self.sum_empty += float(dice[truth_is_empty].sum())
         self.count_empty += int(truth_is_empty.sum())
         self.sum_nonempty += float(dice[~truth_is_empty].sum())

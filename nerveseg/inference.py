@@ -1,0 +1,92 @@
+"""Helpers of predict.py: reading images with clear errors, the output folder, truth masks, examples."""
+
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from monai.data import Dataset
+from PIL import Image
+
+from nerveseg.errors import UserError
+from nerveseg.files import swap_into_place
+
+MARKER = ".nerveseg-predictions"  # tells a folder of ours from a user's folder
+
+
+class ReadableDataset(Dataset):
+    """A MONAI Dataset that names the file when an image cannot be read."""
+
+    def _transform(self, index: int) -> dict:
+        try:
+            return super()._transform(index)
+        except Exception as error:  # any reader failure: truncated, not an image, unsupported mode
+            path = self.data[index]["image"]
+            raise UserError(f"cannot read {path} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                            "remove or replace it") from None
+
+
+class OutputFolder:
+    """Predictions are written into a folder beside OUTPUT and swapped in when complete.
+
+    An existing OUTPUT is replaced only if an earlier predict.py run wrote it (it holds the marker
+    file); a folder of anything else is refused, so no user file is overwritten.
+    """
+
+    def __init__(self, target: Path) -> None:
+        if target.exists() and any(target.iterdir()) and not (target / MARKER).exists():
+            raise UserError(f"{target} already holds files that predict.py did not write; choose another --output")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.building = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+        except OSError as error:
+            raise UserError(f"cannot write into {target.parent}: {error.strerror}; choose another --output") from None
+        (self.building / "masks").mkdir()
+        (self.building / MARKER).touch()
+        self.target = target
+        weakref.finalize(self, shutil.rmtree, self.building, ignore_errors=True)  # an unfinished run leaves nothing
+
+    def write_mask(self, name: str, mask: np.ndarray) -> None:
+        """One mask as an 8-bit PNG of 0 and 255."""
+        path = self.building / "masks" / f"{name}.png"
+        try:
+            Image.fromarray((mask * 255).astype(np.uint8)).save(path, compress_level=1)
+        except OSError as error:
+            raise UserError(f"cannot write {path}: {error.strerror}; nothing was changed in {self.target}") from None
+
+    def finish(self) -> None:
+        """Swap the complete results in."""
+        swap_into_place(self.building, self.target)
+
+
+def find_truth(items: list[dict], folder: str) -> dict[str, Callable[[], np.ndarray]]:
+    """For each image with a truth mask in `folder` (<name>.<ext> or <name>_mask.<ext>), a reader of it (0/1)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"--masks {folder} is not a folder")
+    by_stem = {p.stem.removesuffix("_mask"): p for p in root.iterdir() if p.is_file()}
+    truths = {}
+    for item in items:
+        path = by_stem.get(item["id"])
+        if path is not None:
+            truths[item["id"]] = lambda path=path: (np.asarray(Image.open(path).convert("L")) > 0).astype(np.uint8)
+    if not truths:
+        raise UserError(f"--masks {folder} holds no mask named like the input images (<name>.tif or <name>_mask.tif)")
+    return truths
+
+
+def pick_examples(items: list[dict], predicted: dict[str, str], count: int) -> list[dict]:
+    """Up to `count` images for the picture: spread over the list, at least half with a predicted nerve."""
+    with_nerve = [item for item in items if predicted.get(item["id"])]
+    without = [item for item in items if not predicted.get(item["id"])]
+    wanted = min(count, len(items))
+    first = spread(with_nerve, max(wanted - len(without), (wanted + 1) // 2))
+    return sorted(first + spread(without, wanted - len(first)), key=items.index)
+
+
+def spread(items: list, count: int) -> list:
+    """`count` items evenly spaced through the list."""
+    count = min(count, len(items))
+    return [items[int(i * len(items) / count)] for i in range(count)] if count > 0 else []
