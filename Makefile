@@ -1,0 +1,29 @@
+# The two commands of the README, and a few more. Each target prints the commands it runs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint benchmark clean-demo
+
+# Set up the virtual environment once (again when the requirements change).
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# The whole pipeline on a small synthetic download: clean -> train -> predict (a few minutes on 2 CPU cores).
+demo: $(VENV)/.installed
+	$(BIN)/python data_cleaning.py --demo
+	$(BIN)/python train.py --max-epochs 12 --batch-size 16 --learning-rate 2e-3
+	$(BIN)/python predict.py --masks data/synthetic-download/test_masks
+
+# The test suite (CPU, generated data; tests on ../shared data skip when it is absent).
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+# Speed and memory figures for every stage (see benchmarks/README.md).
+benchmark: $(VENV)/.installed
+	$(BIN)/python benchmarks/run.py
