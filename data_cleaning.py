@@ -45,7 +45,7 @@ if DEMO:
     SOURCE = "data/synthetic-download"
     if not Path(SOURCE, "train").exists():
         print(f"writing a synthetic Kaggle download to {SOURCE} ...")
-        synthetic.write_kaggle_download(Path(SOURCE), synthetic.DEMO, workers=WORKERS, progress=not QUIET)
+        synthetic.write_kaggle_download(Path(SOURCE), synthetic.DEMO, WORKERS, progress=not QUIET, test_masks=True)
 
 # %% Find the files, verify them and write the clean copy
 with scratch_folder() as scratch:
