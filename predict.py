@@ -25,7 +25,7 @@ from nerveseg.distributed import choose_device
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.evaluation import autocast, collate_keep_sizes
 from nerveseg.files import write_csv
-from nerveseg.inference import OutputFolder, ReadableDataset, find_truth, pick_examples
+from nerveseg.inference import OutputFolder, ReadableDataset, find_truth, pick_examples, raise_read_errors
 from nerveseg.metrics import DiceTally, kaggle_dice
 from nerveseg.pictures import plot_predictions
 from nerveseg.postprocess import PostProcessing, to_mask
@@ -63,7 +63,7 @@ post = PostProcessing(**checkpoint["postprocessing"])
 image_size = tuple(checkpoint["preprocessing"]["image_size"])
 items = list_images(INPUT)
 truths = find_truth(items, MASKS) if MASKS else {}
-dataset = ReadableDataset(items, load_transforms(image_size, with_label=False))
+dataset = ReadableDataset(items, load_transforms(image_size, with_label=False), image_size)
 loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, num_workers=NUM_WORKERS,
                                      collate_fn=collate_keep_sizes)
 output = OutputFolder(Path(OUTPUT))
@@ -73,6 +73,7 @@ print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} (epoch {ch
 rows, tally, examples = [], DiceTally(), []
 with torch.no_grad():
     for batch in tqdm(loader, desc="predicting", unit="batch", disable=QUIET or None):
+        raise_read_errors(batch)
         with autocast(device, AMP):
             logits = model(batch["image"].to(device))
         probabilities = torch.sigmoid(logits.float()).cpu()

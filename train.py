@@ -30,7 +30,7 @@ from nerveseg.data import partition, read_manifest, split_by_subject
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.evaluation import autocast, collate_keep_sizes, evaluate
 from nerveseg.files import write_csv, write_json
-from nerveseg.model import build_model, model_config, size_multiple
+from nerveseg.model import build_model, model_config, set_output_prior, size_multiple
 from nerveseg.pictures import plot_training_curves
 from nerveseg.postprocess import choose
 from nerveseg.settings import parse_settings, settings_to_json
@@ -67,6 +67,7 @@ WARMUP_EPOCHS = 2  # epochs of linear warm-up before the cosine decay
 MODEL_PATH = "2D_Nerve_Segmentation.pt"  # the best model (by validation Dice) is copied here
 RUNS_DIR = "runs"  # each run writes a folder here: checkpoints, metrics.csv, curves.png, settings.json
 RUN_NAME = ""  # the run's folder name ("" = the start time)
+PICTURES = "Images"  # the training curves of the finished run are also drawn here
 RESUME = False  # continue the run RUN_NAME (or the latest run) from its last completed epoch
 # System
 DEVICE = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N
@@ -91,7 +92,7 @@ if RESUME:
         raise UserError(f"--resume found no interrupted run in {runs} (no */last.pt); start a run without --resume")
     state = read_torch_file(last_paths[-1])
     run_dir = last_paths[-1].parent
-    system = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME"}
+    system = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME", "PICTURES"}
     settings = {**{k.upper(): tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()},
                 **{k: settings[k] for k in system}}
     globals().update(settings)
@@ -134,7 +135,9 @@ train_loader = DataLoader(train_ds, batch_size=BATCH_SIZE, sampler=sampler, num_
 val_loader = DataLoader(val_ds, batch_size=VAL_BATCH_SIZE, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes)
 
 # %% Model, loss, optimiser and learning-rate schedule
-model = build_model(config).to(process.device)
+model = build_model(config)
+set_output_prior(model, sum(i["mask_fraction"] for i in train_items) / len(train_items))
+model.to(process.device)
 if state is not None:
     model.load_state_dict(state["model"])
 network = torch.compile(model, dynamic=False) if COMPILE else model
@@ -144,7 +147,7 @@ loss_function = DiceCELoss(sigmoid=True, batch=True)
 optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 steps_per_epoch = len(train_loader)
 METRICS_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_dice_empty", "val_dice_nonempty",
-                   "all_empty_baseline", "lr", "seconds"]
+                   "all_empty_baseline", "lr", "train_seconds", "seconds"]
 
 
 def learning_rate_factor(step: int) -> float:
@@ -217,12 +220,15 @@ try:
             loss_sum += loss.detach() * len(images)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-        totals = distributed.all_reduce_sum(torch.stack([loss_sum.cpu(), torch.tensor(len(train_ds), dtype=torch.float64)]), process)
+        train_seconds = time.perf_counter() - started
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum.cpu(), torch.tensor(len(train_ds), dtype=torch.float64)]),
+                                            process)
         train_loss = float(totals[0] / totals[1])
         if not math.isfinite(train_loss):
             raise UserError(f"the training loss became {train_loss} in epoch {epoch}; the last good state is "
                             f"{run_dir / 'last.pt'} (epoch {epoch - 1}). Lower --learning-rate, or turn off --amp")
-        row = {"epoch": epoch, "train_loss": round(train_loss, 5), "lr": f"{scheduler.get_last_lr()[0]:.3g}"}
+        row = {"epoch": epoch, "train_loss": round(train_loss, 5), "lr": f"{scheduler.get_last_lr()[0]:.3g}",
+               "train_seconds": round(train_seconds, 3)}
         if epoch % VAL_INTERVAL == 0 or epoch == MAX_EPOCHS:
             metrics, _ = evaluate(network, val_loader, loss_function, process, AMP, quiet=quiet)
             row |= {"val_loss": round(metrics["loss"], 5), "val_dice": round(metrics["dice"], 5),
@@ -264,6 +270,7 @@ checkpoint["metrics"] |= {"dice_raw": raw_sum / images, "dice_postprocessed": tu
 if process.is_main:
     save_torch(run_dir / "best.pt", checkpoint)
     save_torch(MODEL_PATH, checkpoint)
+    plot_training_curves(history, Path(PICTURES, "training_curves.png"))
     write_json(run_dir / "summary.json", {"best_epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"],
                                           "postprocessing": post.as_dict(), "model_path": MODEL_PATH})
 print0(f"best epoch {checkpoint['epoch']}: validation Dice {raw_sum / images:.4f} at threshold 0.5, "

@@ -38,8 +38,8 @@ KAGGLE_SIZE = (420, 580)  # height, width of every competition image
 TRAIN_NAME = re.compile(r"^(\d+)_(\d+)(_mask)?\.tiff?$", re.IGNORECASE)
 TEST_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
 FEATURE_SIZE = (64, 48)  # width, height of the thumbnail compared to find near-duplicates
-MANIFEST_COLUMNS = ["id", "subject", "frame", "image", "mask", "mask_area", "kept", "reason", "duplicate_of",
-                    "similarity"]
+MANIFEST_COLUMNS = ["id", "subject", "frame", "image", "mask", "height", "width", "mask_area", "kept", "reason",
+                    "duplicate_of", "similarity"]
 TEST_COLUMNS = ["id", "image", "kept", "reason"]
 DUPLICATE_POLICIES = ("drop-empty", "drop-both", "keep")
 FORMAT_VERSION = 1
@@ -56,6 +56,8 @@ class PairResult:
     frame: int
     image: str = ""
     mask: str = ""
+    height: int = 0
+    width: int = 0
     mask_area: int = 0
     kept: bool = False
     reason: str = ""
@@ -153,6 +155,7 @@ def verify_pair(job: tuple) -> PairResult:
         Image.fromarray(mask).save(Path(output, result.mask), compression="tiff_lzw")
     else:
         Path(output, result.mask).write_bytes(mask_bytes)
+    result.height, result.width = mask.shape
     result.mask_area = int(np.count_nonzero(mask))
     result.kept, result.reason, result.feature = True, note, thumbnail_feature(image)
     return result

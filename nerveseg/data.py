@@ -26,7 +26,7 @@ def read_manifest(data_dir: str | Path) -> list[dict]:
             if not path.is_file():
                 raise UserError(f"{manifest} lists {path}, which is missing; run data_cleaning.py again")
         items.append({"image": str(image), "label": str(label), "id": row["id"], "subject": int(row["subject"]),
-                      "empty": int(row["mask_area"]) == 0})
+                      "empty": int(row["mask_area"]) == 0, "mask_fraction": int(row["mask_area"]) / (int(row["height"]) * int(row["width"]))})
     if not items:
         raise UserError(f"{manifest} lists no kept training pair; see its 'reason' column")
     return items

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from monai.data import Dataset
 from PIL import Image
 
@@ -17,15 +18,31 @@ MARKER = ".nerveseg-predictions"  # tells a folder of ours from a user's folder
 
 
 class ReadableDataset(Dataset):
-    """A MONAI Dataset that names the file when an image cannot be read."""
+    """A MONAI Dataset that reports an unreadable image by name instead of failing inside a worker.
+
+    Each item carries "error" ("" when it was read); a failed item holds a blank image of the network's
+    size so the batch can still be assembled, and the main process stops with the message.
+    """
+
+    def __init__(self, data: list[dict], transform: Callable, image_size: tuple[int, int]) -> None:
+        super().__init__(data, transform)
+        self.image_size = image_size
 
     def _transform(self, index: int) -> dict:
         try:
-            return super()._transform(index)
+            return {**super()._transform(index), "error": ""}
         except Exception as error:  # any reader failure: truncated, not an image, unsupported mode
-            path = self.data[index]["image"]
-            raise UserError(f"cannot read {path} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                            "remove or replace it") from None
+            item = self.data[index]
+            message = f"cannot read {item['image']} ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+            return {**item, "image": torch.zeros(1, *self.image_size), "original_size": torch.tensor([1, 1]),
+                    "error": message}
+
+
+def raise_read_errors(batch: dict) -> None:
+    """Stop with a clear message when an image of the batch could not be read."""
+    for error in batch["error"]:
+        if error:
+            raise UserError(f"{error}; remove or replace it")
 
 
 class OutputFolder:

@@ -56,3 +56,17 @@ def train_clean(train_download: Path, tmp_path_factory: pytest.TempPathFactory) 
                         cwd=output.parent)
     assert result.returncode == 0, result.stderr
     return output
+
+
+FAST_TRAINING = ("--image-height", "64", "--image-width", "96", "--batch-size", "8", "--val-batch-size", "16",
+                 "--quiet")
+
+
+@pytest.fixture(scope="session")
+def trained_run(train_clean: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-epoch training run on train_clean; returns its working folder (model at 2D_Nerve_Segmentation.pt)."""
+    work = tmp_path_factory.mktemp("trained")
+    result = run_script("train.py", "--data-dir", str(train_clean), "--max-epochs", "2", "--run-name", "first",
+                        *FAST_TRAINING, cwd=work)
+    assert result.returncode == 0, result.stderr
+    return work

@@ -1,0 +1,543 @@
+"""Speed and memory of every stage, measured on a synthetic download that this script makes itself.
+
+    python benchmarks/run.py              # default sizes: a few minutes on 2 CPU cores
+    python benchmarks/run.py --full       # the full-size set (5,635 pairs, 5,508 test images)
+    python benchmarks/run.py --quick      # tiny sizes, for the test suite (the figures mean nothing)
+    python benchmarks/run.py --gpu-quick  # the default sizes with fewer repetitions: about 5 minutes on a GPU machine
+
+It prints the machine, then a table of figures and ratios, all measured in this run, and writes the table to
+OUT/results.md and OUT/results.csv. Generated downloads are cached in benchmarks/.cache/. What each row
+measures, and how, is in benchmarks/README.md.
+"""
+
+import argparse
+import ast
+import csv
+import hashlib
+import itertools
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import monai
+import psutil
+import torch
+from monai.data import PILReader
+from monai.losses import DiceCELoss
+from monai.transforms import LoadImage, Resize
+from monai.utils import convert_to_tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the nerveseg package, when run as python benchmarks/run.py
+from nerveseg import synthetic  # noqa: E402
+from nerveseg.checkpoint import read_torch_file, save_torch  # noqa: E402
+from nerveseg.data import read_manifest, split_by_subject  # noqa: E402
+from nerveseg.evaluation import autocast  # noqa: E402
+from nerveseg.files import atomic_write, write_csv  # noqa: E402
+from nerveseg.model import build_model, model_config  # noqa: E402
+from nerveseg.postprocess import PostProcessing  # noqa: E402
+from nerveseg.settings import read_settings_block  # noqa: E402
+
+CACHE = ROOT / "benchmarks" / ".cache"
+GB = 1e9
+COLUMNS = ["key", "benchmark", "value", "unit", "goal", "met", "note"]
+STARTED = time.perf_counter()
+
+
+def script_defaults(script: Path) -> dict[str, Any]:
+    """The settings block of one of the project's scripts as {NAME: default} (the source is read, never run)."""
+    source = script.read_text()
+    names = {setting.name for setting in read_settings_block(source)}
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(source).body
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id in names}
+
+
+TRAIN = script_defaults(ROOT / "train.py")  # train.py's defaults: model, batch, image size, optimiser, precision
+FULL_TRAIN_IMAGES = round(synthetic.FULL.n_train * (1 - TRAIN["VAL_FRACTION"]))  # a full-set epoch, about
+
+
+# %% Sizes: one profile per mode
+@dataclass(frozen=True)
+class Profile:
+    """How much data and how many repetitions one mode uses."""
+
+    name: str
+    spec: synthetic.SyntheticSpec  # the download to generate
+    image_size: tuple[int, int] = (TRAIN["IMAGE_HEIGHT"], TRAIN["IMAGE_WIDTH"])  # what the network sees
+    scaling_sizes: tuple[tuple[int, int], ...] = ((96, 128), (128, 176), (224, 320))
+    batch_size: int = TRAIN["BATCH_SIZE"]
+    epochs: int = 4  # train.py epochs; all but the first are timed
+    warmup_steps: int = 2  # untimed training steps before the timed ones
+    steps: int = 5  # timed training steps of the compute limit (at least; see min_seconds)
+    few_steps: int = 3  # timed steps of the naive loop and of the other image sizes
+    min_seconds: float = 3.0  # keep timing steps until this much time has passed (fast GPU steps)
+    warmup_runs: int = 1  # untimed runs of each script, on a small input, before the timed ones
+    runs: int = 3  # timed runs of data_cleaning.py and predict.py
+
+
+DEFAULT_SPEC = synthetic.SyntheticSpec(n_subjects=12, frames_per_subject=50, n_test=300, n_contradictions=6)
+PROFILES = {
+    "quick": Profile("quick", synthetic.TINY, image_size=(32, 48), scaling_sizes=((16, 32), (32, 48), (48, 64)),
+                     batch_size=8, epochs=2, warmup_steps=1, steps=1, few_steps=1, min_seconds=0.0, warmup_runs=0,
+                     runs=1),
+    "default": Profile("default", DEFAULT_SPEC),
+    "gpu-quick": Profile("gpu-quick", DEFAULT_SPEC, epochs=3, runs=1),
+    "full": Profile("full", synthetic.FULL, epochs=3, runs=2),
+}
+
+
+# %% Results
+@dataclass
+class Row:
+    """One line of the results table. met is None where no goal applies at this size."""
+
+    section: int  # the table is sorted by it: 1 cleaning, 2-4 training, 5 prediction, 6 memory, 7 scaling, 8 GPU
+    key: str
+    benchmark: str
+    value: float
+    unit: str
+    goal: str = ""
+    met: bool | None = None
+    note: str = ""
+
+
+def spread(samples: list[float], unit: str) -> str:
+    """How a median was taken, for the note column."""
+    if len(samples) == 1:
+        return f"1 timed repetition ({samples[0]:.3g} {unit})"
+    return f"median of {len(samples)} ({min(samples):.3g}-{max(samples):.3g} {unit})"
+
+
+def shown(value: float) -> str:
+    """A figure with three significant digits, and thousands separated."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def markdown(header: list[str], rows: list[Row]) -> str:
+    """The machine lines and the table, as Markdown."""
+    lines = [*(f"- {line}" for line in header), "", "| Benchmark | Value | Unit | Goal | Met | Note |",
+             "| --- | ---: | --- | --- | --- | --- |"]
+    for row in rows:
+        met = {True: "yes", False: "**no**", None: ""}[row.met]
+        lines.append(f"| {row.benchmark} | {shown(row.value)} | {row.unit} | {row.goal} | {met} | {row.note} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, header: list[str], rows: list[Row]) -> str:
+    """Write results.md and results.csv into `out`; return the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = "# Benchmark results\n\n" + markdown(header, rows)
+    with atomic_write(out / "results.md") as file:
+        file.write(text)
+    write_csv(out / "results.csv", [{name: getattr(row, name) for name in COLUMNS} | {"value": f"{row.value:.6g}",
+              "met": {True: "yes", False: "no", None: ""}[row.met]} for row in rows], COLUMNS)
+    return text
+
+
+def say(message: str) -> None:
+    """A progress line, with the time since the start."""
+    print(f"[{time.perf_counter() - STARTED:4.0f} s] {message}", flush=True)
+
+
+# %% The machine
+def cpu_model() -> str:
+    """The CPU's marketing name, from /proc/cpuinfo where there is one."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_lines(device: torch.device, profile: Profile) -> list[str]:
+    """What the figures were measured on, and the load at the start (other work slows everything down)."""
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+    else:
+        gpu = "none used (--device cpu)" if torch.cuda.is_available() else "none; GPU rows are left out"
+    return [
+        f"mode: {profile.name} ({profile.spec.n_train:,} training pairs, {profile.spec.n_test:,} test images), "
+        f"device {device}, {time.strftime('%Y-%m-%d %H:%M')}",
+        f"CPU: {cpu_model()}, {os.cpu_count()} logical cores, {psutil.virtual_memory().total / GB:.0f} GiB memory",
+        f"GPU: {gpu}",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), MONAI {monai.__version__}, "
+        f"Python {platform.python_version()}",
+        f"load average (1 min) at the start: {os.getloadavg()[0]:.2f}",
+    ]
+
+
+# %% Running the project's scripts
+@dataclass
+class ScriptRun:
+    """The wall time and peak memory of one run of a script."""
+
+    seconds: float
+    peak_rss: int  # bytes: the process and its children together, sampled every 0.1 s
+
+
+def tree_rss(process: psutil.Process) -> int:
+    """The resident memory of a process and all its descendants."""
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_script(script: str, *arguments: object, cwd: Path) -> ScriptRun:
+    """Run one of the project's scripts as a user would; fail with its output if it fails."""
+    log = cwd / f"{script}.log"
+    with open(log, "w") as output:
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, arguments)], cwd=cwd,
+                                   stdout=output, stderr=subprocess.STDOUT)
+        watched, peak = psutil.Process(process.pid), 0
+        while process.poll() is None:
+            try:
+                peak = max(peak, tree_rss(watched))
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.1)
+        process.wait()
+        seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        raise RuntimeError(f"{script} {' '.join(map(str, arguments))} failed:\n{log.read_text()[-3000:]}")
+    return ScriptRun(seconds, peak)
+
+
+# %% Data: synthetic downloads, made once and cached
+def cached_download(spec: synthetic.SyntheticSpec) -> Path:
+    """A synthetic Kaggle download of `spec` in benchmarks/.cache, generated on first use."""
+    folder = CACHE / f"download-{spec.n_train}-{hashlib.sha256(repr(spec).encode()).hexdigest()[:10]}"
+    if not folder.is_dir():
+        say(f"generating a synthetic download of {spec.n_train:,} pairs and {spec.n_test:,} test images into "
+            f"{folder} (once)")
+        building = Path(tempfile.mkdtemp(prefix=".building-", dir=CACHE))
+        synthetic.write_kaggle_download(building, spec, progress=spec.n_train > 1000)
+        building.rename(folder)
+    return folder
+
+
+def subset_download(download: Path, fraction: float) -> Path:
+    """The first `fraction` of a download's subjects and test images (hard links), with matching CSVs."""
+    folder = download.with_name(f"{download.name}-subset-{fraction}")
+    if folder.is_dir():
+        return folder
+    building = Path(tempfile.mkdtemp(prefix=".building-", dir=CACHE))
+    rows = (download / "train_masks.csv").read_text().splitlines()
+    subjects = sorted({int(row.split(",")[0]) for row in rows[1:]})
+    kept = set(subjects[: max(1, round(fraction * len(subjects)))])
+    rows = [rows[0], *(row for row in rows[1:] if int(row.split(",")[0]) in kept)]
+    (building / "train_masks.csv").write_text("\n".join(rows) + "\n")
+    n_test = len(list((download / "test").iterdir()))
+    tests = range(1, max(1, round(fraction * n_test)) + 1)
+    (building / "sample_submission.csv").write_text("img,pixels\n" + "".join(f"{n},\n" for n in tests))
+    for name in ("train", "test"):
+        (building / name).mkdir()
+    for path in (download / "train").iterdir():
+        if int(path.name.split("_")[0]) in kept:
+            os.link(path, building / "train" / path.name)
+    for number in tests:
+        os.link(download / "test" / f"{number}.tif", building / "test" / f"{number}.tif")
+    building.rename(folder)
+    return folder
+
+
+def count_pairs(download: Path) -> int:
+    """The training pairs of a download (rows of train_masks.csv)."""
+    return len((download / "train_masks.csv").read_text().splitlines()) - 1
+
+
+# %% 1 and 7: cleaning, and how its time grows with the set
+def measure_cleaning(download: Path, profile: Profile, work: Path) -> tuple[list[Row], Path, Path]:
+    """Clean 1/4, 1/2 and all of the download, interleaved, `runs` times each after a warm-up on 1/4.
+
+    Returns the rows and the clean copies of all and of 1/4 of the set (kept for training and prediction).
+    """
+    sources = {"1/4": subset_download(download, 0.25), "1/2": subset_download(download, 0.5), "all": download}
+    pairs = {label: count_pairs(source) for label, source in sources.items()}
+    say(f"cleaning: {profile.runs} timed run(s) on each of {', '.join(f'{n:,}' for n in pairs.values())} pairs")
+    times: dict[str, list[float]] = {label: [] for label in sources}
+    memory, outputs = 0, {}
+    schedule = [("1/4", False)] * profile.warmup_runs
+    schedule += [(label, True) for _ in range(profile.runs) for label in sources]
+    for number, (label, timed) in enumerate(schedule):
+        output = work / f"clean-{number}"
+        run = run_script("data_cleaning.py", "--source", sources[label], "--output", output, "--quiet", cwd=work)
+        if timed:
+            times[label].append(run.seconds)
+        if timed and label == "all":
+            memory = max(memory, run.peak_rss)
+        if label in outputs:
+            shutil.rmtree(outputs[label])
+        outputs[label] = output
+    full = profile.name == "full"
+    rate = pairs["all"] / statistics.median(times["all"])
+    rows = [
+        Row(1, "cleaning_rate", "Cleaning: data_cleaning.py, all checks on", rate, "pairs/s", "≥ 190 (full set)",
+            rate >= 190 if full else None, f"{pairs['all']:,} pairs; {spread(times['all'], 's')}"),
+        Row(6, "cleaning_memory", "Peak memory: cleaning (RSS, with its worker processes)", memory / GB, "GB",
+            note=f"{pairs['all']:,} pairs"),
+    ]
+    for label, samples in times.items():
+        seconds = statistics.median(samples)
+        rows.append(Row(7, f"scaling_cleaning_{label.replace('/', '_')}", f"Scaling: cleaning {label} of the set "
+                        f"({pairs[label]:,} pairs)", seconds, "s", "≤ 30 (full set)" if label == "all" else "",
+                        seconds <= 30 if full and label == "all" else None,
+                        f"{1000 * seconds / pairs[label]:.2f} ms per pair; {spread(samples, 's')}"))
+    return rows, outputs["all"], outputs["1/4"]
+
+
+# %% 2, 4 and 7: training steps measured in this process
+Batch = tuple[torch.Tensor, torch.Tensor]  # images and masks, (batch, 1, height, width)
+
+
+def training_step(device: torch.device, amp: bool, compiled: bool = False) -> Callable[..., None]:
+    """One optimisation step as train.py takes it: its model, loss, optimiser and precision."""
+    torch.manual_seed(0)
+    config = model_config(TRAIN["CHANNELS"], TRAIN["STRIDES"], TRAIN["NUM_RES_UNITS"], TRAIN["DROPOUT"])
+    model = build_model(config).to(device)
+    network = torch.compile(model, dynamic=False) if compiled else model
+    loss_function = DiceCELoss(sigmoid=True, batch=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=TRAIN["LEARNING_RATE"], weight_decay=TRAIN["WEIGHT_DECAY"])
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        with autocast(device, amp):
+            logits = network(images)
+        loss = loss_function(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def time_steps(step: Callable, batches: Iterator[Batch], device: torch.device,
+               warmup: int, steps: int, min_seconds: float) -> list[float]:
+    """Seconds per step (fetching the batch included) of at least `steps` steps and `min_seconds`, after a warm-up."""
+    times: list[float] = []
+    number = 0
+    while number < warmup + steps or sum(times) < min_seconds:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        images, labels = next(batches)
+        step(images.to(device), labels.to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if number >= warmup:
+            times.append(time.perf_counter() - started)
+        number += 1
+    return times
+
+
+def random_batches(batch_size: int, image_size: tuple[int, int], device: torch.device) -> Iterator[Batch]:
+    """The same preloaded batch of random images and masks, forever: no data loading at all."""
+    images = torch.rand(batch_size, 1, *image_size, device=device)
+    labels = (torch.rand(batch_size, 1, *image_size, device=device) > 0.9).float()
+    return itertools.repeat((images, labels))
+
+
+def compute_limit(profile: Profile, device: torch.device, image_size: tuple[int, int], steps: int,
+                  amp: bool = TRAIN["AMP"], compiled: bool = False) -> list[float]:
+    """Images/s of training steps on preloaded random tensors (one figure per timed step)."""
+    step = training_step(device, amp, compiled)
+    warmup = profile.warmup_steps + 2 * compiled  # compiling happens in the first steps
+    times = time_steps(step, random_batches(profile.batch_size, image_size, device), device, warmup, steps,
+                       profile.min_seconds)
+    return [profile.batch_size / seconds for seconds in times]
+
+
+def naive_batches(items: list[dict], batch_size: int, image_size: tuple[int, int]) -> Iterator[Batch]:
+    """The naive reference: every step reads its TIFFs from disk with MONAI's LoadImage, one by one, and resizes
+    each (no cache, no worker processes, no augmentation)."""
+    load = LoadImage(reader=PILReader(reverse_indexing=False), image_only=True)
+    resize_image, resize_label = Resize(image_size, mode="area"), Resize(image_size, mode="nearest-exact")
+    stream = itertools.cycle(random.Random(0).sample(items, len(items)))
+    while True:
+        chosen = list(itertools.islice(stream, batch_size))
+        images = [resize_image(load(item["image"])[None] / 255.0) for item in chosen]
+        labels = [resize_label(load(item["label"])[None] / 255.0) for item in chosen]
+        yield convert_to_tensor(torch.stack(images), track_meta=False), convert_to_tensor(torch.stack(labels),
+                                                                                          track_meta=False)
+
+
+def measure_naive(train_items: list[dict], profile: Profile, device: torch.device) -> list[float]:
+    """Images/s of the naive loop: reading and resizing at every step, then the same training step."""
+    times = time_steps(training_step(device, TRAIN["AMP"]), naive_batches(train_items, profile.batch_size,
+                       profile.image_size), device, 1, profile.few_steps, profile.min_seconds)
+    return [profile.batch_size / seconds for seconds in times]
+
+
+# %% 3: train.py's own epoch loop
+def measure_pipeline(clean: Path, profile: Profile, device: torch.device, work: Path) -> tuple[list[float], ScriptRun]:
+    """Images/s of train.py's epochs after the first (its train_seconds), validating only after the last."""
+    run_dir = work / "runs" / "benchmark"
+    run = run_script("train.py", "--data-dir", clean, "--max-epochs", profile.epochs, "--val-interval", 10**6,
+                     "--batch-size", profile.batch_size, "--image-height", profile.image_size[0],
+                     "--image-width", profile.image_size[1], "--runs-dir", run_dir.parent, "--run-name", run_dir.name,
+                     "--model-path", work / "model.pt", "--pictures", work / "pictures", "--device", device.type,
+                     "--quiet", cwd=work)
+    with open(run_dir / "metrics.csv", newline="") as file:
+        seconds = [float(row["train_seconds"]) for row in csv.DictReader(file)][1:]
+    train_items, _ = split_by_subject(read_manifest(clean), TRAIN["VAL_FRACTION"], TRAIN["SEED"])
+    return [len(train_items) / s for s in seconds], run
+
+
+# %% 5: predict.py end to end
+def prediction_checkpoint(work: Path) -> Path:
+    """train.py's model with every post-processing step switched on (largest component, minimum area), so that
+    the figure does not depend on what the short training run chose."""
+    checkpoint = read_torch_file(work / "model.pt")
+    checkpoint["postprocessing"] = PostProcessing(threshold=0.5, keep_largest=True, min_area_fraction=0.01).as_dict()
+    path = work / "benchmark-model.pt"
+    save_torch(path, checkpoint)
+    return path
+
+
+def measure_prediction(clean: Path, warmup_input: Path, profile: Profile, device: torch.device,
+                       work: Path) -> list[Row]:
+    """predict.py on the clean test images, `runs` times after a warm-up on a smaller set."""
+    checkpoint = prediction_checkpoint(work)
+    n_images = len(list((clean / "test").iterdir()))
+    say(f"prediction: {profile.runs} timed run(s) on {n_images:,} test images")
+    times, memory = [], 0
+    for number in range(profile.warmup_runs + profile.runs):
+        timed = number >= profile.warmup_runs
+        run = run_script("predict.py", "--checkpoint", checkpoint, "--input", clean / "test" if timed else warmup_input,
+                         "--output", work / "predictions", "--pictures", work / "pictures", "--device", device.type,
+                         "--quiet", cwd=work)
+        if timed:
+            times.append(run.seconds)
+            memory = max(memory, run.peak_rss)
+    seconds = statistics.median(times)
+    full = profile.name == "full"
+    return [
+        Row(5, "prediction_rate", "Prediction: predict.py end to end (read, infer, resize back, post-process, RLE, "
+            "write)", n_images / seconds, "images/s", "≥ 61.2 (full set)", n_images / seconds >= 61.2 if full else None,
+            f"{n_images:,} images; {spread(times, 's')}"),
+        Row(5, "prediction_seconds", f"Prediction: time for {n_images:,} test images", seconds, "s", "≤ 90 (full set)",
+            seconds <= 90 if full else None, "Python start-up and loading the model included"),
+        Row(6, "prediction_memory", "Peak memory: prediction (RSS, with its loader workers)", memory / GB, "GB",
+            note=f"{n_images:,} images"),
+    ]
+
+
+# %% GPU only: full-set epochs, mixed precision and torch.compile
+def gpu_rows(profile: Profile, device: torch.device, limit: float, pipeline: float, n_train: int) -> list[Row]:
+    """Full-set epoch times, and the speed-ups of AMP (bf16 autocast vs fp32) and torch.compile (compute limit)."""
+    say("GPU: compute limit in fp32 and with torch.compile")
+    fp32 = compute_limit(profile, device, profile.image_size, profile.steps, amp=False)
+    compiled = compute_limit(profile, device, profile.image_size, profile.steps, compiled=True)
+    fp32_rate, compiled_rate = statistics.median(fp32), statistics.median(compiled)
+    measured = profile.name == "full"
+    images = n_train if measured else FULL_TRAIN_IMAGES
+    how = f"measured on {n_train:,} images" if measured else f"{images:,} images at the images/s measured above"
+    return [
+        Row(8, "gpu_epoch_pipeline", "GPU: full-set epoch, our pipeline (train.py)", images / pipeline, "s", note=how),
+        Row(8, "gpu_epoch_limit", "GPU: full-set epoch at the compute limit", images / limit, "s", note=how),
+        Row(8, "gpu_fp32", "GPU: training compute limit in fp32 (no autocast)", fp32_rate, "images/s",
+            note=spread(fp32, "images/s")),
+        Row(8, "gpu_amp_speedup", "GPU: AMP speed-up (bf16 autocast / fp32), compute limit", limit / fp32_rate, "×"),
+        Row(8, "gpu_compiled", "GPU: training compute limit with torch.compile (as train.py --compile)",
+            compiled_rate, "images/s", note=spread(compiled, "images/s")),
+        Row(8, "gpu_compile_speedup", "GPU: torch.compile speed-up, compute limit", compiled_rate / limit, "×"),
+        Row(8, "gpu_memory", "GPU: peak memory allocated by torch", torch.cuda.max_memory_allocated(device) / GB, "GB",
+            note="the largest of the in-process training figures"),
+    ]
+
+
+# %% All rows
+def measure(profile: Profile, device: torch.device, work: Path) -> list[Row]:
+    """Every figure of the table, sorted into the order it is printed."""
+    download = cached_download(profile.spec)
+    rows, clean, quarter = measure_cleaning(download, profile, work)
+    size = f"{profile.image_size[0]}x{profile.image_size[1]}, batch {profile.batch_size}"
+    say(f"training: compute limit at {size}")
+    limit = compute_limit(profile, device, profile.image_size, profile.steps)
+    say(f"training: train.py, {profile.epochs} epochs")
+    pipeline, training_run = measure_pipeline(clean, profile, device, work)
+    say("training: the naive loop")
+    train_items, _ = split_by_subject(read_manifest(clean), TRAIN["VAL_FRACTION"], TRAIN["SEED"])
+    naive = measure_naive(train_items, profile, device)
+    limit_rate, pipeline_rate, naive_rate = map(statistics.median, (limit, pipeline, naive))
+    judged = profile.name != "quick"
+    rows += [
+        Row(2, "train_limit", f"Training, compute limit: steps on preloaded tensors ({size})", limit_rate,
+            "images/s", note=spread(limit, "images/s")),
+        Row(3, "train_pipeline", f"Training, our pipeline: train.py epochs ({size})", pipeline_rate, "images/s",
+            note=f"{len(train_items):,} images an epoch; epochs 2-{profile.epochs}: {spread(pipeline, 'images/s')}"),
+        Row(3, "train_pipeline_vs_limit", "Training: our pipeline / compute limit", pipeline_rate / limit_rate, "×",
+            "≥ 0.9", pipeline_rate / limit_rate >= 0.9 if judged else None),
+        Row(4, "train_naive", f"Training, naive pipeline: LoadImage from disk every step ({size})", naive_rate,
+            "images/s", note=spread(naive, "images/s")),
+        Row(4, "train_speedup_vs_naive", "Training: our pipeline / naive pipeline", pipeline_rate / naive_rate, "×"),
+        Row(6, "train_memory", "Peak memory: training (train.py RSS)", training_run.peak_rss / GB, "GB",
+            "≤ 3 (full set)", training_run.peak_rss <= 3 * GB if profile.name == "full" else None,
+            f"{len(train_items):,} training images, {profile.epochs} epochs and validation"),
+    ]
+    rows += measure_prediction(clean, quarter / "test", profile, device, work)
+    for height, width in profile.scaling_sizes:
+        say(f"scaling: compute limit at {height}x{width}")
+        rates = limit if (height, width) == profile.image_size else compute_limit(profile, device, (height, width),
+                                                                                  profile.few_steps)
+        rate = statistics.median(rates)
+        rows.append(Row(7, f"scaling_train_{height}x{width}", f"Scaling: training compute limit at {height}x{width}",
+                        rate, "images/s", note=f"{1e9 / (rate * height * width):.0f} ns per pixel; "
+                        f"{spread(rates, 'images/s')}"))
+    if device.type == "cuda":
+        rows += gpu_rows(profile, device, limit_rate, pipeline_rate, len(train_items))
+    return sorted(rows, key=lambda row: row.section)
+
+
+def parse_arguments() -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sizes = parser.add_mutually_exclusive_group()
+    for name, text in (("quick", "tiny sizes, for the test suite"), ("full", "the full-size set"),
+                       ("gpu-quick", "the default sizes with fewer repetitions, for a short GPU run")):
+        sizes.add_argument(f"--{name}", dest="mode", action="store_const", const=name, help=text)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where training and prediction run (auto: CUDA if there is a GPU)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="folder for results.md and results.csv")
+    arguments = parser.parse_args()
+    if arguments.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but PyTorch sees no GPU")
+    return arguments
+
+
+def main() -> None:
+    """Measure, print the table and write it."""
+    arguments = parse_arguments()
+    profile = PROFILES[arguments.mode or "default"]
+    use_cuda = arguments.device == "cuda" or (arguments.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
+    header = machine_lines(device, profile)
+    print("\n".join(header), flush=True)
+    if os.getloadavg()[0] > 0.25 * (os.cpu_count() or 1):
+        print("warning: the machine is busy; the figures will be lower than on an idle machine", flush=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="work-", dir=CACHE) as work:
+        rows = measure(profile, device, Path(work))
+    header.append(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}; the run took "
+                  f"{time.perf_counter() - started:.0f} s")
+    print("\n" + write_results(arguments.out, header, rows) + f"\nwritten to {arguments.out}/results.md and .csv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Stage 3: predict.py, the run-length encoding, the submission and the post-processing."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nerveseg.postprocess import THRESHOLDS, choose, tuning_scores
+from nerveseg.rle import rle_decode, rle_encode
+from tests.conftest import KAGGLE_SAMPLE, needs_kaggle_sample, run_script
+
+
+@needs_kaggle_sample
+def test_rle_reproduces_the_competition_rows_exactly():
+    with open(KAGGLE_SAMPLE / "train_masks.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 55
+    for row in rows:
+        mask = np.asarray(Image.open(KAGGLE_SAMPLE / "train" / f"{row['subject']}_{row['img']}_mask.tif"))
+        assert rle_encode(mask) == row["pixels"]
+        assert np.array_equal(rle_decode(row["pixels"], mask.shape) * 255, mask)
+
+
+def test_rle_round_trips_and_follows_the_kaggle_numbering():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mask = rng.random((rng.integers(1, 30), rng.integers(1, 30))) > rng.random()
+        assert np.array_equal(rle_decode(rle_encode(mask), mask.shape), mask)
+    assert rle_encode(np.zeros((4, 5))) == ""
+    column_major = np.zeros((3, 2), np.uint8)
+    column_major[1:, 0] = 1  # pixels 2 and 3: down the first column
+    column_major[0, 1] = 1  # pixel 4: top of the second column
+    assert rle_encode(column_major) == "2 3"
+    with pytest.raises(ValueError):
+        rle_decode("5 2 3 1", (3, 3))  # not ascending
+
+
+def valid_pairs(text: str, pixels: int) -> bool:
+    values = list(map(int, text.split()))
+    starts, lengths = values[0::2], values[1::2]
+    ends = [s + n - 1 for s, n in zip(starts, lengths, strict=True)]
+    return (len(values) % 2 == 0 and all(n > 0 for n in lengths) and all(s >= 1 for s in starts)
+            and all(e <= pixels for e in ends) and all(b > a for a, b in zip(ends, starts[1:], strict=False)))
+
+
+def test_prediction_writes_a_valid_submission_masks_and_a_picture(trained_run, train_clean):
+    result = run_script("predict.py", "--input", str(train_clean / "test"), "--quiet", cwd=trained_run)
+    assert result.returncode == 0, result.stderr
+    with open(trained_run / "predictions" / "submission.csv", newline="") as file:
+        reader = csv.DictReader(file)
+        assert reader.fieldnames == ["img", "pixels"]
+        rows = list(reader)
+    assert [row["img"] for row in rows] == [str(n) for n in range(1, 7)]
+    assert all(valid_pairs(row["pixels"], 420 * 580) for row in rows)
+    for row in rows:
+        mask = np.asarray(Image.open(trained_run / "predictions" / "masks" / f"{row['img']}.png"))
+        assert mask.shape == (420, 580) and set(np.unique(mask)) <= {0, 255}
+        assert rle_encode(mask) == row["pixels"]
+    assert (trained_run / "Images" / "predictions.png").stat().st_size > 10_000
+
+
+def test_masks_give_the_dice_and_other_image_sizes_work(trained_run, tmp_path):
+    rng = np.random.default_rng(1)
+    pngs, truths = tmp_path / "pngs", tmp_path / "truths"
+    pngs.mkdir()
+    truths.mkdir()
+    for name, (height, width) in {"a": (200, 300), "b": (333, 250), "c": (64, 64)}.items():
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(pngs / f"{name}.png")
+        Image.fromarray(np.zeros((height, width), np.uint8)).save(truths / f"{name}_mask.png")
+    result = run_script("predict.py", "--input", str(pngs), "--masks", str(truths), "--output", str(tmp_path / "out"),
+                        "--pictures", str(tmp_path / "pictures"), "--quiet", cwd=trained_run)
+    assert result.returncode == 0, result.stderr
+    for name, size in {"a": (200, 300), "b": (333, 250), "c": (64, 64)}.items():
+        assert np.asarray(Image.open(tmp_path / "out" / "masks" / f"{name}.png")).shape == size
+    assert "Kaggle Dice on 3 images with truth masks" in result.stdout
+
+
+def test_post_processing_never_lowers_the_validation_dice():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(3):
+        total = 0
+        for index in range(6):
+            truth = torch.zeros(1, 42, 58, dtype=torch.bool)
+            if index % 2:
+                truth[:, 10:20, 20:35] = True
+            probability = torch.rand(1, 21, 29, generator=generator) * (0.4 + 0.2 * trial)
+            probability[:, 5:10, 10:17] += 0.5 * (index % 2)
+            total = total + tuning_scores(probability.clamp(0, 1), truth)
+        chosen, best, raw = choose(total)
+        assert best >= raw
+        assert chosen.threshold in THRESHOLDS
+
+
+def test_bad_inputs_give_clear_messages(trained_run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    Image.fromarray(np.zeros((50, 60), np.uint8)).save(broken / "good.png")
+    (broken / "bad.tif").write_bytes(b"II*\x00 this is not really a TIFF")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((trained_run / "2D_Nerve_Segmentation.pt").read_bytes()[:5000])
+    not_ours = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, not_ours)
+    cases = [
+        (["--checkpoint", str(tmp_path / "missing.pt")], "does not exist"),
+        (["--checkpoint", str(truncated)], "is not a readable checkpoint"),
+        (["--checkpoint", str(not_ours)], "is not a checkpoint written by train.py"),
+        (["--input", str(tmp_path / "empty")], "holds no images"),
+        (["--input", str(broken)], "cannot read"),
+    ]
+    for args, message in cases:
+        result = run_script("predict.py", *args, "--output", str(tmp_path / "out"), "--quiet", cwd=trained_run)
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "out").exists()
+    assert "bad.tif" in result.stderr
+
+
+def test_an_output_folder_of_other_files_is_not_overwritten(trained_run, train_clean, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    result = run_script("predict.py", "--input", str(train_clean / "test"), "--output", str(mine), "--quiet",
+                        cwd=trained_run)
+    assert result.returncode != 0 and "did not write" in result.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_help_lists_the_options(tmp_path):
+    result = run_script("predict.py", "-h", cwd=tmp_path)
+    assert result.returncode == 0
+    for option in ("--checkpoint", "--input", "--output", "--masks", "--pictures", "--batch-size", "--device"):
+        assert option in result.stdout

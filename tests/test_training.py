@@ -1,0 +1,133 @@
+"""Stage 2: train.py end to end, its split, its reading of images, its metric, resume and determinism."""
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nerveseg.checkpoint import FORMAT, load_checkpoint
+from nerveseg.data import read_manifest, split_by_subject
+from nerveseg.metrics import DiceTally, kaggle_dice
+from nerveseg.transforms import image_reader, load_transforms
+from tests.conftest import FAST_TRAINING, ROOT, run_script
+
+
+def read_metrics(run: Path) -> list[dict]:
+    with open(run / "metrics.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_a_short_run_writes_its_checkpoint_metrics_and_pictures(trained_run):
+    run = trained_run / "runs" / "first"
+    for name in ("best.pt", "last.pt", "metrics.csv", "curves.png", "settings.json", "summary.json"):
+        assert (run / name).is_file(), name
+    assert (trained_run / "Images" / "training_curves.png").stat().st_size > 10_000
+    rows = read_metrics(run)
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert all(0 <= float(row["val_dice"]) <= 1 and float(row["train_loss"]) > 0 for row in rows)
+    raw = torch.load(trained_run / "2D_Nerve_Segmentation.pt", weights_only=True)
+    assert raw["format"] == FORMAT and raw["preprocessing"]["image_size"] == [64, 96]
+    assert not any(key.startswith(("module.", "_orig_mod.")) for key in raw["state_dict"])
+    assert raw["settings"]["batch_size"] == 8 and raw["settings"]["max_epochs"] == 2
+    assert {"threshold", "keep_largest", "min_area_fraction"} <= raw["postprocessing"].keys()
+    assert raw["metrics"]["dice_postprocessed"] >= raw["metrics"]["dice_raw"]
+    model, checkpoint = load_checkpoint(trained_run / "2D_Nerve_Segmentation.pt")
+    assert model(torch.zeros(1, 1, 64, 96)).shape == (1, 1, 64, 96)
+
+
+def test_bad_settings_are_refused_with_a_clear_message(train_clean, tmp_path):
+    for args, message in ((["--batch-size", "0"], "must be at least 1"),
+                          (["--image-height", "100"], "multiples of 16"),
+                          (["--batch-size", "many"], "--batch-size takes a whole number"),
+                          (["--data-dir", str(tmp_path / "nowhere")], "run python data_cleaning.py first")):
+        result = run_script("train.py", "--data-dir", str(train_clean), *args, cwd=tmp_path)
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    result = run_script("train.py", "--no-such-option", "1", cwd=tmp_path)
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_lists_each_setting_with_default_and_comment(tmp_path):
+    result = run_script("train.py", "-h", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "training images per step and per process (global batch = this x processes) (default: 128)" in " ".join(
+        result.stdout.split())
+    for option in ("--max-epochs", "--val-interval", "--learning-rate", "--resume", "--device", "--compile"):
+        assert option in result.stdout
+
+
+def test_the_split_keeps_subjects_apart_reproducibly_and_balanced(train_clean):
+    items = read_manifest(train_clean)
+    train, val = split_by_subject(items, 0.34, seed=5)
+    assert {i["subject"] for i in train}.isdisjoint({i["subject"] for i in val})
+    assert len(train) + len(val) == len(items) and val
+    assert split_by_subject(items, 0.34, seed=5) == (train, val)
+    many = [{"subject": s, "empty": f < (s % 5) + 3, "id": f"{s}_{f}"} for s in range(40) for f in range(10)]
+    train, val = split_by_subject(many, 0.2, seed=1)
+    share = [sum(i["empty"] for i in side) / len(side) for side in (train, val)]
+    assert len({i["subject"] for i in val}) == 8 and abs(share[0] - share[1]) < 0.05
+
+
+def test_a_loaded_image_has_the_orientation_and_pixels_pil_shows(train_clean):
+    path = train_clean / "images" / "2_4.tif"
+    pil = np.asarray(Image.open(path))
+    assert pil.shape == (420, 580)
+    array = np.asarray(image_reader().get_data(image_reader().read(str(path)))[0])
+    assert np.array_equal(array, pil)
+    loaded = load_transforms((420, 580), with_label=True)({"image": str(path), "label": str(path).replace(
+        "images", "masks")})
+    assert loaded["image"].shape == (1, 420, 580)
+    assert np.allclose(loaded["image"][0].numpy() * 255, pil, atol=1e-3)
+    mask = np.asarray(Image.open(train_clean / "masks" / "2_4.tif")) > 0
+    assert np.array_equal(loaded["label"][0].numpy() > 0.5, mask)
+    assert loaded["original_size"].tolist() == [420, 580]
+
+
+def test_the_dice_follows_the_kaggle_rule():
+    empty, full, half = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+    half[..., :2] = 1
+    assert kaggle_dice(empty, empty).item() == 1.0  # both empty: 1, not left out
+    assert kaggle_dice(full, empty).item() == 0.0  # a stray prediction on an empty image: 0
+    assert kaggle_dice(empty, full).item() == 0.0
+    assert kaggle_dice(half, full).item() == pytest.approx(2 * 8 / (8 + 16))
+    tally = DiceTally()
+    tally.add(torch.tensor([1.0, 0.0, 0.5]), torch.tensor([True, True, False]))
+    assert tally.summary() == {"dice": 0.5, "dice_empty": 0.5, "dice_nonempty": 0.5, "images": 3}
+
+
+def start_training(train_clean: Path, work: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-dir", str(train_clean),
+                             "--max-epochs", "3", *FAST_TRAINING, *extra], cwd=work, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted_and_seeded_runs_agree(train_clean, tmp_path):
+    straight = run_script("train.py", "--data-dir", str(train_clean), "--max-epochs", "3", "--run-name", "a",
+                          *FAST_TRAINING, cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    process = start_training(train_clean, tmp_path, "--run-name", "b")
+    for line in process.stdout:
+        if line.startswith("epoch   2/3"):
+            time.sleep(0.5)  # somewhere inside epoch 3
+            process.send_signal(signal.SIGINT)
+            break
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 130 and "--resume" in output
+    assert len(read_metrics(tmp_path / "runs" / "b")) == 2
+    resumed = run_script("train.py", "--resume", "--run-name", "b", "--quiet", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    keys = ("epoch", "train_loss", "val_loss", "val_dice", "lr")
+    rows_a = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "runs" / "a")]
+    rows_b = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "runs" / "b")]
+    assert rows_a == rows_b
+    weights_a = torch.load(tmp_path / "runs" / "a" / "last.pt", weights_only=True)["model"]
+    weights_b = torch.load(tmp_path / "runs" / "b" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
