@@ -64,8 +64,9 @@ image_size = tuple(checkpoint["preprocessing"]["image_size"])
 items = list_images(INPUT)
 truths = find_truth(items, MASKS) if MASKS else {}
 dataset = ReadableDataset(items, load_transforms(image_size, with_label=False), image_size)
-loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH_SIZE, num_workers=NUM_WORKERS,
-                                     collate_fn=collate_keep_sizes)
+loader = torch.utils.data.DataLoader(
+    dataset, batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes
+)
 output = OutputFolder(Path(OUTPUT))
 print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} (epoch {checkpoint['epoch']}) on {device}")
 
@@ -94,16 +95,24 @@ for item in pick_examples(items, predicted, NUM_PICTURES):
     image = np.asarray(Image.open(item["image"]).convert("L"))
     mask = np.asarray(Image.open(Path(OUTPUT, "masks", f"{name}.png"))) > 0
     truth = truths[name]() if name in truths else None
-    dice = float(kaggle_dice(torch.as_tensor(mask)[None, None], torch.as_tensor(truth)[None, None])) if truth is not None else None
+    dice = (
+        float(kaggle_dice(torch.as_tensor(mask)[None, None], torch.as_tensor(truth)[None, None]))
+        if truth is not None
+        else None
+    )
     examples.append({"id": name, "image": image, "prediction": mask, "truth": truth, "dice": dice})
 picture = Path(PICTURES, "predictions.png")
 if examples:
     plot_predictions(examples, picture, f"Predicted nerve outlines ({Path(CHECKPOINT).name}, {INPUT})")
 seconds = time.perf_counter() - started
-print(f"wrote {len(rows)} masks to {OUTPUT}/masks, {OUTPUT}/submission.csv and {picture} in {seconds:.1f} s "
-      f"({len(rows) / seconds:.1f} images/s)")
+print(
+    f"wrote {len(rows)} masks to {OUTPUT}/masks, {OUTPUT}/submission.csv and {picture} in {seconds:.1f} s "
+    f"({len(rows) / seconds:.1f} images/s)"
+)
 if tally.count_empty + tally.count_nonempty:
     scores = tally.summary()
-    print(f"Kaggle Dice on {scores['images']} images with truth masks: {scores['dice']:.4f} "
-          f"(no nerve: {scores['dice_empty']:.4f} on {tally.count_empty}, nerve: {scores['dice_nonempty']:.4f} "
-          f"on {tally.count_nonempty})")
+    print(
+        f"Kaggle Dice on {scores['images']} images with truth masks: {scores['dice']:.4f} "
+        f"(no nerve: {scores['dice_empty']:.4f} on {tally.count_empty}, nerve: {scores['dice_nonempty']:.4f} "
+        f"on {tally.count_nonempty})"
+    )

@@ -25,14 +25,14 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from nerveseg import distributed
-from nerveseg.checkpoint import load_checkpoint, make_checkpoint, read_torch_file, save_torch, unwrap
+from nerveseg.checkpoint import make_checkpoint, read_torch_file, save_torch, unwrap
 from nerveseg.data import partition, read_manifest, split_by_subject
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.evaluation import autocast, collate_keep_sizes, evaluate
 from nerveseg.files import write_csv, write_json
 from nerveseg.model import build_model, model_config, set_output_prior, size_multiple
 from nerveseg.pictures import plot_training_curves
-from nerveseg.postprocess import choose
+from nerveseg.postprocess import PostProcessing, choose
 from nerveseg.settings import parse_settings, settings_to_json
 from nerveseg.transforms import augment_transforms, load_transforms
 
@@ -60,7 +60,7 @@ BATCH_SIZE = 128  # training images per step and per process (global batch = thi
 VAL_BATCH_SIZE = 64  # validation images per forward pass and per process
 MAX_EPOCHS = 60  # passes over the training images
 VAL_INTERVAL = 1  # validate every this many epochs (and always after the last one)
-LEARNING_RATE = 2e-3  # Adam's peak learning rate, for the global batch (see README: scaling)
+LEARNING_RATE = 2e-3  # Adam's peak learning rate (not scaled with the number of processes: see README)
 WEIGHT_DECAY = 1e-5  # Adam's weight decay
 WARMUP_EPOCHS = 2  # epochs of linear warm-up before the cosine decay
 # Output
@@ -93,14 +93,16 @@ if RESUME:
     state = read_torch_file(last_paths[-1])
     run_dir = last_paths[-1].parent
     system = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME", "PICTURES"}
-    settings = {**{k.upper(): tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()},
-                **{k: settings[k] for k in system}}
+    settings = {
+        **{k.upper(): tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()},
+        **{k: settings[k] for k in system},
+    }
     globals().update(settings)
     print0(f"resuming {run_dir} after epoch {state['epoch']} of {MAX_EPOCHS} (its own settings are used)")
 else:
     state = None
     run_dir = runs / (RUN_NAME or time.strftime("%Y%m%d-%H%M%S"))
-    if process.is_main and (run_dir / "last.pt").exists():
+    if (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run; use --resume to continue it or another --run-name")
 image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)
 config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT)
@@ -108,30 +110,36 @@ multiple = size_multiple(config)
 if BATCH_SIZE < 1 or VAL_BATCH_SIZE < 1 or MAX_EPOCHS < 1 or VAL_INTERVAL < 1:
     raise UserError("--batch-size, --val-batch-size, --max-epochs and --val-interval must be at least 1")
 if IMAGE_HEIGHT % multiple or IMAGE_WIDTH % multiple or min(image_size) < multiple:
-    raise UserError(f"--image-height and --image-width must be multiples of {multiple} (the product of the "
-                    f"strides), not {IMAGE_HEIGHT}x{IMAGE_WIDTH}; for example 128x176 or 224x304")
+    raise UserError(
+        f"--image-height and --image-width must be multiples of {multiple} (the product of the "
+        f"strides), not {IMAGE_HEIGHT}x{IMAGE_WIDTH}; for example 128x176 or 224x304"
+    )
 monai.utils.set_determinism(SEED)
 monai.data.set_track_meta(False)  # plain tensors: faster, and the metadata is not needed
 
 # %% Load data: the manifest of data_cleaning.py, split by subject
 items = read_manifest(DATA_DIR)
 train_items, val_items = split_by_subject(items, VAL_FRACTION, SEED)
-print0(f"{len(items)} pairs from {len({i['subject'] for i in items})} subjects: {len(train_items)} for training, "
-       f"{len(val_items)} for validation ({len({i['subject'] for i in val_items})} subjects held out); "
-       f"empty masks {sum(i['empty'] for i in train_items) / len(train_items):.0%} / "
-       f"{sum(i['empty'] for i in val_items) / len(val_items):.0%}")
+print0(
+    f"{len(items)} pairs from {len({i['subject'] for i in items})} subjects: {len(train_items)} for training, "
+    f"{len(val_items)} for validation ({len({i['subject'] for i in val_items})} subjects held out); "
+    f"empty masks {sum(i['empty'] for i in train_items) / len(train_items):.0%} / "
+    f"{sum(i['empty'] for i in val_items) / len(val_items):.0%}"
+)
 
 # %% Loaders and MONAI transforms: decode and resize once (cached), augment at every step
 augment = augment_transforms(ROTATE_DEGREES, SCALE, SHIFT, FLIP_PROB, INTENSITY_PROB, image_size)
 my_train_items = partition(train_items, process.rank, process.world_size, pad=True)  # cache only this share
 my_val_items = partition(val_items, process.rank, process.world_size, pad=False)
-train_ds = CacheDataset(my_train_items, monai.transforms.Compose([load_transforms(image_size, True), augment]),
-                        progress=not quiet)
+train_ds = CacheDataset(
+    my_train_items, monai.transforms.Compose([load_transforms(image_size, True), augment]), progress=not quiet
+)
 val_ds = CacheDataset(my_val_items, load_transforms(image_size, True, keep_full_label=True), progress=not quiet)
 # The sampler makes each epoch's order a function of (SEED, epoch): a resumed run sees the same batches.
 sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=SEED)
-train_loader = DataLoader(train_ds, batch_size=BATCH_SIZE, sampler=sampler, num_workers=NUM_WORKERS,
-                          pin_memory=process.device.type == "cuda")
+train_loader = DataLoader(
+    train_ds, batch_size=BATCH_SIZE, sampler=sampler, num_workers=NUM_WORKERS, pin_memory=process.device.type == "cuda"
+)
 val_loader = DataLoader(val_ds, batch_size=VAL_BATCH_SIZE, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes)
 
 # %% Model, loss, optimiser and learning-rate schedule
@@ -146,8 +154,18 @@ trained = DistributedDataParallel(network) if process.world_size > 1 else networ
 loss_function = DiceCELoss(sigmoid=True, batch=True)
 optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 steps_per_epoch = len(train_loader)
-METRICS_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_dice_empty", "val_dice_nonempty",
-                   "all_empty_baseline", "lr", "train_seconds", "seconds"]
+METRICS_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_dice",
+    "val_dice_empty",
+    "val_dice_nonempty",
+    "all_empty_baseline",
+    "lr",
+    "train_seconds",
+    "seconds",
+]
 
 
 def learning_rate_factor(step: int) -> float:
@@ -161,12 +179,13 @@ def learning_rate_factor(step: int) -> float:
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
 use_scaler = AMP and process.device.type == "cuda" and not torch.cuda.is_bf16_supported()
 scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)  # only float16 needs loss scaling
-start_epoch, best_dice, history = 0, -1.0, []
+start_epoch, best, history = 0, None, []
 if state is not None:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    start_epoch, best_dice, history = state["epoch"], state["best_dice"], state["history"]
+    start_epoch, history = state["epoch"], state["history"]
+    best = read_torch_file(run_dir / "best.pt") if (run_dir / "best.pt").exists() else None
     torch.set_rng_state(state["rng"]["torch"])
 preprocessing = {"image_size": list(image_size), "intensity": "0..255 scaled to 0..1", "reader": "PIL, grayscale"}
 saved_settings = settings_to_json(settings)
@@ -178,12 +197,19 @@ if process.is_main:
 def save_last_state(epoch: int) -> None:
     """Everything --resume needs to continue after `epoch` as if never stopped (rank 0 writes)."""
     if process.is_main:
-        save_torch(run_dir / "last.pt", {
-            "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-            "best_dice": best_dice, "history": history, "settings": saved_settings,
-            "rng": {"torch": torch.get_rng_state()},
-        })
+        save_torch(
+            run_dir / "last.pt",
+            {
+                "model": unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "settings": saved_settings,
+                "rng": {"torch": torch.get_rng_state()},
+            },
+        )
 
 
 def stop_on_sigterm(signum: int, frame: object) -> None:
@@ -194,8 +220,10 @@ def stop_on_sigterm(signum: int, frame: object) -> None:
 signal.signal(signal.SIGTERM, stop_on_sigterm)
 
 # %% Train the model
-print0(f"training on {process.device} x {process.world_size}, {steps_per_epoch} steps of {BATCH_SIZE} per epoch; "
-       f"writing {run_dir}")
+print0(
+    f"training on {process.device} x {process.world_size}, {steps_per_epoch} steps of {BATCH_SIZE} per epoch; "
+    f"writing {run_dir}"
+)
 epoch = start_epoch
 try:
     for epoch in range(start_epoch + 1, MAX_EPOCHS + 1):
@@ -221,48 +249,66 @@ try:
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         train_seconds = time.perf_counter() - started
-        totals = distributed.all_reduce_sum(torch.stack([loss_sum.cpu(), torch.tensor(len(train_ds), dtype=torch.float64)]),
-                                            process)
+        totals = distributed.all_reduce_sum(
+            torch.stack([loss_sum.cpu(), torch.tensor(len(train_ds), dtype=torch.float64)]), process
+        )
         train_loss = float(totals[0] / totals[1])
         if not math.isfinite(train_loss):
-            raise UserError(f"the training loss became {train_loss} in epoch {epoch}; the last good state is "
-                            f"{run_dir / 'last.pt'} (epoch {epoch - 1}). Lower --learning-rate, or turn off --amp")
-        row = {"epoch": epoch, "train_loss": round(train_loss, 5), "lr": f"{scheduler.get_last_lr()[0]:.3g}",
-               "train_seconds": round(train_seconds, 3)}
+            raise UserError(
+                f"the training loss became {train_loss} in epoch {epoch}; the last good state is "
+                f"{run_dir / 'last.pt'} (epoch {epoch - 1}). Lower --learning-rate, or turn off --amp"
+            )
+        row = {
+            "epoch": epoch,
+            "train_loss": round(train_loss, 5),
+            "lr": f"{scheduler.get_last_lr()[0]:.3g}",
+            "train_seconds": round(train_seconds, 3),
+        }
         if epoch % VAL_INTERVAL == 0 or epoch == MAX_EPOCHS:
             metrics, _ = evaluate(network, val_loader, loss_function, process, AMP, quiet=quiet)
-            row |= {"val_loss": round(metrics["loss"], 5), "val_dice": round(metrics["dice"], 5),
-                    "val_dice_empty": round(metrics["dice_empty"], 5),
-                    "val_dice_nonempty": round(metrics["dice_nonempty"], 5),
-                    "all_empty_baseline": round(metrics["all_empty_baseline"], 5)}
-            if metrics["dice"] > best_dice:
-                best_dice = metrics["dice"]
+            row |= {
+                "val_loss": round(metrics["loss"], 5),
+                "val_dice": round(metrics["dice"], 5),
+                "val_dice_empty": round(metrics["dice_empty"], 5),
+                "val_dice_nonempty": round(metrics["dice_nonempty"], 5),
+                "all_empty_baseline": round(metrics["all_empty_baseline"], 5),
+            }
+            if best is None or metrics["dice"] > best["metrics"]["dice"]:  # every process keeps the best in memory
+                best = make_checkpoint(
+                    model, config, preprocessing, PostProcessing().as_dict(), saved_settings, epoch, metrics
+                )
                 if process.is_main:
-                    checkpoint = make_checkpoint(model, config, preprocessing, {"threshold": 0.5, "keep_largest": False,
-                                                 "min_area_fraction": 0.0}, saved_settings, epoch, metrics)
-                    save_torch(run_dir / "best.pt", checkpoint)
+                    save_torch(run_dir / "best.pt", best)
         row["seconds"] = round(time.perf_counter() - started, 2)
         history.append(row)
         save_last_state(epoch)
         if process.is_main:
             write_csv(run_dir / "metrics.csv", history, METRICS_COLUMNS)
             plot_training_curves(history, run_dir / "curves.png")
-        dice_text = (f", val loss {row['val_loss']:.4f}, Dice {row['val_dice']:.4f} (empty {row['val_dice_empty']:.3f}, "
-                     f"nerve {row['val_dice_nonempty']:.3f}; all-empty baseline {row['all_empty_baseline']:.3f})"
-                     if "val_dice" in row else "")
+        dice_text = (
+            f", val loss {row['val_loss']:.4f}, Dice {row['val_dice']:.4f} (empty {row['val_dice_empty']:.3f}, "
+            f"nerve {row['val_dice_nonempty']:.3f}; all-empty baseline {row['all_empty_baseline']:.3f})"
+            if "val_dice" in row
+            else ""
+        )
         print0(f"epoch {epoch:3d}/{MAX_EPOCHS}: train loss {train_loss:.4f}{dice_text}, {row['seconds']:.1f} s")
 except KeyboardInterrupt:
-    print0(f"\ninterrupted in epoch {epoch}; the last completed epoch is saved in {run_dir / 'last.pt'}. "
-           f"Continue with: python train.py --resume --run-name {run_dir.name}")
+    print0(
+        f"\ninterrupted in epoch {epoch}; the last completed epoch is saved in {run_dir / 'last.pt'}. "
+        f"Continue with: python train.py --resume --run-name {run_dir.name}"
+    )
     distributed.stop(process)
     sys.exit(130)
 except torch.cuda.OutOfMemoryError:
-    raise UserError(f"the GPU ran out of memory; try a smaller --batch-size (now {BATCH_SIZE}) or image size "
-                    f"(now {IMAGE_HEIGHT}x{IMAGE_WIDTH})") from None
+    raise UserError(
+        f"the GPU ran out of memory; try a smaller --batch-size (now {BATCH_SIZE}) or image size "
+        f"(now {IMAGE_HEIGHT}x{IMAGE_WIDTH})"
+    ) from None
 
 # %% Choose the post-processing on the validation subjects, and publish the best model
-best_model, checkpoint = load_checkpoint(run_dir / "best.pt", process.device)
-tuned_metrics, scores = evaluate(best_model, val_loader, loss_function, process, AMP, tune=True, quiet=quiet)
+checkpoint = best
+model.load_state_dict(checkpoint["state_dict"])
+tuned_metrics, scores = evaluate(network, val_loader, loss_function, process, AMP, tune=True, quiet=quiet)
 post, tuned_sum, raw_sum = choose(scores)
 images = tuned_metrics["images"]
 checkpoint["postprocessing"] = post.as_dict()
@@ -271,11 +317,20 @@ if process.is_main:
     save_torch(run_dir / "best.pt", checkpoint)
     save_torch(MODEL_PATH, checkpoint)
     plot_training_curves(history, Path(PICTURES, "training_curves.png"))
-    write_json(run_dir / "summary.json", {"best_epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"],
-                                          "postprocessing": post.as_dict(), "model_path": MODEL_PATH})
-print0(f"best epoch {checkpoint['epoch']}: validation Dice {raw_sum / images:.4f} at threshold 0.5, "
-       f"{tuned_sum / images:.4f} with the chosen post-processing (threshold {post.threshold}, "
-       f"largest component {'on' if post.keep_largest else 'off'}, minimum area {post.min_area_fraction:.2%} "
-       f"of the image); all-empty baseline {tuned_metrics['all_empty_baseline']:.4f}.\nSaved {MODEL_PATH}; "
-       f"curves and metrics in {run_dir}")
+    write_json(
+        run_dir / "summary.json",
+        {
+            "best_epoch": checkpoint["epoch"],
+            "metrics": checkpoint["metrics"],
+            "postprocessing": post.as_dict(),
+            "model_path": MODEL_PATH,
+        },
+    )
+print0(
+    f"best epoch {checkpoint['epoch']}: validation Dice {raw_sum / images:.4f} at threshold 0.5, "
+    f"{tuned_sum / images:.4f} with the chosen post-processing (threshold {post.threshold}, "
+    f"largest component {'on' if post.keep_largest else 'off'}, minimum area {post.min_area_fraction:.2%} "
+    f"of the image); all-empty baseline {tuned_metrics['all_empty_baseline']:.4f}.\nSaved {MODEL_PATH}; "
+    f"curves and metrics in {run_dir}"
+)
 distributed.stop(process)

@@ -33,14 +33,21 @@ def save_torch(path: str | Path, value: Any) -> None:
         torch.save(value, file)
 
 
-def make_checkpoint(model: nn.Module, model_config: dict, preprocessing: dict, postprocessing: dict,
-                    settings: dict, epoch: int, metrics: dict) -> dict:
+def make_checkpoint(
+    model: nn.Module,
+    model_config: dict,
+    preprocessing: dict,
+    postprocessing: dict,
+    settings: dict,
+    epoch: int,
+    metrics: dict,
+) -> dict:
     """Everything inference needs, and the record of how the model was made."""
     return {
         "format": FORMAT,
         "version": VERSION,
         "model_config": model_config,
-        "state_dict": unwrap(model).state_dict(),
+        "state_dict": {name: value.detach().cpu().clone() for name, value in unwrap(model).state_dict().items()},
         "preprocessing": preprocessing,  # image_size (height, width) the network sees, intensity scaling
         "postprocessing": postprocessing,  # threshold, keep_largest, min_area_fraction
         "settings": settings,
@@ -62,8 +69,10 @@ def read_torch_file(path: str | Path) -> Any:
             f"and nothing in it was run. Only use checkpoints written by train.py. ({str(error).splitlines()[0]})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise UserError(f"{path} is not a readable checkpoint (truncated or another kind of file: {error}); "
-                        "train again or copy it again") from None
+        raise UserError(
+            f"{path} is not a readable checkpoint (truncated or another kind of file: {error}); "
+            "train again or copy it again"
+        ) from None
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
@@ -77,6 +86,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         model = build_model(checkpoint["model_config"])
         model.load_state_dict(checkpoint["state_dict"])
     except (RuntimeError, TypeError, KeyError) as error:
-        raise UserError(f"{path} does not match the model it describes ({str(error).splitlines()[0]}); "
-                        "it was damaged or edited") from None
+        raise UserError(
+            f"{path} does not match the model it describes ({str(error).splitlines()[0]}); it was damaged or edited"
+        ) from None
     return model.to(device).eval(), checkpoint

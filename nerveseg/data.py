@@ -25,8 +25,16 @@ def read_manifest(data_dir: str | Path) -> list[dict]:
         for path in (image, label):
             if not path.is_file():
                 raise UserError(f"{manifest} lists {path}, which is missing; run data_cleaning.py again")
-        items.append({"image": str(image), "label": str(label), "id": row["id"], "subject": int(row["subject"]),
-                      "empty": int(row["mask_area"]) == 0, "mask_fraction": int(row["mask_area"]) / (int(row["height"]) * int(row["width"]))})
+        items.append(
+            {
+                "image": str(image),
+                "label": str(label),
+                "id": row["id"],
+                "subject": int(row["subject"]),
+                "empty": int(row["mask_area"]) == 0,
+                "mask_fraction": int(row["mask_area"]) / (int(row["height"]) * int(row["width"])),
+            }
+        )
     if not items:
         raise UserError(f"{manifest} lists no kept training pair; see its 'reason' column")
     return items
@@ -77,8 +85,10 @@ def list_images(folder: str | Path) -> list[dict]:
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder; pass --input with a folder of images")
     suffixes = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith(".")),
-                   key=lambda p: natural_key(p.name))
+    files = sorted(
+        (p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith(".")),
+        key=lambda p: natural_key(p.name),
+    )
     if not files:
         raise UserError(f"{folder} holds no images (.tif, .png, .jpg or .bmp); pass --input with a folder of images")
     return [{"image": str(path), "id": path.stem} for path in files]

@@ -28,7 +28,7 @@ class Process:
 
 
 def choose_device(name: str, local_rank: int) -> torch.device:
-    """"auto" picks CUDA when there is a GPU; under torchrun each process takes GPU LOCAL_RANK."""
+    """ "auto" picks CUDA when there is a GPU; under torchrun each process takes GPU LOCAL_RANK."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
@@ -48,8 +48,9 @@ def start(device_name: str) -> Process:
     device = choose_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
-                            if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+    )
     return Process(dist.get_rank(), dist.get_world_size(), device)
 
 

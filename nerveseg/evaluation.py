@@ -27,8 +27,15 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, loss_function: nn.Module, process: Process,
-             amp: bool, tune: bool = False, quiet: bool = True) -> tuple[dict, torch.Tensor | None]:
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    loss_function: nn.Module,
+    process: Process,
+    amp: bool,
+    tune: bool = False,
+    quiet: bool = True,
+) -> tuple[dict, torch.Tensor | None]:
     """Validation loss and Kaggle Dice (threshold 0.5, at original size) over every process's share.
 
     With tune=True, also the summed Dice of every post-processing choice (see postprocess.choose).
@@ -50,8 +57,9 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, loss_functio
             tally.add(kaggle_dice(prediction[None], truth[None]), ~truth.any().reshape(1))
             if tune:
                 scores += tuning_scores(probability, truth)
-    totals = all_reduce_sum(torch.cat([tally.as_tensor(), torch.tensor([loss_sum, batches], dtype=torch.float64)]),
-                            process)
+    totals = all_reduce_sum(
+        torch.cat([tally.as_tensor(), torch.tensor([loss_sum, batches], dtype=torch.float64)]), process
+    )
     tally = DiceTally.from_tensor(totals[:4])
     metrics = tally.summary()
     metrics["loss"] = float(totals[4] / max(float(totals[5]), 1.0))

@@ -34,8 +34,12 @@ class ReadableDataset(Dataset):
         except Exception as error:  # any reader failure: truncated, not an image, unsupported mode
             item = self.data[index]
             message = f"cannot read {item['image']} ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
-            return {**item, "image": torch.zeros(1, *self.image_size), "original_size": torch.tensor([1, 1]),
-                    "error": message}
+            return {
+                **item,
+                "image": torch.zeros(1, *self.image_size),
+                "original_size": torch.tensor([1, 1]),
+                "error": message,
+            }
 
 
 def raise_read_errors(batch: dict) -> None:

@@ -35,8 +35,9 @@ class DiceTally:
 
     def as_tensor(self) -> torch.Tensor:
         """The four sums, for torch.distributed.all_reduce."""
-        return torch.tensor([self.sum_empty, self.count_empty, self.sum_nonempty, self.count_nonempty],
-                            dtype=torch.float64)
+        return torch.tensor(
+            [self.sum_empty, self.count_empty, self.sum_nonempty, self.count_nonempty], dtype=torch.float64
+        )
 
     @classmethod
     def from_tensor(cls, values: torch.Tensor) -> "DiceTally":

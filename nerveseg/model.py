@@ -8,7 +8,9 @@ from monai.networks.nets import UNet
 from torch import nn
 
 
-def model_config(channels: tuple[int, ...], strides: tuple[int, ...], num_res_units: int, dropout: float) -> dict[str, Any]:
+def model_config(
+    channels: tuple[int, ...], strides: tuple[int, ...], num_res_units: int, dropout: float
+) -> dict[str, Any]:
     """The constructor arguments of the network, as stored in a checkpoint."""
     return {
         "spatial_dims": 2,

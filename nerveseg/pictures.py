@@ -31,12 +31,16 @@ def plot_training_curves(rows: list[dict], path: str | Path) -> None:
     loss_axis.plot(val_epochs, [row["val_loss"] for row in validated], "o-", label="validation loss")
     loss_axis.set(xlabel="epoch", ylabel="loss (Dice + cross-entropy)", title="Loss")
     loss_axis.legend()
-    for key, label in (("val_dice", "all images"), ("val_dice_nonempty", "nerve present"),
-                       ("val_dice_empty", "no nerve")):
+    for key, label in (
+        ("val_dice", "all images"),
+        ("val_dice_nonempty", "nerve present"),
+        ("val_dice_empty", "no nerve"),
+    ):
         dice_axis.plot(val_epochs, [row[key] for row in validated], "o-", label=label)
     if validated:
-        dice_axis.axhline(validated[0]["all_empty_baseline"], color="grey", linestyle="--",
-                          label="baseline: predict every mask empty")
+        dice_axis.axhline(
+            validated[0]["all_empty_baseline"], color="grey", linestyle="--", label="baseline: predict every mask empty"
+        )
     dice_axis.set(xlabel="epoch", ylabel="Kaggle Dice (validation subjects)", title="Validation Dice", ylim=(0, 1))
     dice_axis.legend(loc="lower right")
     save_figure(figure, path)

@@ -26,9 +26,7 @@ def rle_decode(text: str, shape: tuple[int, int]) -> np.ndarray:
     starts, lengths = values[0::2] - 1, values[1::2]
     ends = starts + lengths
     total = shape[0] * shape[1]
-    if values.size and (
-        starts.min() < 0 or lengths.min() < 1 or ends.max() > total or np.any(starts[1:] < ends[:-1])
-    ):
+    if values.size and (starts.min() < 0 or lengths.min() < 1 or ends.max() > total or np.any(starts[1:] < ends[:-1])):
         raise ValueError("run-length pairs must be ascending, non-overlapping and inside the image")
     flat = np.zeros(total + 1, dtype=np.int32)
     np.add.at(flat, starts, 1)

@@ -110,7 +110,7 @@ def build_parser(settings: list[Setting], defaults: dict[str, Any], description:
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument(
-        "--config", metavar="JSON", help="a JSON file of settings ({\"batch_size\": 32, ...}); options given here win"
+        "--config", metavar="JSON", help='a JSON file of settings ({"batch_size": 32, ...}); options given here win'
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for setting in settings:
@@ -119,12 +119,20 @@ def build_parser(settings: list[Setting], defaults: dict[str, Any], description:
         help_text = f"{setting.comment} (default: {format_default(default)})".replace("%", "%%")
         if isinstance(default, bool):
             group.add_argument(
-                option_name(setting.name), dest=setting.name, nargs="?", const="true", metavar="true|false",
+                option_name(setting.name),
+                dest=setting.name,
+                nargs="?",
+                const="true",
+                metavar="true|false",
                 help=help_text,
             )
         else:
-            group.add_argument(option_name(setting.name), dest=setting.name, metavar=type(default).__name__.upper()
-                               if not isinstance(default, tuple) else "A,B,...", help=help_text)
+            group.add_argument(
+                option_name(setting.name),
+                dest=setting.name,
+                metavar=type(default).__name__.upper() if not isinstance(default, tuple) else "A,B,...",
+                help=help_text,
+            )
     return parser
 
 
@@ -135,9 +143,9 @@ def read_config_file(path: str, defaults: dict[str, Any]) -> dict[str, Any]:
     except OSError as error:
         raise UserError(f"cannot read the settings file {path}: {error.strerror}") from None
     except json.JSONDecodeError as error:
-        raise UserError(f"{path} is not valid JSON ({error}); write it as {{\"batch_size\": 32}}") from None
+        raise UserError(f'{path} is not valid JSON ({error}); write it as {{"batch_size": 32}}') from None
     if not isinstance(values, dict):
-        raise UserError(f"{path} must hold a JSON object such as {{\"batch_size\": 32}}")
+        raise UserError(f'{path} must hold a JSON object such as {{"batch_size": 32}}')
     resolved = {}
     for key, value in values.items():
         name = key.upper()

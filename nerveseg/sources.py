@@ -70,8 +70,7 @@ def check_member_names(archive: zipfile.ZipFile, where: str) -> None:
         if name.is_absolute() or ".." in name.parts or info.filename[1:3] == ":/" or is_link:
             what = "a symbolic link" if is_link else "an unsafe path"
             raise UserError(
-                f"{where} holds {what} ({info.filename!r}); refusing to read this archive. "
-                "Re-download it from Kaggle."
+                f"{where} holds {what} ({info.filename!r}); refusing to read this archive. Re-download it from Kaggle."
             )
 
 
@@ -109,7 +108,11 @@ class DownloadFinder:
         """Copy a zip found inside a zip to the scratch folder (under a name of our own) and add its files."""
         if locator.member:
             copy = self.scratch / f"inner-{len(list(self.scratch.iterdir()))}.zip"
-            with zipfile.ZipFile(locator.path) as outer, outer.open(locator.member) as source, open(copy, "wb") as target:
+            with (
+                zipfile.ZipFile(locator.path) as outer,
+                outer.open(locator.member) as source,
+                open(copy, "wb") as target,
+            ):
                 shutil.copyfileobj(source, target)
             path, where = copy, f"{where}:{locator.member}"
         else:

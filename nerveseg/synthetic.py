@@ -189,9 +189,7 @@ def _add_vessels(
         inside = _soft_disk(edge)
         below = np.clip((yy - vcy) / ry, 0, 1) * np.exp(-np.clip(yy - vcy - ry, 0, None) / 100.0)
         enhancement = below * np.exp(-(((xx - vcx) / rx) ** 4))
-        echo = echo * (1 + rng.uniform(0.3, 0.6) * enhancement) * (1 - inside) + inside * rng.uniform(
-            0.04, 0.1
-        )
+        echo = echo * (1 + rng.uniform(0.3, 0.6) * enhancement) * (1 - inside) + inside * rng.uniform(0.04, 0.1)
         echo += rng.uniform(0.2, 0.5) * np.exp(-0.5 * ((edge + 1) / 1.3) ** 2)
         side = -side
     return echo
@@ -210,9 +208,7 @@ def _anatomy(seed: int, kind: int, subject: int) -> _Anatomy:
     centre = rng.uniform(0.25, 0.45) * HEIGHT + _PAD, rng.uniform(0.3, 0.7) * WIDTH + _PAD
     echo = _add_vessels(rng, yy, xx, echo, (centre[0], centre[1], half[1]))
     reach = int(half[1]) + 4  # the nerve is drawn in a window around its centre
-    window = np.s_[
-        int(centre[0]) - reach : int(centre[0]) + reach, int(centre[1]) - reach : int(centre[1]) + reach
-    ]
+    window = np.s_[int(centre[0]) - reach : int(centre[0]) + reach, int(centre[1]) - reach : int(centre[1]) + reach]
     u, v, rho = _oval(yy[window[0]], xx[:, window[1]], centre, half, rng.uniform(-0.3, 0.3))
 
     # bright interior with dark round fascicles (honeycomb) and a bright epineurium rim
@@ -256,9 +252,7 @@ def _picture(seed: int, kind: int, subject: int, frame: int, nerve: bool) -> tup
     # (coordinates are positive, so adding 0.5 and truncating rounds them)
     top, left = _PAD + 0.5 + rng.uniform(-4, 4), _PAD + 0.5 + rng.uniform(-6, 6)
     src_y = y * (1 + rng.uniform(-0.02, 0.02)) + top
-    src_y = src_y[:, None] + np.outer(
-        y / HEIGHT, rng.uniform(0, 3) * _smooth_1d(rng, WIDTH, rng.uniform(80, 200))
-    )
+    src_y = src_y[:, None] + np.outer(y / HEIGHT, rng.uniform(0, 3) * _smooth_1d(rng, WIDTH, rng.uniform(80, 200)))
     src_x = (x + left)[None, :] + (rng.uniform(0, 3) * _smooth_1d(rng, HEIGHT, rng.uniform(60, 150)))[:, None]
     index = src_y.astype(np.int32)
     index *= WIDTH + 2 * _PAD
@@ -392,15 +386,14 @@ def write_kaggle_download(
     pairs as (id_with_mask, id_empty) with ids like "3_7".
 
     test_masks also writes the truth of the test images to root/test_masks/<n>_mask.tif (not part of the
-    Kaggle layout: it lets the demo measure the Dice on unseen images). workers is the number of processes (0: one per CPU core); the files are the same whatever it is. Refuses
-    with FileExistsError when any of the four targets already holds something, and never overwrites.
+    Kaggle layout: it lets the demo measure the Dice on unseen images). workers is the number of processes
+    (0: one per CPU core); the files are the same whatever it is. Refuses with FileExistsError when any of
+    the four targets already holds something, and never overwrites.
     """
     root = Path(root)
     for target in (root / "train", root / "test"):
         if target.is_dir() and any(target.iterdir()):
-            raise FileExistsError(
-                f"{target} already holds files; refusing to write a synthetic download there"
-            )
+            raise FileExistsError(f"{target} already holds files; refusing to write a synthetic download there")
     for target in (root / "train_masks.csv", root / "sample_submission.csv"):
         if target.exists():
             raise FileExistsError(f"{target} already exists; refusing to write a synthetic download there")
@@ -432,7 +425,5 @@ def write_kaggle_download(
     }
     rows = [f"{f.subject},{f.frame},{pixels[f.stem]}\n" for f in frames if f.kind == _TRAIN]
     (root / "train_masks.csv").write_text("subject,img,pixels\n" + "".join(rows))
-    (root / "sample_submission.csv").write_text(
-        "img,pixels\n" + "".join(f"{n},\n" for n in range(1, spec.n_test + 1))
-    )
+    (root / "sample_submission.csv").write_text("img,pixels\n" + "".join(f"{n},\n" for n in range(1, spec.n_test + 1)))
     return contradictions

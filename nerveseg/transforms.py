@@ -60,7 +60,10 @@ def load_transforms(image_size: Sequence[int], with_label: bool, keep_full_label
         ScaleIntensityRanged(keys, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
     ]
     if keep_full_label:
-        steps += [CopyItemsd("label", names="full_label"), EnsureTyped("full_label", dtype=torch.uint8, track_meta=False)]
+        steps += [
+            CopyItemsd("label", names="full_label"),
+            EnsureTyped("full_label", dtype=torch.uint8, track_meta=False),
+        ]
     steps += [Resized("image", spatial_size=image_size, mode="area")]
     if with_label:
         steps += [Resized("label", spatial_size=image_size, mode="nearest-exact")]
@@ -68,8 +71,14 @@ def load_transforms(image_size: Sequence[int], with_label: bool, keep_full_label
     return Compose(steps)
 
 
-def augment_transforms(rotate_degrees: float, scale: float, shift: float, flip_prob: float, intensity_prob: float,
-                       image_size: Sequence[int]) -> Compose:
+def augment_transforms(
+    rotate_degrees: float,
+    scale: float,
+    shift: float,
+    flip_prob: float,
+    intensity_prob: float,
+    image_size: Sequence[int],
+) -> Compose:
     """Random changes suited to ultrasound, applied to each training sample at every step.
 
     Small affine changes (the probe moves and tilts a little), gamma and gain changes (machines and
@@ -79,8 +88,12 @@ def augment_transforms(rotate_degrees: float, scale: float, shift: float, flip_p
     radians = np.deg2rad(rotate_degrees)
     steps = [
         RandAffined(
-            ["image", "label"], prob=0.8, rotate_range=radians, scale_range=(scale, scale),
-            translate_range=(shift * image_size[0], shift * image_size[1]), mode=("bilinear", "nearest"),
+            ["image", "label"],
+            prob=0.8,
+            rotate_range=radians,
+            scale_range=(scale, scale),
+            translate_range=(shift * image_size[0], shift * image_size[1]),
+            mode=("bilinear", "nearest"),
             padding_mode="zeros",
         ),
         RandAdjustContrastd("image", prob=intensity_prob, gamma=(0.7, 1.5)),

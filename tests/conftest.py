@@ -17,18 +17,28 @@ USGRA = SHARED_DATA / "usgra-kaggle"
 needs_kaggle_sample = pytest.mark.skipif(not KAGGLE_SAMPLE.is_dir(), reason="../shared/data/kaggle-sample is absent")
 
 
-def run_script(script: str, *args: str, cwd: Path, env: dict | None = None,
-               timeout: float = 600) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run one of the project's scripts as a user would, in `cwd`; capture its output."""
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
-                          env=environment, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
+    )
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file below a folder, by relative path."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -52,21 +62,32 @@ def train_download(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train_clean(train_download: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train_download, cleaned. Do not modify it."""
     output = tmp_path_factory.mktemp("small-clean") / "clean"
-    result = run_script("data_cleaning.py", "--source", str(train_download), "--output", str(output), "--quiet",
-                        cwd=output.parent)
+    result = run_script(
+        "data_cleaning.py", "--source", str(train_download), "--output", str(output), "--quiet", cwd=output.parent
+    )
     assert result.returncode == 0, result.stderr
     return output
 
 
-FAST_TRAINING = ("--image-height", "64", "--image-width", "96", "--batch-size", "8", "--val-batch-size", "16",
-                 "--quiet")
+FAST_TRAINING = (
+    "--image-height",
+    "64",
+    "--image-width",
+    "96",
+    "--batch-size",
+    "8",
+    "--val-batch-size",
+    "16",
+    "--quiet",
+)
 
 
 @pytest.fixture(scope="session")
 def trained_run(train_clean: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-epoch training run on train_clean; returns its working folder (model at 2D_Nerve_Segmentation.pt)."""
     work = tmp_path_factory.mktemp("trained")
-    result = run_script("train.py", "--data-dir", str(train_clean), "--max-epochs", "2", "--run-name", "first",
-                        *FAST_TRAINING, cwd=work)
+    result = run_script(
+        "train.py", "--data-dir", str(train_clean), "--max-epochs", "2", "--run-name", "first", *FAST_TRAINING, cwd=work
+    )
     assert result.returncode == 0, result.stderr
     return work

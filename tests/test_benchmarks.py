@@ -8,19 +8,29 @@ from tests.conftest import run_script
 
 CPU_ROWS = {
     "cleaning_rate",
-    "train_limit", "train_pipeline", "train_pipeline_vs_limit", "train_naive", "train_speedup_vs_naive",
-    "prediction_rate", "prediction_seconds",
-    "cleaning_memory", "train_memory", "prediction_memory",
-    "scaling_train_16x32", "scaling_train_32x48", "scaling_train_48x64",
-    "scaling_cleaning_1_4", "scaling_cleaning_1_2", "scaling_cleaning_all",
+    "train_limit",
+    "train_pipeline",
+    "train_pipeline_vs_limit",
+    "train_naive",
+    "train_speedup_vs_naive",
+    "prediction_rate",
+    "prediction_seconds",
+    "cleaning_memory",
+    "train_memory",
+    "prediction_memory",
+    "scaling_train_16x32",
+    "scaling_train_32x48",
+    "scaling_train_48x64",
+    "scaling_cleaning_1_4",
+    "scaling_cleaning_1_2",
+    "scaling_cleaning_all",
 }
 
 
 @pytest.mark.slow
 def test_quick_benchmark_writes_every_row(tmp_path):
     out = tmp_path / "results"
-    result = run_script("benchmarks/run.py", "--quick", "--device", "cpu", "--out", str(out), cwd=tmp_path,
-                        timeout=300)
+    result = run_script("benchmarks/run.py", "--quick", "--device", "cpu", "--out", str(out), cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(out / "results.csv", newline="", encoding="utf-8") as file:
         rows = {row["key"]: row for row in csv.DictReader(file)}

@@ -55,8 +55,9 @@ def test_every_form_gives_the_same_clean_copy(tiny_download, tmp_path):
     cleaned = {}
     for name, source in forms.items():
         output = tmp_path / f"clean-{name}"
-        result = run_script("data_cleaning.py", "--source", str(source), "--output", str(output), "--quiet",
-                            cwd=tmp_path)
+        result = run_script(
+            "data_cleaning.py", "--source", str(source), "--output", str(output), "--quiet", cwd=tmp_path
+        )
         assert result.returncode == 0, result.stderr
         assert "24 training ids found" in result.stdout
         cleaned[name] = tree_hashes(output)
@@ -94,12 +95,21 @@ def test_planted_contradictions_are_found_and_each_policy_does_what_it_says(tiny
     outcomes = {}
     for policy in ("drop-empty", "drop-both", "keep"):
         output = tmp_path / policy
-        result = run_script("data_cleaning.py", "--source", str(download), "--output", str(output),
-                            "--duplicates", policy, "--quiet", cwd=tmp_path)
+        result = run_script(
+            "data_cleaning.py",
+            "--source",
+            str(download),
+            "--output",
+            str(output),
+            "--duplicates",
+            policy,
+            "--quiet",
+            cwd=tmp_path,
+        )
         assert result.returncode == 0, result.stderr
         outcomes[policy] = read_manifest(output)
     for with_mask, empty in planted:
-        for policy, manifest in outcomes.items():
+        for manifest in outcomes.values():
             assert manifest[with_mask]["duplicate_of"] == empty and manifest[empty]["duplicate_of"] == with_mask
             assert float(manifest[empty]["similarity"]) >= 0.99
         assert (outcomes["drop-empty"][with_mask]["kept"], outcomes["drop-empty"][empty]["kept"]) == ("1", "0")
@@ -120,18 +130,30 @@ def save_tiff(path: Path, pixels: np.ndarray, mode: str | None = None) -> None:
 
 
 BAD_INPUTS = {
-    "truncated image": (lambda t: t.joinpath("1_1.tif").write_bytes(t.joinpath("1_1.tif").read_bytes()[:3000]),
-                        "1_1", "cannot be decoded"),
+    "truncated image": (
+        lambda t: t.joinpath("1_1.tif").write_bytes(t.joinpath("1_1.tif").read_bytes()[:3000]),
+        "1_1",
+        "cannot be decoded",
+    ),
     "zero-byte image": (lambda t: t.joinpath("1_2.tif").write_bytes(b""), "1_2", "empty file"),
     "missing mask": (lambda t: t.joinpath("1_3_mask.tif").unlink(), "1_3", "has no mask"),
     "orphan mask": (lambda t: t.joinpath("1_4.tif").unlink(), "1_4", "has no image"),
-    "size mismatch": (lambda t: save_tiff(t / "2_1_mask.tif", np.zeros((400, 580), np.uint8)), "2_1",
-                      "580x400, its image is 580x420"),
-    "non-binary mask": (lambda t: save_tiff(t / "2_2_mask.tif", np.full((420, 580), 128, np.uint8)), "2_2",
-                        "not binary"),
+    "size mismatch": (
+        lambda t: save_tiff(t / "2_1_mask.tif", np.zeros((400, 580), np.uint8)),
+        "2_1",
+        "580x400, its image is 580x420",
+    ),
+    "non-binary mask": (
+        lambda t: save_tiff(t / "2_2_mask.tif", np.full((420, 580), 128, np.uint8)),
+        "2_2",
+        "not binary",
+    ),
     "RGB image": (lambda t: save_tiff(t / "2_3.tif", np.zeros((420, 580, 3), np.uint8)), "2_3", "mode RGB"),
-    "PNG named .tif": (lambda t: Image.fromarray(np.zeros((420, 580), np.uint8)).save(t / "2_4.tif", format="PNG"),
-                       "2_4", "PNG file, not a TIFF"),
+    "PNG named .tif": (
+        lambda t: Image.fromarray(np.zeros((420, 580), np.uint8)).save(t / "2_4.tif", format="PNG"),
+        "2_4",
+        "PNG file, not a TIFF",
+    ),
 }
 
 
@@ -143,15 +165,22 @@ def test_a_bad_pair_is_skipped_with_its_reason_and_strict_stops(case, tiny_downl
     (download / "train_masks.csv").unlink()  # the damaged masks would also disagree with it
     originals = tree_hashes(download)
     output = tmp_path / "clean"
-    result = run_script("data_cleaning.py", "--source", str(download), "--output", str(output), "--quiet",
-                        cwd=tmp_path)
+    result = run_script("data_cleaning.py", "--source", str(download), "--output", str(output), "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert reason in result.stderr and "Traceback" not in result.stderr
     row = read_manifest(output)[bad_id]
     assert row["kept"] == "0" and reason in row["reason"]
     assert not (output / "images" / f"{bad_id}.tif").exists()
-    strict = run_script("data_cleaning.py", "--source", str(download), "--output", str(tmp_path / "strict"),
-                        "--strict", "--quiet", cwd=tmp_path)
+    strict = run_script(
+        "data_cleaning.py",
+        "--source",
+        str(download),
+        "--output",
+        str(tmp_path / "strict"),
+        "--strict",
+        "--quiet",
+        cwd=tmp_path,
+    )
     assert strict.returncode != 0 and reason in strict.stderr and "Traceback" not in strict.stderr
     assert not (tmp_path / "strict").exists()
     assert tree_hashes(download) == originals
@@ -163,8 +192,7 @@ def test_a_zero_one_mask_is_repaired(tiny_download, tmp_path):
     mask = np.asarray(Image.open(mask_path))
     save_tiff(mask_path, (mask > 0).astype(np.uint8))
     output = tmp_path / "clean"
-    result = run_script("data_cleaning.py", "--source", str(download), "--output", str(output), "--quiet",
-                        cwd=tmp_path)
+    result = run_script("data_cleaning.py", "--source", str(download), "--output", str(output), "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert read_manifest(output)["3_2"]["kept"] == "1"
     assert np.array_equal(np.asarray(Image.open(output / "masks" / "3_2.tif")), mask)
@@ -176,8 +204,7 @@ def test_a_mask_that_disagrees_with_train_masks_csv_is_reported(tiny_download, t
     rows = [row if not row.startswith("4,1,") else "4,1,1 5" for row in rows]
     (download / "train_masks.csv").write_text("\n".join(rows) + "\n")
     output = tmp_path / "clean"
-    result = run_script("data_cleaning.py", "--source", str(download), "--output", str(output), "--quiet",
-                        cwd=tmp_path)
+    result = run_script("data_cleaning.py", "--source", str(download), "--output", str(output), "--quiet", cwd=tmp_path)
     assert result.returncode == 0
     assert "differs from its train_masks.csv row" in read_manifest(output)["4_1"]["reason"]
 
@@ -189,10 +216,9 @@ def test_an_archive_with_an_unsafe_entry_is_refused(entry, tiny_download, tmp_pa
     with zipfile.ZipFile(archive, "a") as out:
         info = zipfile.ZipInfo(entry)
         if entry == "link":
-            info.external_attr = (0o120777 << 16)  # a symbolic link
+            info.external_attr = 0o120777 << 16  # a symbolic link
         out.writestr(info, "../../etc/passwd" if entry == "link" else "boom")
-    result = run_script("data_cleaning.py", "--source", str(archive), "--output", str(tmp_path / "clean"),
-                        cwd=tmp_path)
+    result = run_script("data_cleaning.py", "--source", str(archive), "--output", str(tmp_path / "clean"), cwd=tmp_path)
     assert result.returncode != 0
     assert "refusing to read this archive" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "clean").exists() and not (tmp_path.parent / "evil.txt").exists()
@@ -208,15 +234,29 @@ def test_an_empty_or_missing_source_says_what_was_expected(tmp_path):
 
 def test_an_output_holding_another_clean_is_not_mixed(tiny_download, train_download, tmp_path):
     output = tmp_path / "clean"
-    assert run_script("data_cleaning.py", "--source", str(tiny_download[0]), "--output", str(output), "--quiet",
-                      cwd=tmp_path).returncode == 0
+    assert (
+        run_script(
+            "data_cleaning.py", "--source", str(tiny_download[0]), "--output", str(output), "--quiet", cwd=tmp_path
+        ).returncode
+        == 0
+    )
     before = tree_hashes(output)
-    other = run_script("data_cleaning.py", "--source", str(train_download), "--output", str(output), "--quiet",
-                       cwd=tmp_path)
+    other = run_script(
+        "data_cleaning.py", "--source", str(train_download), "--output", str(output), "--quiet", cwd=tmp_path
+    )
     assert other.returncode != 0 and "--overwrite true" in other.stderr
     assert tree_hashes(output) == before
-    replaced = run_script("data_cleaning.py", "--source", str(train_download), "--output", str(output), "--quiet",
-                          "--overwrite", "true", cwd=tmp_path)
+    replaced = run_script(
+        "data_cleaning.py",
+        "--source",
+        str(train_download),
+        "--output",
+        str(output),
+        "--quiet",
+        "--overwrite",
+        "true",
+        cwd=tmp_path,
+    )
     assert replaced.returncode == 0
     assert len(read_manifest(output)) == 60 and not (output / "images" / "4_6.tif").read_bytes() == b""
 
@@ -224,8 +264,17 @@ def test_an_output_holding_another_clean_is_not_mixed(tiny_download, train_downl
 @needs_kaggle_sample
 def test_real_kaggle_files_are_kept_exactly(tmp_path):
     output = tmp_path / "clean"
-    result = run_script("data_cleaning.py", "--source", str(KAGGLE_SAMPLE), "--output", str(output),
-                        "--duplicates", "keep", "--quiet", cwd=tmp_path)
+    result = run_script(
+        "data_cleaning.py",
+        "--source",
+        str(KAGGLE_SAMPLE),
+        "--output",
+        str(output),
+        "--duplicates",
+        "keep",
+        "--quiet",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     manifest = read_manifest(output)
     assert len(manifest) == 55 and all(row["kept"] == "1" for row in manifest.values())

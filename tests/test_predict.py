@@ -41,8 +41,13 @@ def valid_pairs(text: str, pixels: int) -> bool:
     values = list(map(int, text.split()))
     starts, lengths = values[0::2], values[1::2]
     ends = [s + n - 1 for s, n in zip(starts, lengths, strict=True)]
-    return (len(values) % 2 == 0 and all(n > 0 for n in lengths) and all(s >= 1 for s in starts)
-            and all(e <= pixels for e in ends) and all(b > a for a, b in zip(ends, starts[1:], strict=False)))
+    return (
+        len(values) % 2 == 0
+        and all(n > 0 for n in lengths)
+        and all(s >= 1 for s in starts)
+        and all(e <= pixels for e in ends)
+        and all(b > a for a, b in zip(ends, starts[1:], strict=False))
+    )
 
 
 def test_prediction_writes_a_valid_submission_masks_and_a_picture(trained_run, train_clean):
@@ -69,8 +74,19 @@ def test_masks_give_the_dice_and_other_image_sizes_work(trained_run, tmp_path):
     for name, (height, width) in {"a": (200, 300), "b": (333, 250), "c": (64, 64)}.items():
         Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(pngs / f"{name}.png")
         Image.fromarray(np.zeros((height, width), np.uint8)).save(truths / f"{name}_mask.png")
-    result = run_script("predict.py", "--input", str(pngs), "--masks", str(truths), "--output", str(tmp_path / "out"),
-                        "--pictures", str(tmp_path / "pictures"), "--quiet", cwd=trained_run)
+    result = run_script(
+        "predict.py",
+        "--input",
+        str(pngs),
+        "--masks",
+        str(truths),
+        "--output",
+        str(tmp_path / "out"),
+        "--pictures",
+        str(tmp_path / "pictures"),
+        "--quiet",
+        cwd=trained_run,
+    )
     assert result.returncode == 0, result.stderr
     for name, size in {"a": (200, 300), "b": (333, 250), "c": (64, 64)}.items():
         assert np.asarray(Image.open(tmp_path / "out" / "masks" / f"{name}.png")).shape == size
@@ -122,8 +138,9 @@ def test_an_output_folder_of_other_files_is_not_overwritten(trained_run, train_c
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    result = run_script("predict.py", "--input", str(train_clean / "test"), "--output", str(mine), "--quiet",
-                        cwd=trained_run)
+    result = run_script(
+        "predict.py", "--input", str(train_clean / "test"), "--output", str(mine), "--quiet", cwd=trained_run
+    )
     assert result.returncode != 0 and "did not write" in result.stderr
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 

@@ -26,8 +26,16 @@ AFTER = 1  # not a setting
 def namespace(tmp_path: Path) -> dict:
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
-    return {"__file__": str(script), "__name__": "__main__", "COUNT": 3, "RATE": 0.5, "NAME": "x", "FLAG": False,
-            "SIZES": (1, 2), "AFTER": 1}
+    return {
+        "__file__": str(script),
+        "__name__": "__main__",
+        "COUNT": 3,
+        "RATE": 0.5,
+        "NAME": "x",
+        "FLAG": False,
+        "SIZES": (1, 2),
+        "AFTER": 1,
+    }
 
 
 def test_the_block_is_read_with_comments_and_groups():
@@ -38,20 +46,24 @@ def test_the_block_is_read_with_comments_and_groups():
 
 
 def test_types_come_from_the_defaults(namespace):
-    resolved = parse_settings(namespace, argv=["--count", "7", "--rate", "1", "--name", "y", "--flag", "--sizes",
-                                               "4,5,6"])
+    resolved = parse_settings(
+        namespace, argv=["--count", "7", "--rate", "1", "--name", "y", "--flag", "--sizes", "4,5,6"]
+    )
     assert resolved == {"COUNT": 7, "RATE": 1.0, "NAME": "y", "FLAG": True, "SIZES": (4, 5, 6)}
     assert isinstance(resolved["RATE"], float)
     assert parse_settings(namespace, argv=["--flag", "false"])["FLAG"] is False
     assert parse_settings(namespace, argv=[]) == {k: namespace[k] for k in ("COUNT", "RATE", "NAME", "FLAG", "SIZES")}
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--count", "2.5"], "--count takes a whole number"),
-    (["--count", "many"], "--count takes a whole number"),
-    (["--rate", "fast"], "--rate takes a number"),
-    (["--flag", "maybe"], "--flag takes true or false"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--count", "2.5"], "--count takes a whole number"),
+        (["--count", "many"], "--count takes a whole number"),
+        (["--rate", "fast"], "--rate takes a number"),
+        (["--flag", "maybe"], "--flag takes true or false"),
+    ],
+)
 def test_bad_values_are_refused_with_the_option_named(namespace, argv, message):
     with pytest.raises(UserError, match=message):
         parse_settings(namespace, argv=argv)

@@ -34,16 +34,12 @@ def download(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple
 
 def test_layout_and_csvs(download: tuple[Path, list[tuple[str, str]]]) -> None:
     root, _ = download
-    ids = [
-        f"{subject}_{frame}" for subject, n in enumerate(frame_counts(TINY), 1) for frame in range(1, n + 1)
-    ]
+    ids = [f"{subject}_{frame}" for subject, n in enumerate(frame_counts(TINY), 1) for frame in range(1, n + 1)]
     assert len(ids) == TINY.n_train == 24
     assert sorted(p.name for p in (root / "train").iterdir()) == sorted(
         [f"{i}.tif" for i in ids] + [f"{i}_mask.tif" for i in ids]
     )
-    assert sorted(p.name for p in (root / "test").iterdir()) == sorted(
-        f"{n}.tif" for n in range(1, TINY.n_test + 1)
-    )
+    assert sorted(p.name for p in (root / "test").iterdir()) == sorted(f"{n}.tif" for n in range(1, TINY.n_test + 1))
     assert sorted(p.name for p in root.iterdir()) == [
         "sample_submission.csv",
         "test",

@@ -43,10 +43,12 @@ def test_a_short_run_writes_its_checkpoint_metrics_and_pictures(trained_run):
 
 
 def test_bad_settings_are_refused_with_a_clear_message(train_clean, tmp_path):
-    for args, message in ((["--batch-size", "0"], "must be at least 1"),
-                          (["--image-height", "100"], "multiples of 16"),
-                          (["--batch-size", "many"], "--batch-size takes a whole number"),
-                          (["--data-dir", str(tmp_path / "nowhere")], "run python data_cleaning.py first")):
+    for args, message in (
+        (["--batch-size", "0"], "must be at least 1"),
+        (["--image-height", "100"], "multiples of 16"),
+        (["--batch-size", "many"], "--batch-size takes a whole number"),
+        (["--data-dir", str(tmp_path / "nowhere")], "run python data_cleaning.py first"),
+    ):
         result = run_script("train.py", "--data-dir", str(train_clean), *args, cwd=tmp_path)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
@@ -59,7 +61,8 @@ def test_help_lists_each_setting_with_default_and_comment(tmp_path):
     result = run_script("train.py", "-h", cwd=tmp_path)
     assert result.returncode == 0
     assert "training images per step and per process (global batch = this x processes) (default: 128)" in " ".join(
-        result.stdout.split())
+        result.stdout.split()
+    )
     for option in ("--max-epochs", "--val-interval", "--learning-rate", "--resume", "--device", "--compile"):
         assert option in result.stdout
 
@@ -82,8 +85,9 @@ def test_a_loaded_image_has_the_orientation_and_pixels_pil_shows(train_clean):
     assert pil.shape == (420, 580)
     array = np.asarray(image_reader().get_data(image_reader().read(str(path)))[0])
     assert np.array_equal(array, pil)
-    loaded = load_transforms((420, 580), with_label=True)({"image": str(path), "label": str(path).replace(
-        "images", "masks")})
+    loaded = load_transforms((420, 580), with_label=True)(
+        {"image": str(path), "label": str(path).replace("images", "masks")}
+    )
     assert loaded["image"].shape == (1, 420, 580)
     assert np.allclose(loaded["image"][0].numpy() * 255, pil, atol=1e-3)
     mask = np.asarray(Image.open(train_clean / "masks" / "2_4.tif")) > 0
@@ -104,14 +108,28 @@ def test_the_dice_follows_the_kaggle_rule():
 
 
 def start_training(train_clean: Path, work: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data-dir", str(train_clean),
-                             "--max-epochs", "3", *FAST_TRAINING, *extra], cwd=work, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--data-dir",
+            str(train_clean),
+            "--max-epochs",
+            "3",
+            *FAST_TRAINING,
+            *extra,
+        ],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_interrupted_and_resumed_equals_uninterrupted_and_seeded_runs_agree(train_clean, tmp_path):
-    straight = run_script("train.py", "--data-dir", str(train_clean), "--max-epochs", "3", "--run-name", "a",
-                          *FAST_TRAINING, cwd=tmp_path)
+    straight = run_script(
+        "train.py", "--data-dir", str(train_clean), "--max-epochs", "3", "--run-name", "a", *FAST_TRAINING, cwd=tmp_path
+    )
     assert straight.returncode == 0, straight.stderr
     process = start_training(train_clean, tmp_path, "--run-name", "b")
     for line in process.stdout:

@@ -1,0 +1,92 @@
+"""torchrun: two CPU processes (gloo) train like one, validate exactly, and only rank 0 writes."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import monai
+import pytest
+import torch
+
+from nerveseg.checkpoint import load_checkpoint
+from nerveseg.data import read_manifest, split_by_subject
+from nerveseg.distributed import Process
+from nerveseg.evaluation import collate_keep_sizes, evaluate
+from nerveseg.transforms import load_transforms
+from tests.conftest import FAST_TRAINING, ROOT
+
+# Python's audit hooks see every file opened for writing, renamed or created; rank 1 reports what it did.
+WATCH_WRITES = textwrap.dedent("""
+    import atexit, os, sys
+    if os.environ.get("RANK", "0") != "0":
+        writes = []
+        def hook(event, args):
+            writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+            if event == "open" and isinstance(args[0], str) and (
+                    any(c in (args[1] or "") for c in "wax+") or (args[1] is None and args[2] & writing)):
+                writes.append(os.path.abspath(args[0]))
+            elif event in ("os.rename", "os.replace", "os.mkdir"):
+                writes.append(os.path.abspath(args[1] if event != "os.mkdir" else args[0]))
+        sys.addaudithook(hook)
+        atexit.register(lambda: print("RANK1-WRITES:" + repr([w for w in writes if w.startswith(os.getcwd())]),
+                                      file=sys.stderr, flush=True))
+""")
+
+
+def torchrun(train_clean: Path, work: Path, hooks: Path, *extra: str) -> subprocess.Popen:
+    environment = {**os.environ, "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "train.py"),
+        "--data-dir",
+        str(train_clean),
+        "--max-epochs",
+        "2",
+        "--run-name",
+        "ddp",
+        *FAST_TRAINING,
+        *extra,
+    ]
+    return subprocess.Popen(
+        command, cwd=work, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_train_validate_exactly_and_only_rank_0_writes(train_clean, tmp_path):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(WATCH_WRITES)
+    works = [tmp_path / "first", tmp_path / "second"]
+    for work in works:
+        work.mkdir()
+    runs = [torchrun(train_clean, work, hooks) for work in works]  # at once: torchrun picks free ports
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for run, (stdout, stderr) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, stderr[-3000:]
+        assert "training on cpu x 2" in stdout
+        assert "RANK1-WRITES:[]" in stderr, [line for line in stderr.splitlines() if "RANK1" in line]
+    work = works[0]
+    model, checkpoint = load_checkpoint(work / "2D_Nerve_Segmentation.pt")
+    assert not any(key.startswith(("module.", "_orig_mod.")) for key in checkpoint["state_dict"])
+    settings = checkpoint["settings"]
+    _, val_items = split_by_subject(read_manifest(train_clean), settings["val_fraction"], settings["seed"])
+    monai.data.set_track_meta(False)
+    dataset = monai.data.Dataset(
+        val_items,
+        load_transforms(
+            tuple(settings["image_height"] for _ in [0]) + (settings["image_width"],), True, keep_full_label=True
+        ),
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, collate_fn=collate_keep_sizes)
+    loss = monai.losses.DiceCELoss(sigmoid=True, batch=True)
+    metrics, _ = evaluate(model, loader, loss, Process(0, 1, torch.device("cpu")), amp=False)
+    assert metrics["images"] == len(val_items) == checkpoint["metrics"]["images"]
+    assert metrics["dice"] == pytest.approx(checkpoint["metrics"]["dice"], abs=1e-9)
+    assert metrics["dice_nonempty"] == pytest.approx(checkpoint["metrics"]["dice_nonempty"], abs=1e-9)
