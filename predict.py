@@ -31,7 +31,7 @@ from nerveseg.pictures import plot_predictions
 from nerveseg.postprocess import PostProcessing, to_mask
 from nerveseg.rle import rle_encode
 from nerveseg.settings import parse_settings
-from nerveseg.transforms import load_transforms
+from nerveseg.transforms import load_transforms, network_input
 
 # %% Settings
 # -----------------------------------------------------------------------------
@@ -76,7 +76,7 @@ with torch.no_grad():
     for batch in tqdm(loader, desc="predicting", unit="batch", disable=QUIET or None):
         raise_read_errors(batch)
         with autocast(device, AMP):
-            logits = model(batch["image"].to(device))
+            logits = model(network_input(batch["image"].to(device)))
         probabilities = torch.sigmoid(logits.float()).cpu()
         for name, probability, size in zip(batch["id"], probabilities, batch["original_size"], strict=True):
             mask = to_mask(probability, tuple(size.tolist()), post)

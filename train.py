@@ -34,7 +34,7 @@ from nerveseg.model import build_model, model_config, set_output_prior, size_mul
 from nerveseg.pictures import plot_training_curves
 from nerveseg.postprocess import PostProcessing, choose
 from nerveseg.settings import parse_settings, settings_to_json
-from nerveseg.transforms import augment_transforms, load_transforms
+from nerveseg.transforms import BatchAugment, load_transforms, network_input
 
 # %% Settings
 # -----------------------------------------------------------------------------
@@ -88,10 +88,17 @@ runs = Path(RUNS_DIR)
 if RESUME:
     candidates = [runs / RUN_NAME] if RUN_NAME else sorted(runs.glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
     last_paths = [p if p.name == "last.pt" else p / "last.pt" for p in candidates]
-    if not last_paths or not last_paths[-1].is_file():
+    if RUN_NAME and not last_paths[-1].is_file():
+        raise UserError(
+            f"--resume: {last_paths[-1]} does not exist: run {RUN_NAME} stopped before its first epoch ended, or "
+            f"never started. Start it again without --resume: python train.py --run-name {RUN_NAME}"
+        )
+    if not last_paths:
         raise UserError(f"--resume found no interrupted run in {runs} (no */last.pt); start a run without --resume")
     state = read_torch_file(last_paths[-1])
     run_dir = last_paths[-1].parent
+    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "history", "settings"} <= state.keys():
+        raise UserError(f"{last_paths[-1]} is not the last.pt of a train.py run; start a run without --resume")
     system = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME", "PICTURES"}
     settings = {
         **{k.upper(): tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()},
@@ -109,11 +116,25 @@ config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT)
 multiple = size_multiple(config)
 if BATCH_SIZE < 1 or VAL_BATCH_SIZE < 1 or MAX_EPOCHS < 1 or VAL_INTERVAL < 1:
     raise UserError("--batch-size, --val-batch-size, --max-epochs and --val-interval must be at least 1")
+if not 0 < LEARNING_RATE < math.inf or WEIGHT_DECAY < 0 or not 0 <= DROPOUT < 1 or NUM_WORKERS < 0:
+    raise UserError(
+        f"--learning-rate must be above 0 (not {LEARNING_RATE}), --weight-decay and --num-workers at least 0 "
+        f"(not {WEIGHT_DECAY} and {NUM_WORKERS}), and --dropout from 0 up to 1 (not {DROPOUT})"
+    )
+if not STRIDES or len(CHANNELS) != len(STRIDES) + 1:
+    raise UserError(
+        f"--channels needs one value more than --strides (one per UNet level), not {len(CHANNELS)} and "
+        f"{len(STRIDES)}; for example --channels 16,32,64,128,256 --strides 2,2,2,2"
+    )
 if IMAGE_HEIGHT % multiple or IMAGE_WIDTH % multiple or min(image_size) < multiple:
     raise UserError(
         f"--image-height and --image-width must be multiples of {multiple} (the product of the "
         f"strides), not {IMAGE_HEIGHT}x{IMAGE_WIDTH}; for example 128x176 or 224x304"
     )
+for option, folder in (("--runs-dir", run_dir), ("--model-path", Path(MODEL_PATH).parent), ("--pictures", PICTURES)):
+    blocker = next((p for p in (Path(folder), *Path(folder).parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # found now, not after hours of caching and training
+        raise UserError(f"{folder} cannot be a folder: {blocker} is a file; choose another {option}")
 monai.utils.set_determinism(SEED)
 monai.data.set_track_meta(False)  # plain tensors: faster, and the metadata is not needed
 
@@ -127,13 +148,11 @@ print0(
     f"{sum(i['empty'] for i in val_items) / len(val_items):.0%}"
 )
 
-# %% Loaders and MONAI transforms: decode and resize once (cached), augment at every step
-augment = augment_transforms(ROTATE_DEGREES, SCALE, SHIFT, FLIP_PROB, INTENSITY_PROB, image_size)
+# %% Loaders and MONAI transforms: decode and resize once (cached), augment whole batches on the device
+augment = BatchAugment(ROTATE_DEGREES, SCALE, SHIFT, FLIP_PROB, INTENSITY_PROB)
 my_train_items = partition(train_items, process.rank, process.world_size, pad=True)  # cache only this share
 my_val_items = partition(val_items, process.rank, process.world_size, pad=False)
-train_ds = CacheDataset(
-    my_train_items, monai.transforms.Compose([load_transforms(image_size, True), augment]), progress=not quiet
-)
+train_ds = CacheDataset(my_train_items, load_transforms(image_size, True), progress=not quiet, copy_cache=False)
 val_ds = CacheDataset(my_val_items, load_transforms(image_size, True, keep_full_label=True), progress=not quiet)
 # The sampler makes each epoch's order a function of (SEED, epoch): a resumed run sees the same batches.
 sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=SEED)
@@ -190,8 +209,15 @@ if state is not None:
 preprocessing = {"image_size": list(image_size), "intensity": "0..255 scaled to 0..1", "reader": "PIL, grayscale"}
 saved_settings = settings_to_json(settings)
 if process.is_main:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot make the run folder {run_dir}: {error.strerror}; choose another --runs-dir") from None
     write_json(run_dir / "settings.json", saved_settings)
+    if state is not None:
+        write_csv(run_dir / "metrics.csv", history, METRICS_COLUMNS)  # it may lag last.pt after a kill
+        for stale in run_dir.glob(".*.tmp"):  # a checkpoint write cut short by a kill (see atomic_write)
+            stale.unlink(missing_ok=True)
 
 
 def save_last_state(epoch: int) -> None:
@@ -229,14 +255,16 @@ try:
     for epoch in range(start_epoch + 1, MAX_EPOCHS + 1):
         started = time.perf_counter()
         sampler.set_epoch(epoch)  # the shuffle of this epoch
-        augment.set_random_state(seed=SEED * 1000 + epoch * 64 + process.rank)  # its augmentation
-        torch.manual_seed(SEED * 1000 + epoch)  # its worker seeds
+        generator = torch.Generator(process.device).manual_seed(
+            SEED * 1000 + epoch * 64 + process.rank
+        )  # its augmentation
         trained.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=process.device)
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{MAX_EPOCHS}", leave=False, disable=quiet or None)
         for step, batch in enumerate(bar):
-            images = batch["image"].to(process.device, non_blocking=True)
-            labels = batch["label"].to(process.device, non_blocking=True)
+            images = network_input(batch["image"].to(process.device, non_blocking=True))
+            labels = batch["label"].to(process.device, non_blocking=True).float()
+            images, labels = augment(images, labels, generator)
             with autocast(process.device, AMP):
                 logits = trained(images)
             loss = loss_function(logits.float(), labels)
@@ -254,9 +282,14 @@ try:
         )
         train_loss = float(totals[0] / totals[1])
         if not math.isfinite(train_loss):
+            kept = (
+                f"the last good state is {run_dir / 'last.pt'} (epoch {epoch - 1})"
+                if epoch > 1
+                else "no epoch was completed, so nothing was saved"
+            )
             raise UserError(
-                f"the training loss became {train_loss} in epoch {epoch}; the last good state is "
-                f"{run_dir / 'last.pt'} (epoch {epoch - 1}). Lower --learning-rate, or turn off --amp"
+                f"the training loss became {train_loss} in epoch {epoch}; {kept}. Start a new run with a lower "
+                f"--learning-rate (now {LEARNING_RATE:g}), or turn off --amp"
             )
         row = {
             "epoch": epoch,
@@ -296,13 +329,17 @@ except KeyboardInterrupt:
     print0(
         f"\ninterrupted in epoch {epoch}; the last completed epoch is saved in {run_dir / 'last.pt'}. "
         f"Continue with: python train.py --resume --run-name {run_dir.name}"
+        if (run_dir / "last.pt").exists()
+        else f"\ninterrupted in epoch {epoch}, before any epoch was completed: nothing to resume. "
+        f"Start again with: python train.py --run-name {run_dir.name}"
     )
     distributed.stop(process)
     sys.exit(130)
 except torch.cuda.OutOfMemoryError:
     raise UserError(
-        f"the GPU ran out of memory; try a smaller --batch-size (now {BATCH_SIZE}) or image size "
-        f"(now {IMAGE_HEIGHT}x{IMAGE_WIDTH})"
+        f"the GPU ran out of memory in epoch {epoch}; start a new run with a smaller --batch-size (now {BATCH_SIZE}) "
+        f"or image size (now {IMAGE_HEIGHT}x{IMAGE_WIDTH})"
+        + (f"; {run_dir / 'last.pt'} keeps epoch {epoch - 1}" if epoch > 1 else "")
     ) from None
 
 # %% Choose the post-processing on the validation subjects, and publish the best model

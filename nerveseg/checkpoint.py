@@ -6,6 +6,7 @@ no "module." (DistributedDataParallel) or "_orig_mod." (torch.compile) prefixes.
 """
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from torch import nn
 
 from nerveseg.errors import UserError
 from nerveseg.files import atomic_write
-from nerveseg.model import build_model
+from nerveseg.model import build_model, size_multiple
 
 FORMAT = "nerveseg-unet"
 VERSION = 1
@@ -30,7 +31,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 def save_torch(path: str | Path, value: Any) -> None:
     """torch.save, atomically (temporary file, fsync, rename)."""
     with atomic_write(path, "wb") as file:
-        torch.save(value, file)
+        try:
+            torch.save(value, file)
+        except RuntimeError as error:
+            if isinstance(error.__context__, OSError):  # torch reports a failed write (full disk) as RuntimeError
+                raise error.__context__ from None  # atomic_write turns it into a UserError that names the file
+            raise
 
 
 def make_checkpoint(
@@ -64,9 +70,11 @@ def read_torch_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         raise UserError(
-            f"{path} holds Python objects that safe loading refuses (weights_only=True), so it was not loaded "
-            f"and nothing in it was run. Only use checkpoints written by train.py. ({str(error).splitlines()[0]})"
+            f"{path} holds Python objects that safe loading refuses (weights_only=True"
+            f"{f', it refers to {refused[1]}' if refused else ''}), so it was not loaded and nothing in it was run. "
+            "Only use checkpoints written by train.py."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise UserError(
@@ -82,11 +90,25 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise UserError(f"{path} is not a checkpoint written by train.py (no '{FORMAT}' format tag)")
     if checkpoint.get("version", 0) > VERSION:
         raise UserError(f"{path} was written by a newer version of this project; update it to read the file")
+    needed = ("model_config", "state_dict", "preprocessing", "postprocessing", "epoch")
+    missing = [key for key in needed if key not in checkpoint]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; it was damaged or edited: use the file train.py wrote")
     try:
         model = build_model(checkpoint["model_config"])
         model.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, TypeError, KeyError) as error:
+    except (RuntimeError, TypeError, KeyError, ValueError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise UserError(
-            f"{path} does not match the model it describes ({str(error).splitlines()[0]}); it was damaged or edited"
+            f"{path} does not match the model it describes ({'; '.join(lines[:2])}); it was damaged or edited: "
+            "use the file train.py wrote, or train again"
         ) from None
+    preprocessing, multiple = checkpoint["preprocessing"], size_multiple(checkpoint["model_config"])
+    size = preprocessing.get("image_size") if isinstance(preprocessing, dict) else None
+    sides = size if isinstance(size, list | tuple) and len(size) == 2 else [0]
+    if not all(type(side) is int and side >= multiple and side % multiple == 0 for side in sides):
+        raise UserError(
+            f"{path}: its image size {size} does not suit its network (height and width must be multiples of "
+            f"{multiple}); it was damaged or edited: use the file train.py wrote, or train again"
+        )
     return model.to(device).eval(), checkpoint

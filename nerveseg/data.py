@@ -48,7 +48,10 @@ def split_by_subject(items: list[dict], val_fraction: float, seed: int) -> tuple
     """
     subjects = sorted({item["subject"] for item in items})
     if len(subjects) < 2:
-        raise UserError(f"only {len(subjects)} subject in the data: a split by subject needs at least 2")
+        raise UserError(
+            f"only {len(subjects)} subject in the data: a split by subject needs at least 2 (one to train on, one to "
+            "validate on); clean a download with more subjects (python data_cleaning.py)"
+        )
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1, not {val_fraction}")
     empty_share = {s: 0.0 for s in subjects}

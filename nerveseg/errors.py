@@ -11,6 +11,8 @@ class UserError(Exception):
 def exit_on_user_error(script: str) -> None:
     """Make an uncaught UserError print `script: error: message` (no traceback); the exit status is 1.
 
+    A KeyboardInterrupt (Ctrl-C, or SIGTERM where a script turns it into one) prints `script: interrupted`:
+    a stop that was asked for, not a bug (files are written whole, so nothing is left half-written).
     Other exceptions keep their traceback: they are bugs, and the traceback is what a bug report needs.
     """
     previous_hook = sys.excepthook
@@ -18,6 +20,8 @@ def exit_on_user_error(script: str) -> None:
     def hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
         if issubclass(kind, UserError):
             print(f"{script}: error: {error}", file=sys.stderr)
+        elif issubclass(kind, KeyboardInterrupt):
+            print(f"{script}: interrupted", file=sys.stderr)
         else:
             previous_hook(kind, error, traceback)
 

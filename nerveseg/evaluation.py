@@ -9,6 +9,7 @@ from tqdm import tqdm
 from nerveseg.distributed import Process, all_reduce_sum
 from nerveseg.metrics import DiceTally, kaggle_dice
 from nerveseg.postprocess import MIN_AREA_FRACTIONS, THRESHOLDS, tuning_scores, upsample
+from nerveseg.transforms import network_input, unpack_mask
 
 
 def collate_keep_sizes(batch: list[dict]) -> dict:
@@ -45,14 +46,15 @@ def evaluate(
     tally, loss_sum, batches = DiceTally(), 0.0, 0
     scores = torch.zeros(2, len(THRESHOLDS), len(MIN_AREA_FRACTIONS), dtype=torch.float64) if tune else None
     for batch in tqdm(loader, desc="validation", leave=False, disable=quiet or None):
-        images, labels = batch["image"].to(process.device), batch["label"].to(process.device)
+        images = network_input(batch["image"].to(process.device))
+        labels = batch["label"].to(process.device).float()
         with autocast(process.device, amp):
             logits = model(images)
         loss_sum += float(loss_function(logits.float(), labels)) * len(images)
         batches += len(images)
         probabilities = torch.sigmoid(logits.float()).cpu()
-        for probability, truth in zip(probabilities, batch["full_label"], strict=True):
-            truth = truth.bool()
+        for probability, bits, size in zip(probabilities, batch["full_label"], batch["original_size"], strict=True):
+            truth = unpack_mask(bits, size)
             prediction = upsample(probability, tuple(truth.shape[-2:])) > 0.5
             tally.add(kaggle_dice(prediction[None], truth[None]), ~truth.any().reshape(1))
             if tune:

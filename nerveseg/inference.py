@@ -57,6 +57,8 @@ class OutputFolder:
     """
 
     def __init__(self, target: Path) -> None:
+        if target.exists() and not target.is_dir():
+            raise UserError(f"{target} is a file, not a folder; choose another --output")
         if target.exists() and any(target.iterdir()) and not (target / MARKER).exists():
             raise UserError(f"{target} already holds files that predict.py did not write; choose another --output")
         try:
@@ -75,6 +77,7 @@ class OutputFolder:
         try:
             Image.fromarray((mask * 255).astype(np.uint8)).save(path, compress_level=1)
         except OSError as error:
+            path.unlink(missing_ok=True)  # PIL leaves a partial file when closing it fails too (a full disk)
             raise UserError(f"cannot write {path}: {error.strerror}; nothing was changed in {self.target}") from None
 
     def finish(self) -> None:

@@ -1,29 +1,20 @@
-"""The MONAI transforms: reading and resizing (cached once), augmentation (every step).
+"""Getting images to the network: reading and resizing (MONAI dict transforms, cached once), and augmenting
+whole batches on the training device at every step.
 
 Images are read with PIL (MONAI does not pick it for .tif by itself) with reverse_indexing=False, so
-arrays are (height, width) exactly as PIL and every image viewer show them, not transposed.
+arrays are (height, width) exactly as PIL and every image viewer show them, not transposed. The cache
+holds 8-bit images and 0/1 masks at the network's size (a quarter of float32's memory); the network
+sees `network_input(images)`, floats in [0, 1].
 """
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import PILReader
-from monai.transforms import (
-    Compose,
-    CopyItemsd,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    LoadImaged,
-    MapTransform,
-    RandAdjustContrastd,
-    RandAffined,
-    RandFlipd,
-    RandGaussianNoised,
-    RandScaleIntensityd,
-    Resized,
-    ScaleIntensityRanged,
-)
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform, Resized
 from PIL import Image
 
 
@@ -46,60 +37,114 @@ class RecordSized(MapTransform):
         return d
 
 
-def load_transforms(image_size: Sequence[int], with_label: bool, keep_full_label: bool = False) -> Compose:
-    """Read, scale to [0, 1] and resize whole images (and masks, by nearest neighbour): done once, then cached.
+class PackFullMaskd(MapTransform):
+    """Keep the mask at its original size too, packed 8 pixels a byte ("full_label"), for the Dice there."""
 
-    keep_full_label keeps the mask at its original size too (as "full_label", uint8), for the Dice at
-    the original resolution.
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        mask = np.asarray(d[self.keys[0]])[0] > 0
+        d["full_label"] = torch.from_numpy(np.packbits(mask.ravel()))
+        return d
+
+
+def unpack_mask(bits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The (1, H, W) bool mask that PackFullMaskd packed."""
+    height, width = int(size[0]), int(size[1])
+    return torch.from_numpy(np.unpackbits(bits.numpy(), count=height * width).reshape(1, height, width) > 0)
+
+
+class ToUint8d(MapTransform):
+    """Images rounded to 8 bits; masks as 0/1 bytes."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        d["image"] = torch.as_tensor(d["image"]).round().clamp(0, 255).to(torch.uint8)
+        if "label" in d:
+            d["label"] = (torch.as_tensor(d["label"]) > 0).to(torch.uint8)
+        return d
+
+
+def load_transforms(image_size: Sequence[int], with_label: bool, keep_full_label: bool = False) -> Compose:
+    """Read and resize whole images (area) and masks (nearest neighbour) to the network's size: done once.
+
+    keep_full_label also keeps the mask at its original size, packed (see PackFullMaskd).
     """
     keys = ["image", "label"] if with_label else ["image"]
     steps = [
         LoadImaged(keys, reader=image_reader(), image_only=True),
         EnsureChannelFirstd(keys, channel_dim="no_channel"),
         RecordSized("image"),
-        ScaleIntensityRanged(keys, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
     ]
     if keep_full_label:
-        steps += [
-            CopyItemsd("label", names="full_label"),
-            EnsureTyped("full_label", dtype=torch.uint8, track_meta=False),
-        ]
-    steps += [Resized("image", spatial_size=image_size, mode="area")]
+        steps.append(PackFullMaskd("label"))
+    steps.append(Resized("image", spatial_size=image_size, mode="area"))
     if with_label:
-        steps += [Resized("label", spatial_size=image_size, mode="nearest-exact")]
-    steps += [EnsureTyped(keys, dtype=torch.float32, track_meta=False)]
+        steps.append(Resized("label", spatial_size=image_size, mode="nearest-exact"))
+    steps.append(ToUint8d(keys))
     return Compose(steps)
 
 
-def augment_transforms(
-    rotate_degrees: float,
-    scale: float,
-    shift: float,
-    flip_prob: float,
-    intensity_prob: float,
-    image_size: Sequence[int],
-) -> Compose:
-    """Random changes suited to ultrasound, applied to each training sample at every step.
+def network_input(images: torch.Tensor) -> torch.Tensor:
+    """8-bit images (on any device) as the floats in [0, 1] that the network sees."""
+    return images.float() / 255.0
 
-    Small affine changes (the probe moves and tilts a little), gamma and gain changes (machines and
-    settings differ) and a little noise. No vertical flip: depth has a direction in ultrasound. The
-    left-right flip is off by default (flip_prob): it turns a left-side scan into a right-side one.
+
+class BatchAugment:
+    """Random changes suited to ultrasound, drawn per image but applied to a whole batch at once on its
+    device (one grid_sample for the batch instead of one MONAI transform call per image).
+
+    Small affine changes (the probe moves and tilts a little): rotation, zoom and shift, bilinear for the
+    image and nearest for the mask, zeros outside. Gamma and gain changes (machines and settings differ)
+    and a little noise. No vertical flip: depth has a direction in ultrasound. The left-right flip is off
+    by default (flip_prob): it turns a left-side scan into a right-side one.
     """
-    radians = np.deg2rad(rotate_degrees)
-    steps = [
-        RandAffined(
-            ["image", "label"],
-            prob=0.8,
-            rotate_range=radians,
-            scale_range=(scale, scale),
-            translate_range=(shift * image_size[0], shift * image_size[1]),
-            mode=("bilinear", "nearest"),
-            padding_mode="zeros",
-        ),
-        RandAdjustContrastd("image", prob=intensity_prob, gamma=(0.7, 1.5)),
-        RandScaleIntensityd("image", factors=0.2, prob=intensity_prob),
-        RandGaussianNoised("image", prob=intensity_prob / 2, std=0.03),
-    ]
-    if flip_prob > 0:
-        steps.append(RandFlipd(["image", "label"], prob=flip_prob, spatial_axis=1))
-    return Compose(steps)
+
+    def __init__(
+        self,
+        rotate_degrees: float,
+        scale: float,
+        shift: float,
+        flip_prob: float,
+        intensity_prob: float,
+        affine_prob: float = 0.8,
+    ) -> None:
+        self.rotate, self.scale, self.shift = math.radians(rotate_degrees), scale, shift
+        self.flip_prob, self.intensity_prob, self.affine_prob = flip_prob, intensity_prob, affine_prob
+
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment float images in [0, 1] and float 0/1 labels, both (batch, 1, height, width)."""
+        count, device = images.shape[0], images.device
+
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return low + (high - low) * torch.rand(count, device=device, generator=generator)
+
+        def chance(probability: float) -> torch.Tensor:
+            return torch.rand(count, device=device, generator=generator) < probability
+
+        moved = chance(self.affine_prob)
+        angle = torch.where(moved, uniform(-self.rotate, self.rotate), 0.0)
+        zoom = torch.where(moved, uniform(1 - self.scale, 1 + self.scale), 1.0)
+        shift_x = torch.where(moved, uniform(-self.shift, self.shift) * 2, 0.0)  # normalised coordinates span 2
+        shift_y = torch.where(moved, uniform(-self.shift, self.shift) * 2, 0.0)
+        mirror = torch.where(chance(self.flip_prob), -1.0, 1.0)
+        height, width = images.shape[-2:]
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        # A rotation in pixels, written in normalised coordinates (x spans the width, y the height).
+        theta = torch.stack(
+            [
+                torch.stack([cos * mirror, -sin * height / width, shift_x], 1),
+                torch.stack([sin * width / height * mirror, cos, shift_y], 1),
+            ],
+            1,
+        )
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        labels = F.grid_sample(labels, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        gamma = torch.where(chance(self.intensity_prob), uniform(0.7, 1.5), 1.0).view(-1, 1, 1, 1)
+        gain = torch.where(chance(self.intensity_prob), uniform(0.8, 1.2), 1.0).view(-1, 1, 1, 1)
+        noise = torch.where(chance(self.intensity_prob / 2), 0.03, 0.0).view(-1, 1, 1, 1)
+        images = images.clamp(0, 1) ** gamma * gain
+        images = images + noise * torch.randn(images.shape, device=device, generator=generator)
+        return images.clamp(0, 1), labels

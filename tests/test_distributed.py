@@ -78,12 +78,8 @@ def test_two_processes_train_validate_exactly_and_only_rank_0_writes(train_clean
     settings = checkpoint["settings"]
     _, val_items = split_by_subject(read_manifest(train_clean), settings["val_fraction"], settings["seed"])
     monai.data.set_track_meta(False)
-    dataset = monai.data.Dataset(
-        val_items,
-        load_transforms(
-            tuple(settings["image_height"] for _ in [0]) + (settings["image_width"],), True, keep_full_label=True
-        ),
-    )
+    size = (settings["image_height"], settings["image_width"])
+    dataset = monai.data.Dataset(val_items, load_transforms(size, True, keep_full_label=True))
     loader = torch.utils.data.DataLoader(dataset, batch_size=5, collate_fn=collate_keep_sizes)
     loss = monai.losses.DiceCELoss(sigmoid=True, batch=True)
     metrics, _ = evaluate(model, loader, loss, Process(0, 1, torch.device("cpu")), amp=False)

@@ -15,7 +15,7 @@ from PIL import Image
 from nerveseg.checkpoint import FORMAT, load_checkpoint
 from nerveseg.data import read_manifest, split_by_subject
 from nerveseg.metrics import DiceTally, kaggle_dice
-from nerveseg.transforms import image_reader, load_transforms
+from nerveseg.transforms import BatchAugment, image_reader, load_transforms, network_input, unpack_mask
 from tests.conftest import FAST_TRAINING, ROOT, run_script
 
 
@@ -85,13 +85,19 @@ def test_a_loaded_image_has_the_orientation_and_pixels_pil_shows(train_clean):
     assert pil.shape == (420, 580)
     array = np.asarray(image_reader().get_data(image_reader().read(str(path)))[0])
     assert np.array_equal(array, pil)
-    loaded = load_transforms((420, 580), with_label=True)(
+    loaded = load_transforms((420, 580), with_label=True, keep_full_label=True)(
         {"image": str(path), "label": str(path).replace("images", "masks")}
     )
-    assert loaded["image"].shape == (1, 420, 580)
-    assert np.allclose(loaded["image"][0].numpy() * 255, pil, atol=1e-3)
+    assert loaded["image"].shape == (1, 420, 580) and loaded["image"].dtype == torch.uint8
+    assert np.array_equal(loaded["image"][0].numpy(), pil)
+    assert torch.equal(network_input(loaded["image"]) * 255, loaded["image"].float())
     mask = np.asarray(Image.open(train_clean / "masks" / "2_4.tif")) > 0
-    assert np.array_equal(loaded["label"][0].numpy() > 0.5, mask)
+    assert np.array_equal(loaded["label"][0].numpy() == 1, mask)
+    assert np.array_equal(unpack_mask(loaded["full_label"], (420, 580))[0].numpy(), mask)
+    small = load_transforms((64, 96), with_label=True)(
+        {"image": str(path), "label": str(path).replace("images", "masks")}
+    )
+    assert small["image"].shape == (1, 64, 96) and set(small["label"].unique().tolist()) <= {0, 1}
     assert loaded["original_size"].tolist() == [420, 580]
 
 
@@ -149,3 +155,19 @@ def test_interrupted_and_resumed_equals_uninterrupted_and_seeded_runs_agree(trai
     weights_a = torch.load(tmp_path / "runs" / "a" / "last.pt", weights_only=True)["model"]
     weights_b = torch.load(tmp_path / "runs" / "b" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+def test_batch_augmentation_is_seeded_keeps_masks_binary_and_can_be_switched_off():
+    images, labels = torch.rand(6, 1, 32, 48), (torch.rand(6, 1, 32, 48) > 0.7).float()
+    off = BatchAugment(10, 0.1, 0.05, flip_prob=0.0, intensity_prob=0.0, affine_prob=0.0)
+    same_images, same_labels = off(images, labels, torch.Generator().manual_seed(0))
+    assert torch.allclose(same_images, images, atol=1e-5) and torch.equal(same_labels, labels)
+    flip = BatchAugment(0, 0, 0, flip_prob=1.0, intensity_prob=0.0, affine_prob=0.0)
+    flipped_images, flipped_labels = flip(images, labels, torch.Generator().manual_seed(0))
+    assert torch.allclose(flipped_images, images.flip(-1), atol=1e-5) and torch.equal(flipped_labels, labels.flip(-1))
+    on = BatchAugment(10, 0.1, 0.05, flip_prob=0.0, intensity_prob=0.5)
+    first = on(images, labels, torch.Generator().manual_seed(3))
+    second = on(images, labels, torch.Generator().manual_seed(3))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.equal(first[0], images)
+    assert set(first[1].unique().tolist()) <= {0.0, 1.0} and 0 <= first[0].min() and first[0].max() <= 1
