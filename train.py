@@ -18,7 +18,7 @@ from pathlib import Path
 
 import monai
 import torch
-from monai.data import CacheDataset, DataLoader
+from monai.data import CacheDataset, DataLoader, ThreadDataLoader
 from monai.losses import DiceCELoss
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
@@ -152,12 +152,14 @@ print0(
 augment = BatchAugment(ROTATE_DEGREES, SCALE, SHIFT, FLIP_PROB, INTENSITY_PROB)
 my_train_items = partition(train_items, process.rank, process.world_size, pad=True)  # cache only this share
 my_val_items = partition(val_items, process.rank, process.world_size, pad=False)
-train_ds = CacheDataset(my_train_items, load_transforms(image_size, True), progress=not quiet, copy_cache=False)
-val_ds = CacheDataset(my_val_items, load_transforms(image_size, True, keep_full_label=True), progress=not quiet)
+show_progress = not quiet and sys.stderr.isatty()
+train_ds = CacheDataset(my_train_items, load_transforms(image_size, True), progress=show_progress, copy_cache=False)
+val_ds = CacheDataset(my_val_items, load_transforms(image_size, True, keep_full_label=True), progress=show_progress)
 # The sampler makes each epoch's order a function of (SEED, epoch): a resumed run sees the same batches.
 sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=SEED)
-train_loader = DataLoader(
-    train_ds, batch_size=BATCH_SIZE, sampler=sampler, num_workers=NUM_WORKERS, pin_memory=process.device.type == "cuda"
+# ThreadDataLoader assembles the next batch in a background thread while the device works on this one.
+train_loader = ThreadDataLoader(
+    train_ds, batch_size=BATCH_SIZE, sampler=sampler, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes
 )
 val_loader = DataLoader(val_ds, batch_size=VAL_BATCH_SIZE, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes)
 

@@ -58,8 +58,11 @@ def script_defaults(script: Path) -> dict[str, Any]:
     """The settings block of one of the project's scripts as {NAME: default} (the source is read, never run)."""
     source = script.read_text()
     names = {setting.name for setting in read_settings_block(source)}
-    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(source).body
-            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id in names}
+    return {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id in names
+    }
 
 
 TRAIN = script_defaults(ROOT / "train.py")  # train.py's defaults: model, batch, image size, optimiser, precision
@@ -77,9 +80,9 @@ class Profile:
     scaling_sizes: tuple[tuple[int, int], ...] = ((96, 128), (128, 176), (224, 320))
     batch_size: int = TRAIN["BATCH_SIZE"]
     epochs: int = 4  # train.py epochs; all but the first are timed
-    warmup_steps: int = 2  # untimed training steps before the timed ones
+    warmup_steps: int = 1  # untimed training steps before the timed ones
     steps: int = 5  # timed training steps of the compute limit (at least; see min_seconds)
-    few_steps: int = 3  # timed steps of the naive loop and of the other image sizes
+    few_steps: int = 2  # timed steps of the naive loop and of the other image sizes (224x320: 30 s a step on 2 cores)
     min_seconds: float = 3.0  # keep timing steps until this much time has passed (fast GPU steps)
     warmup_runs: int = 1  # untimed runs of each script, on a small input, before the timed ones
     runs: int = 3  # timed runs of data_cleaning.py and predict.py
@@ -87,9 +90,19 @@ class Profile:
 
 DEFAULT_SPEC = synthetic.SyntheticSpec(n_subjects=12, frames_per_subject=50, n_test=300, n_contradictions=6)
 PROFILES = {
-    "quick": Profile("quick", synthetic.TINY, image_size=(32, 48), scaling_sizes=((16, 32), (32, 48), (48, 64)),
-                     batch_size=8, epochs=2, warmup_steps=1, steps=1, few_steps=1, min_seconds=0.0, warmup_runs=0,
-                     runs=1),
+    "quick": Profile(
+        "quick",
+        synthetic.TINY,
+        image_size=(32, 48),
+        scaling_sizes=((16, 32), (32, 48), (48, 64)),
+        batch_size=8,
+        epochs=2,
+        steps=1,
+        few_steps=1,
+        min_seconds=0.0,
+        warmup_runs=0,
+        runs=1,
+    ),
     "default": Profile("default", DEFAULT_SPEC),
     "gpu-quick": Profile("gpu-quick", DEFAULT_SPEC, epochs=3, runs=1),
     "full": Profile("full", synthetic.FULL, epochs=3, runs=2),
@@ -111,22 +124,26 @@ class Row:
     note: str = ""
 
 
-def spread(samples: list[float], unit: str) -> str:
-    """How a median was taken, for the note column."""
-    if len(samples) == 1:
-        return f"1 timed repetition ({samples[0]:.3g} {unit})"
-    return f"median of {len(samples)} ({min(samples):.3g}-{max(samples):.3g} {unit})"
-
-
 def shown(value: float) -> str:
     """A figure with three significant digits, and thousands separated."""
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
+def spread(samples: list[float], unit: str) -> str:
+    """How a median was taken, for the note column."""
+    if len(samples) == 1:
+        return f"1 timed repetition ({shown(samples[0])} {unit})"
+    return f"median of {len(samples)} ({shown(min(samples))}-{shown(max(samples))} {unit})"
+
+
 def markdown(header: list[str], rows: list[Row]) -> str:
     """The machine lines and the table, as Markdown."""
-    lines = [*(f"- {line}" for line in header), "", "| Benchmark | Value | Unit | Goal | Met | Note |",
-             "| --- | ---: | --- | --- | --- | --- |"]
+    lines = [
+        *(f"- {line}" for line in header),
+        "",
+        "| Benchmark | Value | Unit | Goal | Met | Note |",
+        "| --- | ---: | --- | --- | --- | --- |",
+    ]
     for row in rows:
         met = {True: "yes", False: "**no**", None: ""}[row.met]
         lines.append(f"| {row.benchmark} | {shown(row.value)} | {row.unit} | {row.goal} | {met} | {row.note} |")
@@ -139,8 +156,15 @@ def write_results(out: Path, header: list[str], rows: list[Row]) -> str:
     text = "# Benchmark results\n\n" + markdown(header, rows)
     with atomic_write(out / "results.md") as file:
         file.write(text)
-    write_csv(out / "results.csv", [{name: getattr(row, name) for name in COLUMNS} | {"value": f"{row.value:.6g}",
-              "met": {True: "yes", False: "no", None: ""}[row.met]} for row in rows], COLUMNS)
+    write_csv(
+        out / "results.csv",
+        [
+            {name: getattr(row, name) for name in COLUMNS}
+            | {"value": f"{row.value:.6g}", "met": {True: "yes", False: "no", None: ""}[row.met]}
+            for row in rows
+        ],
+        COLUMNS,
+    )
     return text
 
 
@@ -177,6 +201,25 @@ def machine_lines(device: torch.device, profile: Profile) -> list[str]:
     ]
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds used so far by the whole machine, and by this process and its finished children."""
+    times = psutil.cpu_times()
+    busy = times.user + times.nice + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
+    return busy, sum(os.times()[:4])
+
+
+def others_line(start: tuple[float, float], seconds: float) -> str:
+    """How many cores other processes kept busy during the run: above a tenth of them, the figures are too low."""
+    machine, mine = (now - then for now, then in zip(cpu_seconds(), start, strict=True))
+    others = max(machine - mine, 0.0) / seconds
+    busy = others > 0.1 * (os.cpu_count() or 1)
+    verdict = "busy: the figures are lower than on a quiet machine" if busy else "quiet enough"
+    return (
+        f"other processes used {others:.2f} of {os.cpu_count()} cores on average during the run ({verdict}); "
+        f"the run took {seconds:.0f} s"
+    )
+
+
 # %% Running the project's scripts
 @dataclass
 class ScriptRun:
@@ -202,8 +245,9 @@ def run_script(script: str, *arguments: object, cwd: Path) -> ScriptRun:
     log = cwd / f"{script}.log"
     with open(log, "w") as output:
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, arguments)], cwd=cwd,
-                                   stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / script), *map(str, arguments)], cwd=cwd, stdout=output, stderr=subprocess.STDOUT
+        )
         watched, peak = psutil.Process(process.pid), 0
         while process.poll() is None:
             try:
@@ -223,8 +267,10 @@ def cached_download(spec: synthetic.SyntheticSpec) -> Path:
     """A synthetic Kaggle download of `spec` in benchmarks/.cache, generated on first use."""
     folder = CACHE / f"download-{spec.n_train}-{hashlib.sha256(repr(spec).encode()).hexdigest()[:10]}"
     if not folder.is_dir():
-        say(f"generating a synthetic download of {spec.n_train:,} pairs and {spec.n_test:,} test images into "
-            f"{folder} (once)")
+        say(
+            f"generating a synthetic download of {spec.n_train:,} pairs and {spec.n_test:,} test images into "
+            f"{folder} (once)"
+        )
         building = Path(tempfile.mkdtemp(prefix=".building-", dir=CACHE))
         synthetic.write_kaggle_download(building, spec, progress=spec.n_train > 1000)
         building.rename(folder)
@@ -287,17 +333,39 @@ def measure_cleaning(download: Path, profile: Profile, work: Path) -> tuple[list
     full = profile.name == "full"
     rate = pairs["all"] / statistics.median(times["all"])
     rows = [
-        Row(1, "cleaning_rate", "Cleaning: data_cleaning.py, all checks on", rate, "pairs/s", "≥ 190 (full set)",
-            rate >= 190 if full else None, f"{pairs['all']:,} pairs; {spread(times['all'], 's')}"),
-        Row(6, "cleaning_memory", "Peak memory: cleaning (RSS, with its worker processes)", memory / GB, "GB",
-            note=f"{pairs['all']:,} pairs"),
+        Row(
+            1,
+            "cleaning_rate",
+            "Cleaning: data_cleaning.py, all checks on",
+            rate,
+            "pairs/s",
+            "≥ 190 (full set)",
+            rate >= 190 if full else None,
+            f"{pairs['all']:,} pairs; {spread(times['all'], 's')}",
+        ),
+        Row(
+            6,
+            "cleaning_memory",
+            "Peak memory: cleaning (RSS, with its worker processes)",
+            memory / GB,
+            "GB",
+            note=f"{pairs['all']:,} pairs",
+        ),
     ]
     for label, samples in times.items():
         seconds = statistics.median(samples)
-        rows.append(Row(7, f"scaling_cleaning_{label.replace('/', '_')}", f"Scaling: cleaning {label} of the set "
-                        f"({pairs[label]:,} pairs)", seconds, "s", "≤ 30 (full set)" if label == "all" else "",
-                        seconds <= 30 if full and label == "all" else None,
-                        f"{1000 * seconds / pairs[label]:.2f} ms per pair; {spread(samples, 's')}"))
+        rows.append(
+            Row(
+                7,
+                f"scaling_cleaning_{label.replace('/', '_')}",
+                f"Scaling: cleaning {label} of the set ({pairs[label]:,} pairs)",
+                seconds,
+                "s",
+                "≤ 30 (full set)" if label == "all" else "",
+                seconds <= 30 if full and label == "all" else None,
+                f"{1000 * seconds / pairs[label]:.2f} ms per pair; {spread(samples, 's')}",
+            )
+        )
     return rows, outputs["all"], outputs["1/4"]
 
 
@@ -325,8 +393,9 @@ def training_step(device: torch.device, amp: bool, compiled: bool = False) -> Ca
     return step
 
 
-def time_steps(step: Callable, batches: Iterator[Batch], device: torch.device,
-               warmup: int, steps: int, min_seconds: float) -> list[float]:
+def time_steps(
+    step: Callable, batches: Iterator[Batch], device: torch.device, warmup: int, steps: int, min_seconds: float
+) -> list[float]:
     """Seconds per step (fetching the batch included) of at least `steps` steps and `min_seconds`, after a warm-up."""
     times: list[float] = []
     number = 0
@@ -351,13 +420,20 @@ def random_batches(batch_size: int, image_size: tuple[int, int], device: torch.d
     return itertools.repeat((images, labels))
 
 
-def compute_limit(profile: Profile, device: torch.device, image_size: tuple[int, int], steps: int,
-                  amp: bool = TRAIN["AMP"], compiled: bool = False) -> list[float]:
+def compute_limit(
+    profile: Profile,
+    device: torch.device,
+    image_size: tuple[int, int],
+    steps: int,
+    amp: bool = TRAIN["AMP"],
+    compiled: bool = False,
+) -> list[float]:
     """Images/s of training steps on preloaded random tensors (one figure per timed step)."""
     step = training_step(device, amp, compiled)
     warmup = profile.warmup_steps + 2 * compiled  # compiling happens in the first steps
-    times = time_steps(step, random_batches(profile.batch_size, image_size, device), device, warmup, steps,
-                       profile.min_seconds)
+    times = time_steps(
+        step, random_batches(profile.batch_size, image_size, device), device, warmup, steps, profile.min_seconds
+    )
     return [profile.batch_size / seconds for seconds in times]
 
 
@@ -371,14 +447,22 @@ def naive_batches(items: list[dict], batch_size: int, image_size: tuple[int, int
         chosen = list(itertools.islice(stream, batch_size))
         images = [resize_image(load(item["image"])[None] / 255.0) for item in chosen]
         labels = [resize_label(load(item["label"])[None] / 255.0) for item in chosen]
-        yield convert_to_tensor(torch.stack(images), track_meta=False), convert_to_tensor(torch.stack(labels),
-                                                                                          track_meta=False)
+        yield (
+            convert_to_tensor(torch.stack(images), track_meta=False),
+            convert_to_tensor(torch.stack(labels), track_meta=False),
+        )
 
 
 def measure_naive(train_items: list[dict], profile: Profile, device: torch.device) -> list[float]:
     """Images/s of the naive loop: reading and resizing at every step, then the same training step."""
-    times = time_steps(training_step(device, TRAIN["AMP"]), naive_batches(train_items, profile.batch_size,
-                       profile.image_size), device, 1, profile.few_steps, profile.min_seconds)
+    times = time_steps(
+        training_step(device, TRAIN["AMP"]),
+        naive_batches(train_items, profile.batch_size, profile.image_size),
+        device,
+        profile.warmup_steps,
+        profile.few_steps,
+        profile.min_seconds,
+    )
     return [profile.batch_size / seconds for seconds in times]
 
 
@@ -386,11 +470,33 @@ def measure_naive(train_items: list[dict], profile: Profile, device: torch.devic
 def measure_pipeline(clean: Path, profile: Profile, device: torch.device, work: Path) -> tuple[list[float], ScriptRun]:
     """Images/s of train.py's epochs after the first (its train_seconds), validating only after the last."""
     run_dir = work / "runs" / "benchmark"
-    run = run_script("train.py", "--data-dir", clean, "--max-epochs", profile.epochs, "--val-interval", 10**6,
-                     "--batch-size", profile.batch_size, "--image-height", profile.image_size[0],
-                     "--image-width", profile.image_size[1], "--runs-dir", run_dir.parent, "--run-name", run_dir.name,
-                     "--model-path", work / "model.pt", "--pictures", work / "pictures", "--device", device.type,
-                     "--quiet", cwd=work)
+    run = run_script(
+        "train.py",
+        "--data-dir",
+        clean,
+        "--max-epochs",
+        profile.epochs,
+        "--val-interval",
+        10**6,
+        "--batch-size",
+        profile.batch_size,
+        "--image-height",
+        profile.image_size[0],
+        "--image-width",
+        profile.image_size[1],
+        "--runs-dir",
+        run_dir.parent,
+        "--run-name",
+        run_dir.name,
+        "--model-path",
+        work / "model.pt",
+        "--pictures",
+        work / "pictures",
+        "--device",
+        device.type,
+        "--quiet",
+        cwd=work,
+    )
     with open(run_dir / "metrics.csv", newline="") as file:
         seconds = [float(row["train_seconds"]) for row in csv.DictReader(file)][1:]
     train_items, _ = split_by_subject(read_manifest(clean), TRAIN["VAL_FRACTION"], TRAIN["SEED"])
@@ -408,8 +514,9 @@ def prediction_checkpoint(work: Path) -> Path:
     return path
 
 
-def measure_prediction(clean: Path, warmup_input: Path, profile: Profile, device: torch.device,
-                       work: Path) -> list[Row]:
+def measure_prediction(
+    clean: Path, warmup_input: Path, profile: Profile, device: torch.device, work: Path
+) -> list[Row]:
     """predict.py on the clean test images, `runs` times after a warm-up on a smaller set."""
     checkpoint = prediction_checkpoint(work)
     n_images = len(list((clean / "test").iterdir()))
@@ -417,22 +524,55 @@ def measure_prediction(clean: Path, warmup_input: Path, profile: Profile, device
     times, memory = [], 0
     for number in range(profile.warmup_runs + profile.runs):
         timed = number >= profile.warmup_runs
-        run = run_script("predict.py", "--checkpoint", checkpoint, "--input", clean / "test" if timed else warmup_input,
-                         "--output", work / "predictions", "--pictures", work / "pictures", "--device", device.type,
-                         "--quiet", cwd=work)
+        run = run_script(
+            "predict.py",
+            "--checkpoint",
+            checkpoint,
+            "--input",
+            clean / "test" if timed else warmup_input,
+            "--output",
+            work / "predictions",
+            "--pictures",
+            work / "pictures",
+            "--device",
+            device.type,
+            "--quiet",
+            cwd=work,
+        )
         if timed:
             times.append(run.seconds)
             memory = max(memory, run.peak_rss)
     seconds = statistics.median(times)
     full = profile.name == "full"
     return [
-        Row(5, "prediction_rate", "Prediction: predict.py end to end (read, infer, resize back, post-process, RLE, "
-            "write)", n_images / seconds, "images/s", "≥ 61.2 (full set)", n_images / seconds >= 61.2 if full else None,
-            f"{n_images:,} images; {spread(times, 's')}"),
-        Row(5, "prediction_seconds", f"Prediction: time for {n_images:,} test images", seconds, "s", "≤ 90 (full set)",
-            seconds <= 90 if full else None, "Python start-up and loading the model included"),
-        Row(6, "prediction_memory", "Peak memory: prediction (RSS, with its loader workers)", memory / GB, "GB",
-            note=f"{n_images:,} images"),
+        Row(
+            5,
+            "prediction_rate",
+            "Prediction: predict.py end to end (read, infer, resize back, post-process, RLE, write)",
+            n_images / seconds,
+            "images/s",
+            "≥ 61.2 (full set)",
+            n_images / seconds >= 61.2 if full else None,
+            f"{n_images:,} images; {spread(times, 's')}",
+        ),
+        Row(
+            5,
+            "prediction_seconds",
+            f"Prediction: time for {n_images:,} test images",
+            seconds,
+            "s",
+            "≤ 90 (full set)",
+            seconds <= 90 if full else None,
+            "Python start-up and loading the model included",
+        ),
+        Row(
+            6,
+            "prediction_memory",
+            "Peak memory: prediction (RSS, with its loader workers)",
+            memory / GB,
+            "GB",
+            note=f"{n_images:,} images",
+        ),
     ]
 
 
@@ -449,14 +589,32 @@ def gpu_rows(profile: Profile, device: torch.device, limit: float, pipeline: flo
     return [
         Row(8, "gpu_epoch_pipeline", "GPU: full-set epoch, our pipeline (train.py)", images / pipeline, "s", note=how),
         Row(8, "gpu_epoch_limit", "GPU: full-set epoch at the compute limit", images / limit, "s", note=how),
-        Row(8, "gpu_fp32", "GPU: training compute limit in fp32 (no autocast)", fp32_rate, "images/s",
-            note=spread(fp32, "images/s")),
+        Row(
+            8,
+            "gpu_fp32",
+            "GPU: training compute limit in fp32 (no autocast)",
+            fp32_rate,
+            "images/s",
+            note=spread(fp32, "images/s"),
+        ),
         Row(8, "gpu_amp_speedup", "GPU: AMP speed-up (bf16 autocast / fp32), compute limit", limit / fp32_rate, "×"),
-        Row(8, "gpu_compiled", "GPU: training compute limit with torch.compile (as train.py --compile)",
-            compiled_rate, "images/s", note=spread(compiled, "images/s")),
+        Row(
+            8,
+            "gpu_compiled",
+            "GPU: training compute limit with torch.compile (as train.py --compile)",
+            compiled_rate,
+            "images/s",
+            note=spread(compiled, "images/s"),
+        ),
         Row(8, "gpu_compile_speedup", "GPU: torch.compile speed-up, compute limit", compiled_rate / limit, "×"),
-        Row(8, "gpu_memory", "GPU: peak memory allocated by torch", torch.cuda.max_memory_allocated(device) / GB, "GB",
-            note="the largest of the in-process training figures"),
+        Row(
+            8,
+            "gpu_memory",
+            "GPU: peak memory allocated by torch",
+            torch.cuda.max_memory_allocated(device) / GB,
+            "GB",
+            note="the largest of the in-process training figures",
+        ),
     ]
 
 
@@ -476,28 +634,70 @@ def measure(profile: Profile, device: torch.device, work: Path) -> list[Row]:
     limit_rate, pipeline_rate, naive_rate = map(statistics.median, (limit, pipeline, naive))
     judged = profile.name != "quick"
     rows += [
-        Row(2, "train_limit", f"Training, compute limit: steps on preloaded tensors ({size})", limit_rate,
-            "images/s", note=spread(limit, "images/s")),
-        Row(3, "train_pipeline", f"Training, our pipeline: train.py epochs ({size})", pipeline_rate, "images/s",
-            note=f"{len(train_items):,} images an epoch; epochs 2-{profile.epochs}: {spread(pipeline, 'images/s')}"),
-        Row(3, "train_pipeline_vs_limit", "Training: our pipeline / compute limit", pipeline_rate / limit_rate, "×",
-            "≥ 0.9", pipeline_rate / limit_rate >= 0.9 if judged else None),
-        Row(4, "train_naive", f"Training, naive pipeline: LoadImage from disk every step ({size})", naive_rate,
-            "images/s", note=spread(naive, "images/s")),
+        Row(
+            2,
+            "train_limit",
+            f"Training, compute limit: steps on preloaded tensors ({size})",
+            limit_rate,
+            "images/s",
+            note=spread(limit, "images/s"),
+        ),
+        Row(
+            3,
+            "train_pipeline",
+            f"Training, our pipeline: train.py epochs ({size})",
+            pipeline_rate,
+            "images/s",
+            note=f"{len(train_items):,} images an epoch; epochs 2-{profile.epochs}: {spread(pipeline, 'images/s')}",
+        ),
+        Row(
+            3,
+            "train_pipeline_vs_limit",
+            "Training: our pipeline / compute limit",
+            pipeline_rate / limit_rate,
+            "×",
+            "≥ 0.9",
+            pipeline_rate / limit_rate >= 0.9 if judged else None,
+        ),
+        Row(
+            4,
+            "train_naive",
+            f"Training, naive pipeline: LoadImage from disk every step ({size})",
+            naive_rate,
+            "images/s",
+            note=spread(naive, "images/s"),
+        ),
         Row(4, "train_speedup_vs_naive", "Training: our pipeline / naive pipeline", pipeline_rate / naive_rate, "×"),
-        Row(6, "train_memory", "Peak memory: training (train.py RSS)", training_run.peak_rss / GB, "GB",
-            "≤ 3 (full set)", training_run.peak_rss <= 3 * GB if profile.name == "full" else None,
-            f"{len(train_items):,} training images, {profile.epochs} epochs and validation"),
+        Row(
+            6,
+            "train_memory",
+            "Peak memory: training (train.py RSS)",
+            training_run.peak_rss / GB,
+            "GB",
+            "≤ 3 (full set)",
+            training_run.peak_rss <= 3 * GB if profile.name == "full" else None,
+            f"{len(train_items):,} training images, {profile.epochs} epochs and validation",
+        ),
     ]
     rows += measure_prediction(clean, quarter / "test", profile, device, work)
     for height, width in profile.scaling_sizes:
         say(f"scaling: compute limit at {height}x{width}")
-        rates = limit if (height, width) == profile.image_size else compute_limit(profile, device, (height, width),
-                                                                                  profile.few_steps)
+        rates = (
+            limit
+            if (height, width) == profile.image_size
+            else compute_limit(profile, device, (height, width), profile.few_steps)
+        )
         rate = statistics.median(rates)
-        rows.append(Row(7, f"scaling_train_{height}x{width}", f"Scaling: training compute limit at {height}x{width}",
-                        rate, "images/s", note=f"{1e9 / (rate * height * width):.0f} ns per pixel; "
-                        f"{spread(rates, 'images/s')}"))
+        rows.append(
+            Row(
+                7,
+                f"scaling_train_{height}x{width}",
+                f"Scaling: training compute limit at {height}x{width}",
+                rate,
+                "images/s",
+                note=f"{1e9 / (rate * height * width):.0f} ns per pixel; {spread(rates, 'images/s')}",
+            )
+        )
     if device.type == "cuda":
         rows += gpu_rows(profile, device, limit_rate, pipeline_rate, len(train_items))
     return sorted(rows, key=lambda row: row.section)
@@ -507,13 +707,21 @@ def parse_arguments() -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sizes = parser.add_mutually_exclusive_group()
-    for name, text in (("quick", "tiny sizes, for the test suite"), ("full", "the full-size set"),
-                       ("gpu-quick", "the default sizes with fewer repetitions, for a short GPU run")):
+    for name, text in (
+        ("quick", "tiny sizes, for the test suite"),
+        ("full", "the full-size set"),
+        ("gpu-quick", "the default sizes with fewer repetitions, for a short GPU run"),
+    ):
         sizes.add_argument(f"--{name}", dest="mode", action="store_const", const=name, help=text)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where training and prediction run (auto: CUDA if there is a GPU)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
-                        help="folder for results.md and results.csv")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where training and prediction run (auto: CUDA if there is a GPU)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for results.md and results.csv"
+    )
     arguments = parser.parse_args()
     if arguments.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but PyTorch sees no GPU")
@@ -531,11 +739,10 @@ def main() -> None:
     if os.getloadavg()[0] > 0.25 * (os.cpu_count() or 1):
         print("warning: the machine is busy; the figures will be lower than on an idle machine", flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, start_cpu = time.perf_counter(), cpu_seconds()
     with tempfile.TemporaryDirectory(prefix="work-", dir=CACHE) as work:
         rows = measure(profile, device, Path(work))
-    header.append(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}; the run took "
-                  f"{time.perf_counter() - started:.0f} s")
+    header.append(others_line(start_cpu, time.perf_counter() - started))
     print("\n" + write_results(arguments.out, header, rows) + f"\nwritten to {arguments.out}/results.md and .csv")
 
 

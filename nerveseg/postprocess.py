@@ -1,7 +1,7 @@
 """From probabilities to masks at the original size, and choosing how on the validation subjects.
 
 A probability map is resized back to the image's own size, thresholded, optionally reduced to its
-largest connected component (MONAI's KeepLargestConnectedComponent), and emptied when what is left is
+largest connected component (MONAI's get_largest_connected_component_mask), and emptied when what is left is
 smaller than a minimum area: a stray blob on one of the many empty images scores 0.
 """
 
@@ -10,13 +10,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import KeepLargestConnectedComponent
+from monai.transforms.utils import get_largest_connected_component_mask
 
 from nerveseg.metrics import kaggle_dice
 
 THRESHOLDS = tuple(np.round(np.arange(0.3, 0.81, 0.05), 2).tolist())
 MIN_AREA_FRACTIONS = (0.0, 0.002, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03)
-_largest = KeepLargestConnectedComponent(applied_labels=[1], is_onehot=False)
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,8 @@ def binarize(probability: torch.Tensor, threshold: float, keep_largest: bool) ->
     """Threshold a full-size (1, H, W) map; keep only the largest component if asked."""
     mask = (probability > threshold).to(torch.uint8)
     if keep_largest and mask.any():
-        mask = torch.as_tensor(_largest(mask.cpu()), dtype=torch.uint8)
+        # the function behind KeepLargestConnectedComponent, on the plain array: the same mask, 3x faster
+        mask = torch.as_tensor(get_largest_connected_component_mask(mask[0].cpu().numpy()), dtype=torch.uint8)[None]
     return mask
 
 

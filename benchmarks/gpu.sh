@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU figures of the README, in one short run on a CUDA machine (about 6 minutes on one H100/H200):
+# a default-settings training run on a cleaned real-image folder (when DATA is given), a torchrun launch on
+# NCCL, and the benchmark suite's GPU mode. Logs and results go to OUT (default: gpu-results/), the runs'
+# checkpoints to a scratch folder.
+#   bash benchmarks/gpu.sh [DATA] [OUT]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-}
+OUT=${2:-gpu-results}
+WORK=$(mktemp -d)
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__)" | tee -a "$OUT/gpu.txt"
+if [ -n "$DATA" ]; then
+  start=$(date +%s)
+  python3 train.py --data-dir "$DATA" --runs-dir "$WORK/runs" --run-name real --model-path "$WORK/real.pt" \
+    --pictures "$WORK" --quiet 2>&1 | tee "$OUT/train_real.log"
+  echo "default-settings run: $(( $(date +%s) - start )) s" | tee -a "$OUT/train_real.log"
+  cp "$WORK/runs/real/metrics.csv" "$OUT/real_metrics.csv"
+  cp "$WORK/training_curves.png" "$OUT/real_training_curves.png"
+  torchrun --standalone --nproc_per_node=1 train.py --data-dir "$DATA" --runs-dir "$WORK/runs" --run-name ddp \
+    --model-path "$WORK/ddp.pt" --pictures "$WORK/ddp" --max-epochs 3 --quiet 2>&1 | tail -4 | tee "$OUT/torchrun_nccl.log"
+fi
+timeout ${BENCH_SECONDS:-330} python3 benchmarks/run.py --gpu-quick --out "$OUT" 2>&1 | tail -40 | tee "$OUT/benchmark.log"
