@@ -28,7 +28,7 @@ from nerveseg.files import write_csv
 from nerveseg.inference import OutputFolder, ReadableDataset, find_truth, pick_examples, raise_read_errors
 from nerveseg.metrics import DiceTally, kaggle_dice
 from nerveseg.pictures import plot_predictions
-from nerveseg.postprocess import PostProcessing, to_mask
+from nerveseg.postprocess import PostProcessing, to_mask, upsample
 from nerveseg.rle import rle_encode
 from nerveseg.settings import parse_settings
 from nerveseg.transforms import load_transforms, network_input
@@ -77,9 +77,9 @@ with torch.no_grad():
         raise_read_errors(batch)
         with autocast(device, AMP):
             logits = model(network_input(batch["image"].to(device)))
-        probabilities = torch.sigmoid(logits.float()).cpu()
-        for name, probability, size in zip(batch["id"], probabilities, batch["original_size"], strict=True):
-            mask = to_mask(probability, tuple(size.tolist()), post)
+        sizes = [tuple(size.tolist()) for size in batch["original_size"]]
+        for name, probability in zip(batch["id"], upsample(torch.sigmoid(logits.float()), sizes), strict=True):
+            mask = to_mask(probability, post)
             output.write_mask(name, mask)
             rows.append({"img": name, "pixels": rle_encode(mask)})
             if name in truths:

@@ -52,11 +52,11 @@ def evaluate(
             logits = model(images)
         loss_sum += float(loss_function(logits.float(), labels)) * len(images)
         batches += len(images)
-        probabilities = torch.sigmoid(logits.float()).cpu()
-        for probability, bits, size in zip(probabilities, batch["full_label"], batch["original_size"], strict=True):
-            truth = unpack_mask(bits, size)
-            prediction = upsample(probability, tuple(truth.shape[-2:])) > 0.5
-            tally.add(kaggle_dice(prediction[None], truth[None]), ~truth.any().reshape(1))
+        sizes = [tuple(size.tolist()) for size in batch["original_size"]]
+        full_size = upsample(torch.sigmoid(logits.float()), sizes)
+        for probability, bits, size in zip(full_size, batch["full_label"], sizes, strict=True):
+            probability, truth = probability.cpu(), unpack_mask(bits, size)
+            tally.add(kaggle_dice((probability > 0.5)[None], truth[None]), ~truth.any().reshape(1))
             if tune:
                 scores += tuning_scores(probability, truth)
     totals = all_reduce_sum(

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nerveseg.postprocess import THRESHOLDS, choose, tuning_scores
+from nerveseg.postprocess import THRESHOLDS, choose, tuning_scores, upsample
 from nerveseg.rle import rle_decode, rle_encode
 from tests.conftest import KAGGLE_SAMPLE, needs_kaggle_sample, run_script
 
@@ -101,12 +101,15 @@ def test_post_processing_never_lowers_the_validation_dice():
             truth = torch.zeros(1, 42, 58, dtype=torch.bool)
             if index % 2:
                 truth[:, 10:20, 20:35] = True
-            probability = torch.rand(1, 21, 29, generator=generator) * (0.4 + 0.2 * trial)
-            probability[:, 5:10, 10:17] += 0.5 * (index % 2)
-            total = total + tuning_scores(probability.clamp(0, 1), truth)
+            probability = torch.rand(1, 1, 21, 29, generator=generator) * (0.4 + 0.2 * trial)
+            probability[..., 5:10, 10:17] += 0.5 * (index % 2)
+            full = upsample(probability.clamp(0, 1), [(42, 58)])[0]
+            assert full.shape == truth.shape
+            total = total + tuning_scores(full, truth)
         chosen, best, raw = choose(total)
         assert best >= raw
         assert chosen.threshold in THRESHOLDS
+    assert best > raw, "on the last trial a higher threshold or a minimum area beats 0.5"
 
 
 def test_bad_inputs_give_clear_messages(trained_run, tmp_path):
