@@ -335,7 +335,7 @@ except KeyboardInterrupt:
         else f"\ninterrupted in epoch {epoch}, before any epoch was completed: nothing to resume. "
         f"Start again with: python train.py --run-name {run_dir.name}"
     )
-    distributed.stop(process)
+    distributed.stop()
     sys.exit(130)
 except torch.cuda.OutOfMemoryError:
     raise UserError(
@@ -372,4 +372,4 @@ print0(
     f"of the image); all-empty baseline {tuned_metrics['all_empty_baseline']:.4f}.\nSaved {MODEL_PATH}; "
     f"curves and metrics in {run_dir}"
 )
-distributed.stop(process)
+distributed.stop()

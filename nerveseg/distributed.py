@@ -68,7 +68,7 @@ def all_agree(flag: bool, process: Process) -> bool:
     return bool(all_reduce_sum(torch.tensor([0.0 if flag else 1.0], dtype=torch.float64), process)[0] == 0)
 
 
-def stop(process: Process) -> None:
+def stop() -> None:
     """Leave the process group."""
-    if process.world_size > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
