@@ -208,15 +208,37 @@ def cpu_seconds() -> tuple[float, float]:
     return busy, sum(os.times()[:4])
 
 
-def others_line(start: tuple[float, float], seconds: float) -> str:
-    """How many cores other processes kept busy during the run: above a tenth of them, the figures are too low."""
-    machine, mine = (now - then for now, then in zip(cpu_seconds(), start, strict=True))
-    others = max(machine - mine, 0.0) / seconds
-    busy = others > 0.1 * (os.cpu_count() or 1)
-    verdict = "busy: the figures are lower than on a quiet machine" if busy else "quiet enough"
+class Watch:
+    """How many cores other processes keep busy from now on: the machine's CPU time minus this run's own."""
+
+    def __init__(self) -> None:
+        self.started, self.start = time.perf_counter(), cpu_seconds()
+
+    def others(self) -> float:
+        """Cores used by other processes, on average since the start."""
+        machine, mine = (now - then for now, then in zip(cpu_seconds(), self.start, strict=True))
+        return max(machine - mine, 0.0) / (time.perf_counter() - self.started)
+
+    def busy(self) -> bool:
+        """True when other processes took more than a tenth of the cores: then the figures are too low."""
+        return self.others() > 0.1 * (os.cpu_count() or 1)
+
+
+def flag_busy(rows: list[Row], watch: Watch) -> list[Row]:
+    """Say in the note of each timing row when other processes were busy while it was measured."""
+    if watch.busy():
+        for row in rows:
+            if row.unit != "GB":
+                row.note = f"BUSY (other processes used {watch.others():.2f} cores); {row.note}".removesuffix("; ")
+    return rows
+
+
+def others_line(watch: Watch) -> str:
+    """How busy other processes kept the machine during the whole run."""
+    verdict = "busy: figures marked BUSY are too low" if watch.busy() else "quiet enough"
     return (
-        f"other processes used {others:.2f} of {os.cpu_count()} cores on average during the run ({verdict}); "
-        f"the run took {seconds:.0f} s"
+        f"other processes used {watch.others():.2f} of {os.cpu_count()} cores on average during the run "
+        f"({verdict}); the run took {time.perf_counter() - watch.started:.0f} s"
     )
 
 
@@ -272,7 +294,7 @@ def cached_download(spec: synthetic.SyntheticSpec) -> Path:
             f"{folder} (once)"
         )
         building = Path(tempfile.mkdtemp(prefix=".building-", dir=CACHE))
-        synthetic.write_kaggle_download(building, spec, progress=spec.n_train > 1000)
+        synthetic.write_kaggle_download(building, spec, progress=sys.stderr.isatty())
         building.rename(folder)
     return folder
 
@@ -622,8 +644,11 @@ def gpu_rows(profile: Profile, device: torch.device, limit: float, pipeline: flo
 def measure(profile: Profile, device: torch.device, work: Path) -> list[Row]:
     """Every figure of the table, sorted into the order it is printed."""
     download = cached_download(profile.spec)
+    watch = Watch()
     rows, clean, quarter = measure_cleaning(download, profile, work)
+    flag_busy(rows, watch)
     size = f"{profile.image_size[0]}x{profile.image_size[1]}, batch {profile.batch_size}"
+    watch = Watch()
     say(f"training: compute limit at {size}")
     limit = compute_limit(profile, device, profile.image_size, profile.steps)
     say(f"training: train.py, {profile.epochs} epochs")
@@ -633,73 +658,80 @@ def measure(profile: Profile, device: torch.device, work: Path) -> list[Row]:
     naive = measure_naive(train_items, profile, device)
     limit_rate, pipeline_rate, naive_rate = map(statistics.median, (limit, pipeline, naive))
     judged = profile.name != "quick"
-    rows += [
-        Row(
-            2,
-            "train_limit",
-            f"Training, compute limit: steps on preloaded tensors ({size})",
-            limit_rate,
-            "images/s",
-            note=spread(limit, "images/s"),
-        ),
-        Row(
-            3,
-            "train_pipeline",
-            f"Training, our pipeline: train.py epochs ({size})",
-            pipeline_rate,
-            "images/s",
-            note=f"{len(train_items):,} images an epoch; epochs 2-{profile.epochs}: {spread(pipeline, 'images/s')}",
-        ),
-        Row(
-            3,
-            "train_pipeline_vs_limit",
-            "Training: our pipeline / compute limit",
-            pipeline_rate / limit_rate,
-            "×",
-            "≥ 0.9",
-            pipeline_rate / limit_rate >= 0.9 if judged else None,
-        ),
-        Row(
-            4,
-            "train_naive",
-            f"Training, naive pipeline: LoadImage from disk every step ({size})",
-            naive_rate,
-            "images/s",
-            note=spread(naive, "images/s"),
-        ),
-        Row(4, "train_speedup_vs_naive", "Training: our pipeline / naive pipeline", pipeline_rate / naive_rate, "×"),
-        Row(
-            6,
-            "train_memory",
-            "Peak memory: training (train.py RSS)",
-            training_run.peak_rss / GB,
-            "GB",
-            "≤ 3 (full set)",
-            training_run.peak_rss <= 3 * GB if profile.name == "full" else None,
-            f"{len(train_items):,} training images, {profile.epochs} epochs and validation",
-        ),
-    ]
-    rows += measure_prediction(clean, quarter / "test", profile, device, work)
-    for height, width in profile.scaling_sizes:
-        say(f"scaling: compute limit at {height}x{width}")
-        rates = (
-            limit
-            if (height, width) == profile.image_size
-            else compute_limit(profile, device, (height, width), profile.few_steps)
-        )
-        rate = statistics.median(rates)
-        rows.append(
+    limit_row = Row(
+        2,
+        "train_limit",
+        f"Training, compute limit: steps on preloaded tensors ({size})",
+        limit_rate,
+        "images/s",
+        note=spread(limit, "images/s"),
+    )
+    rows += flag_busy(
+        [
+            limit_row,
             Row(
-                7,
-                f"scaling_train_{height}x{width}",
-                f"Scaling: training compute limit at {height}x{width}",
-                rate,
+                3,
+                "train_pipeline",
+                f"Training, our pipeline: train.py epochs ({size})",
+                pipeline_rate,
                 "images/s",
-                note=f"{1e9 / (rate * height * width):.0f} ns per pixel; {spread(rates, 'images/s')}",
-            )
+                note=f"{len(train_items):,} images an epoch; epochs 2-{profile.epochs}: {spread(pipeline, 'images/s')}",
+            ),
+            Row(
+                3,
+                "train_pipeline_vs_limit",
+                "Training: our pipeline / compute limit",
+                pipeline_rate / limit_rate,
+                "×",
+                "≥ 0.9",
+                pipeline_rate / limit_rate >= 0.9 if judged else None,
+            ),
+            Row(
+                4,
+                "train_naive",
+                f"Training, naive pipeline: LoadImage from disk every step ({size})",
+                naive_rate,
+                "images/s",
+                note=spread(naive, "images/s"),
+            ),
+            Row(
+                4, "train_speedup_vs_naive", "Training: our pipeline / naive pipeline", pipeline_rate / naive_rate, "×"
+            ),
+            Row(
+                6,
+                "train_memory",
+                "Peak memory: training (train.py RSS)",
+                training_run.peak_rss / GB,
+                "GB",
+                "≤ 3 (full set)",
+                training_run.peak_rss <= 3 * GB if profile.name == "full" else None,
+                f"{len(train_items):,} training images, {profile.epochs} epochs and validation",
+            ),
+        ],
+        watch,
+    )
+    watch = Watch()
+    rows += flag_busy(measure_prediction(clean, quarter / "test", profile, device, work), watch)
+    for height, width in profile.scaling_sizes:
+        same = (height, width) == profile.image_size
+        if not same:
+            say(f"scaling: compute limit at {height}x{width}")
+        watch = Watch()
+        rates = limit if same else compute_limit(profile, device, (height, width), profile.few_steps)
+        rate = statistics.median(rates)
+        row = Row(
+            7,
+            f"scaling_train_{height}x{width}",
+            f"Scaling: training compute limit at {height}x{width}",
+            rate,
+            "images/s",
+            note=f"{1e9 / (rate * height * width):.0f} ns per pixel; "
+            + (limit_row.note if same else spread(rates, "images/s")),
         )
+        rows += [row] if same else flag_busy([row], watch)
     if device.type == "cuda":
-        rows += gpu_rows(profile, device, limit_rate, pipeline_rate, len(train_items))
+        watch = Watch()
+        rows += flag_busy(gpu_rows(profile, device, limit_rate, pipeline_rate, len(train_items)), watch)
     return sorted(rows, key=lambda row: row.section)
 
 
@@ -739,10 +771,10 @@ def main() -> None:
     if os.getloadavg()[0] > 0.25 * (os.cpu_count() or 1):
         print("warning: the machine is busy; the figures will be lower than on an idle machine", flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
-    started, start_cpu = time.perf_counter(), cpu_seconds()
+    watch = Watch()
     with tempfile.TemporaryDirectory(prefix="work-", dir=CACHE) as work:
         rows = measure(profile, device, Path(work))
-    header.append(others_line(start_cpu, time.perf_counter() - started))
+    header.append(others_line(watch))
     print("\n" + write_results(arguments.out, header, rows) + f"\nwritten to {arguments.out}/results.md and .csv")
 
 
