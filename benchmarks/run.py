@@ -202,9 +202,12 @@ def machine_lines(device: torch.device, profile: Profile) -> list[str]:
 
 
 def cpu_seconds() -> tuple[float, float]:
-    """CPU seconds used so far by the whole machine, and by this process and its finished children."""
+    """CPU seconds used so far by the whole machine (time the hypervisor gave to other machines included), and
+    by this process and its finished children."""
     times = psutil.cpu_times()
-    busy = times.user + times.nice + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
+    busy = (
+        times.user + times.nice + times.system + sum(getattr(times, name, 0.0) for name in ("irq", "softirq", "steal"))
+    )
     return busy, sum(os.times()[:4])
 
 
@@ -229,7 +232,7 @@ def flag_busy(rows: list[Row], watch: Watch) -> list[Row]:
     if watch.busy():
         for row in rows:
             if row.unit != "GB":
-                row.note = f"BUSY (other processes used {watch.others():.2f} cores); {row.note}".removesuffix("; ")
+                row.note = f"{row.note}; BUSY: other processes used {watch.others():.2f} cores".removeprefix("; ")
     return rows
 
 
