@@ -128,6 +128,8 @@ def start_training(train_clean: Path, work: Path, *extra: str) -> subprocess.Pop
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # a job started in the background inherits SIGINT as ignored; a user at a terminal does not
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
