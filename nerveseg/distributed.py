@@ -63,11 +63,6 @@ def all_reduce_sum(values: torch.Tensor, process: Process) -> torch.Tensor:
     return reduced.cpu()
 
 
-def all_agree(flag: bool, process: Process) -> bool:
-    """True when the flag is true on every process (used to stop together)."""
-    return bool(all_reduce_sum(torch.tensor([0.0 if flag else 1.0], dtype=torch.float64), process)[0] == 0)
-
-
 def stop() -> None:
     """Leave the process group."""
     if dist.is_initialized():
