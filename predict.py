@@ -10,6 +10,7 @@ at the end of training (threshold, largest component, minimum area) is read from
 """
 
 # %% Import useful libraries
+import os
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.evaluation import autocast, collate_keep_sizes
 from nerveseg.files import write_csv
 from nerveseg.inference import OutputFolder, ReadableDataset, find_truth, pick_examples, raise_read_errors
+from nerveseg.memory import keep_freed_memory
 from nerveseg.metrics import DiceTally, kaggle_dice
 from nerveseg.pictures import plot_predictions
 from nerveseg.postprocess import PostProcessing, to_mask, upsample
@@ -45,15 +47,17 @@ NUM_PICTURES = 4  # how many images the picture shows
 # System
 BATCH_SIZE = 64  # images per forward pass
 DEVICE = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N
-NUM_WORKERS = 2  # processes reading images while the model runs (0: none)
+NUM_WORKERS = -1  # processes reading images while the model runs (0: none; -1: one a spare core, up to 4)
 AMP = True  # mixed precision on CUDA (ignored on CPU)
 QUIET = False  # no progress bar
 # -----------------------------------------------------------------------------
 exit_on_user_error("predict.py")
 globals().update(parse_settings(globals()))
-if BATCH_SIZE < 1:
-    raise UserError(f"--batch-size must be at least 1, not {BATCH_SIZE}")
+if BATCH_SIZE < 1 or NUM_WORKERS < -1:
+    raise UserError(f"--batch-size must be at least 1 and --num-workers -1 or more, not {BATCH_SIZE} and {NUM_WORKERS}")
+workers = NUM_WORKERS if NUM_WORKERS >= 0 else min(4, (os.cpu_count() or 1) - 1)  # the model keeps one core
 monai.data.set_track_meta(False)
+keep_freed_memory()  # big CPU tensors are reused, not handed back and faulted in again (see nerveseg/memory.py)
 
 # %% Load the model and the images
 started = time.perf_counter()
@@ -65,7 +69,7 @@ items = list_images(INPUT)
 truths = find_truth(items, MASKS) if MASKS else {}
 dataset = ReadableDataset(items, load_transforms(image_size, with_label=False), image_size)
 loader = torch.utils.data.DataLoader(
-    dataset, batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes
+    dataset, batch_size=BATCH_SIZE, num_workers=workers, collate_fn=collate_keep_sizes
 )
 output = OutputFolder(Path(OUTPUT))
 print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} (epoch {checkpoint['epoch']}) on {device}")

@@ -28,12 +28,14 @@ from nerveseg import distributed
 from nerveseg.checkpoint import make_checkpoint, read_torch_file, save_torch, unwrap
 from nerveseg.data import partition, read_manifest, split_by_subject
 from nerveseg.errors import UserError, exit_on_user_error
-from nerveseg.evaluation import autocast, collate_keep_sizes, evaluate
+from nerveseg.evaluation import collate_keep_sizes, evaluate
 from nerveseg.files import write_csv, write_json
+from nerveseg.memory import keep_freed_memory
 from nerveseg.model import build_model, model_config, set_output_prior, size_multiple
 from nerveseg.pictures import plot_training_curves
 from nerveseg.postprocess import PostProcessing, choose
 from nerveseg.settings import parse_settings, settings_to_json
+from nerveseg.training import backward_in_micro_batches, micro_batch_size
 from nerveseg.transforms import BatchAugment, load_transforms, network_input
 
 # %% Settings
@@ -57,6 +59,7 @@ NUM_RES_UNITS = 2  # residual units per UNet block
 DROPOUT = 0.0  # dropout in the UNet blocks
 # Optimisation
 BATCH_SIZE = 128  # training images per step and per process (global batch = this x processes)
+MICRO_BATCH_SIZE = 0  # images per forward/backward pass, gradients summed up to BATCH_SIZE (0: 64 on CPU, all on GPU)
 VAL_BATCH_SIZE = 64  # validation images per forward pass and per process
 MAX_EPOCHS = 60  # passes over the training images
 VAL_INTERVAL = 1  # validate every this many epochs (and always after the last one)
@@ -114,8 +117,11 @@ else:
 image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)
 config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT)
 multiple = size_multiple(config)
-if BATCH_SIZE < 1 or VAL_BATCH_SIZE < 1 or MAX_EPOCHS < 1 or VAL_INTERVAL < 1:
-    raise UserError("--batch-size, --val-batch-size, --max-epochs and --val-interval must be at least 1")
+if BATCH_SIZE < 1 or VAL_BATCH_SIZE < 1 or MAX_EPOCHS < 1 or VAL_INTERVAL < 1 or MICRO_BATCH_SIZE < 0:
+    raise UserError(
+        "--batch-size, --val-batch-size, --max-epochs and --val-interval must be at least 1, "
+        "--micro-batch-size at least 0 (0: automatic)"
+    )
 if not 0 < LEARNING_RATE < math.inf or WEIGHT_DECAY < 0 or not 0 <= DROPOUT < 1 or NUM_WORKERS < 0:
     raise UserError(
         f"--learning-rate must be above 0 (not {LEARNING_RATE}), --weight-decay and --num-workers at least 0 "
@@ -136,6 +142,7 @@ for option, folder in (("--runs-dir", run_dir), ("--model-path", Path(MODEL_PATH
     if blocker is not None:  # found now, not after hours of caching and training
         raise UserError(f"{folder} cannot be a folder: {blocker} is a file; choose another {option}")
 monai.utils.set_determinism(SEED)
+keep_freed_memory()  # big CPU tensors are reused, not handed back and faulted in again (see nerveseg/memory.py)
 monai.data.set_track_meta(False)  # plain tensors: faster, and the metadata is not needed
 
 # %% Load data: the manifest of data_cleaning.py, split by subject
@@ -175,6 +182,7 @@ trained = DistributedDataParallel(network) if process.world_size > 1 else networ
 loss_function = DiceCELoss(sigmoid=True, batch=True)
 optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 steps_per_epoch = len(train_loader)
+micro_batch = micro_batch_size(MICRO_BATCH_SIZE, BATCH_SIZE, process.device)
 METRICS_COLUMNS = [
     "epoch",
     "train_loss",
@@ -249,7 +257,8 @@ signal.signal(signal.SIGTERM, stop_on_sigterm)
 
 # %% Train the model
 print0(
-    f"training on {process.device} x {process.world_size}, {steps_per_epoch} steps of {BATCH_SIZE} per epoch; "
+    f"training on {process.device} x {process.world_size}, {steps_per_epoch} steps of {BATCH_SIZE} per epoch"
+    f"{f' ({micro_batch} images a pass)' if micro_batch < BATCH_SIZE else ''}; "
     f"writing {run_dir}"
 )
 epoch = start_epoch
@@ -267,11 +276,8 @@ try:
             images = network_input(batch["image"].to(process.device, non_blocking=True))
             labels = batch["label"].to(process.device, non_blocking=True).float()
             images, labels = augment(images, labels, generator)
-            with autocast(process.device, AMP):
-                logits = trained(images)
-            loss = loss_function(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            loss = backward_in_micro_batches(trained, loss_function, images, labels, micro_batch, scaler, AMP)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

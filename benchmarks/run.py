@@ -42,11 +42,12 @@ sys.path.insert(0, str(ROOT))  # the nerveseg package, when run as python benchm
 from nerveseg import synthetic  # noqa: E402
 from nerveseg.checkpoint import read_torch_file, save_torch  # noqa: E402
 from nerveseg.data import read_manifest, split_by_subject  # noqa: E402
-from nerveseg.evaluation import autocast  # noqa: E402
 from nerveseg.files import atomic_write, write_csv  # noqa: E402
+from nerveseg.memory import keep_freed_memory  # noqa: E402
 from nerveseg.model import build_model, model_config  # noqa: E402
 from nerveseg.postprocess import PostProcessing  # noqa: E402
 from nerveseg.settings import read_settings_block  # noqa: E402
+from nerveseg.training import backward_in_micro_batches, micro_batch_size  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 GB = 1e9
@@ -80,7 +81,7 @@ class Profile:
     scaling_sizes: tuple[tuple[int, int], ...] = ((96, 128), (128, 176), (224, 320))
     batch_size: int = TRAIN["BATCH_SIZE"]
     epochs: int = 4  # train.py epochs; all but the first are timed
-    warmup_steps: int = 1  # untimed training steps before the timed ones
+    warmup_steps: int = 3  # untimed training steps before the timed ones (on the CPU, steps 1-3 are slower)
     steps: int = 5  # timed training steps of the compute limit (at least; see min_seconds)
     few_steps: int = 2  # timed steps of the naive loop and of the other image sizes (224x320: 30 s a step on 2 cores)
     min_seconds: float = 3.0  # keep timing steps until this much time has passed (fast GPU steps)
@@ -97,6 +98,7 @@ PROFILES = {
         scaling_sizes=((16, 32), (32, 48), (48, 64)),
         batch_size=8,
         epochs=2,
+        warmup_steps=1,
         steps=1,
         few_steps=1,
         min_seconds=0.0,
@@ -398,8 +400,8 @@ def measure_cleaning(download: Path, profile: Profile, work: Path) -> tuple[list
 Batch = tuple[torch.Tensor, torch.Tensor]  # images and masks, (batch, 1, height, width)
 
 
-def training_step(device: torch.device, amp: bool, compiled: bool = False) -> Callable[..., None]:
-    """One optimisation step as train.py takes it: its model, loss, optimiser and precision."""
+def training_step(device: torch.device, amp: bool, batch_size: int, compiled: bool = False) -> Callable[..., None]:
+    """One optimisation step as train.py takes it: its model, loss, optimiser, precision and micro-batches."""
     torch.manual_seed(0)
     config = model_config(TRAIN["CHANNELS"], TRAIN["STRIDES"], TRAIN["NUM_RES_UNITS"], TRAIN["DROPOUT"])
     model = build_model(config).to(device)
@@ -407,12 +409,12 @@ def training_step(device: torch.device, amp: bool, compiled: bool = False) -> Ca
     loss_function = DiceCELoss(sigmoid=True, batch=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=TRAIN["LEARNING_RATE"], weight_decay=TRAIN["WEIGHT_DECAY"])
 
+    micro_batch = micro_batch_size(TRAIN["MICRO_BATCH_SIZE"], batch_size, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # train.py scales only float16, not bfloat16
+
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        with autocast(device, amp):
-            logits = network(images)
-        loss = loss_function(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        backward_in_micro_batches(network, loss_function, images, labels, micro_batch, scaler, amp)
         optimizer.step()
 
     return step
@@ -454,7 +456,7 @@ def compute_limit(
     compiled: bool = False,
 ) -> list[float]:
     """Images/s of training steps on preloaded random tensors (one figure per timed step)."""
-    step = training_step(device, amp, compiled)
+    step = training_step(device, amp, profile.batch_size, compiled)
     warmup = profile.warmup_steps + 2 * compiled  # compiling happens in the first steps
     times = time_steps(
         step, random_batches(profile.batch_size, image_size, device), device, warmup, steps, profile.min_seconds
@@ -481,7 +483,7 @@ def naive_batches(items: list[dict], batch_size: int, image_size: tuple[int, int
 def measure_naive(train_items: list[dict], profile: Profile, device: torch.device) -> list[float]:
     """Images/s of the naive loop: reading and resizing at every step, then the same training step."""
     times = time_steps(
-        training_step(device, TRAIN["AMP"]),
+        training_step(device, TRAIN["AMP"], profile.batch_size),
         naive_batches(train_items, profile.batch_size, profile.image_size),
         device,
         profile.warmup_steps,
@@ -769,6 +771,7 @@ def main() -> None:
     profile = PROFILES[arguments.mode or "default"]
     use_cuda = arguments.device == "cuda" or (arguments.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
+    keep_freed_memory()  # as train.py and predict.py do: the in-process training steps run like theirs
     header = machine_lines(device, profile)
     print("\n".join(header), flush=True)
     if os.getloadavg()[0] > 0.25 * (os.cpu_count() or 1):
