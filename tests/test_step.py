@@ -1,0 +1,97 @@
+"""The training step's micro-batches, and keeping freed memory for reuse."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from monai.losses import DiceCELoss
+
+from nerveseg.model import build_model, model_config
+from nerveseg.training import backward_in_micro_batches, micro_batch_size
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize(
+    ("setting", "batch", "device", "expected"),
+    [(0, 128, "cpu", 64), (0, 128, "cuda", 128), (0, 8, "cpu", 8), (200, 128, "cpu", 128), (3, 8, "cuda", 3)],
+)
+def test_micro_batch_size_auto_and_explicit(setting, batch, device, expected):
+    assert micro_batch_size(setting, batch, torch.device(device)) == expected
+
+
+def gradients_and_loss(loss_function, images, labels, micro_batch: int) -> tuple[list[torch.Tensor], float]:
+    torch.manual_seed(0)
+    model = build_model(model_config((4, 8, 16), (2, 2), 1, 0.0))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss = backward_in_micro_batches(model, loss_function, images, labels, micro_batch, scaler, amp=False)
+    return [p.grad.clone() for p in model.parameters()], float(loss)
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(8, 1, 32, 48, generator=generator)
+    labels = (torch.rand(8, 1, 32, 48, generator=generator) > 0.8).float()
+    labels[::2] = 0  # empty masks too
+    return images, labels
+
+
+def test_slices_of_a_per_image_loss_give_the_whole_batch_gradient(batch):
+    """With a loss that is a mean over images (instance norm keeps images apart), slicing changes nothing."""
+    loss_function = DiceCELoss(sigmoid=True, batch=False)
+    whole, whole_loss = gradients_and_loss(loss_function, *batch, micro_batch=8)
+    sliced, sliced_loss = gradients_and_loss(loss_function, *batch, micro_batch=3)  # slices of 3, 3 and 2
+    assert sliced_loss == pytest.approx(whole_loss, rel=1e-6)
+    for a, b in zip(whole, sliced, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_batch_dice_becomes_the_weighted_mean_of_each_slices_dice(batch):
+    images, labels = batch
+    loss_function = DiceCELoss(sigmoid=True, batch=True)
+    _, sliced_loss = gradients_and_loss(loss_function, images, labels, micro_batch=3)
+    torch.manual_seed(0)
+    model = build_model(model_config((4, 8, 16), (2, 2), 1, 0.0))
+    with torch.no_grad():
+        slices = [
+            loss_function(model(images[i : i + 3]), labels[i : i + 3]) * len(labels[i : i + 3]) / 8 for i in (0, 3, 6)
+        ]
+        whole = float(loss_function(model(images), labels))
+    assert sliced_loss == pytest.approx(float(sum(slices)), rel=1e-5)
+    assert abs(sliced_loss - whole) > 1e-4  # the documented difference: Dice over each slice, not the batch
+
+
+FAULTS_OF_A_SECOND_BATCH = textwrap.dedent(
+    """
+    import resource, sys
+    import torch
+    from nerveseg.memory import keep_freed_memory
+    if sys.argv[1] == "keep":
+        assert keep_freed_memory()
+    def faults_of_one_batch():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        activations = [torch.ones(16 << 20) for _ in range(3)]  # three 64 MB tensors, then freed
+        del activations
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    for _ in range(10):  # the heap grows over the first few (aligned blocks do not fit their freed places)
+        faults_of_one_batch()
+    print(faults_of_one_batch())
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+    faults = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", FAULTS_OF_A_SECOND_BATCH, mode], cwd=ROOT, capture_output=True, text=True
+            ).stdout
+        )
+        for mode in ("default", "keep")
+    }
+    pages = 3 * (64 << 20) // 4096
+    assert faults["default"] > 0.9 * pages  # every page of every batch, again
+    assert faults["keep"] < 0.05 * pages, faults
