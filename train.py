@@ -345,8 +345,9 @@ except KeyboardInterrupt:
     sys.exit(130)
 except torch.cuda.OutOfMemoryError:
     raise UserError(
-        f"the GPU ran out of memory in epoch {epoch}; start a new run with a smaller --batch-size (now {BATCH_SIZE}) "
-        f"or image size (now {IMAGE_HEIGHT}x{IMAGE_WIDTH})"
+        f"the GPU ran out of memory in epoch {epoch}; start a new run with a smaller --micro-batch-size (now "
+        f"{micro_batch}; the same steps in slices), --batch-size (now {BATCH_SIZE}) or image size (now "
+        f"{IMAGE_HEIGHT}x{IMAGE_WIDTH})"
         + (f"; {run_dir / 'last.pt'} keeps epoch {epoch - 1}" if epoch > 1 else "")
     ) from None
 

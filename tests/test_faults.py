@@ -541,8 +541,9 @@ def test_cuda_out_of_memory_stops_with_advice_and_keeps_the_last_epoch(stopped_r
     case, good = stopped_runs["cuda oom"], sigterm_run.epoch - 1
     assert_user_error(
         case.result,
-        f"the GPU ran out of memory in epoch {good + 1}; start a new run with a smaller --batch-size (now 8) or "
-        f"image size (now 64x96); {Path('runs/term/last.pt')} keeps epoch {good}",
+        f"the GPU ran out of memory in epoch {good + 1}; start a new run with a smaller --micro-batch-size (now 8; "
+        f"the same steps in slices), --batch-size (now 8) or image size (now 64x96); {Path('runs/term/last.pt')} "
+        f"keeps epoch {good}",
     )
     assert case.after["last.pt"] == case.before["last.pt"]
     assert read_torch_file(case.watched / "last.pt")["epoch"] == good and case.data_unchanged
