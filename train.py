@@ -117,11 +117,10 @@ else:
 image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)
 config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT)
 multiple = size_multiple(config)
-if BATCH_SIZE < 1 or VAL_BATCH_SIZE < 1 or MAX_EPOCHS < 1 or VAL_INTERVAL < 1 or MICRO_BATCH_SIZE < 0:
-    raise UserError(
-        "--batch-size, --val-batch-size, --max-epochs and --val-interval must be at least 1, "
-        "--micro-batch-size at least 0 (0: automatic)"
-    )
+if BATCH_SIZE < 1 or VAL_BATCH_SIZE < 1 or MAX_EPOCHS < 1 or VAL_INTERVAL < 1:
+    raise UserError("--batch-size, --val-batch-size, --max-epochs and --val-interval must be at least 1")
+if MICRO_BATCH_SIZE < 0:
+    raise UserError(f"--micro-batch-size must be 0 (automatic) or more, not {MICRO_BATCH_SIZE}")
 if not 0 < LEARNING_RATE < math.inf or WEIGHT_DECAY < 0 or not 0 <= DROPOUT < 1 or NUM_WORKERS < 0:
     raise UserError(
         f"--learning-rate must be above 0 (not {LEARNING_RATE}), --weight-decay and --num-workers at least 0 "

@@ -419,6 +419,7 @@ def stopped_runs(train_clean, sigterm_run, tmp_path_factory) -> dict[str, types.
     add("one subject", work, train_args(data), data)
     add("learning rate 0", folder("lr-0"), train_args(train_clean, "--learning-rate", "0"), train_clean)
     add("channels and strides", folder("channels"), train_args(train_clean, "--channels", "16,32,64"), train_clean)
+    add("micro-batch -1", folder("micro"), train_args(train_clean, "--micro-batch-size", "-1"), train_clean)
     work = folder("model-path")
     (work / "a_file").write_text("not a folder")
     add("model path", work, train_args(train_clean, "--model-path", str(work / "a_file" / "model.pt")), train_clean)
@@ -477,6 +478,7 @@ def test_one_subject_is_too_few_for_a_split_by_subject(stopped_runs):
     [
         ("learning rate 0", "--learning-rate must be above 0 (not 0.0)"),
         ("channels and strides", "--channels needs one value more than --strides (one per UNet level), not 3 and 4"),
+        ("micro-batch -1", "--micro-batch-size must be 0 (automatic) or more, not -1"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_before_any_work(name, message, stopped_runs):
