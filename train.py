@@ -225,7 +225,8 @@ if process.is_main:
     write_json(run_dir / "settings.json", saved_settings)
     if state is not None:
         write_csv(run_dir / "metrics.csv", history, METRICS_COLUMNS)  # it may lag last.pt after a kill
-        for stale in run_dir.glob(".*.tmp"):  # a checkpoint write cut short by a kill (see atomic_write)
+        model_path = Path(MODEL_PATH)  # a checkpoint write cut short by a kill leaves .NAME.*.tmp (atomic_write)
+        for stale in [*run_dir.glob(".*.tmp"), *model_path.parent.glob(f".{model_path.name}.*.tmp")]:
             stale.unlink(missing_ok=True)
 
 

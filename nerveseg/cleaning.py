@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from nerveseg.errors import UserError
-from nerveseg.files import swap_into_place, write_csv, write_json
+from nerveseg.files import building_folder, swap_into_place, write_csv, write_json
 from nerveseg.rle import rle_encode
 from nerveseg.sources import ArchiveCache, Download, Locator, read_csv_text
 
@@ -318,8 +317,7 @@ def clean_download(download: Download, output: Path, options: CleaningOptions, o
             read_csv_text(download.train_masks_csv, _cache), download.train_masks_csv.describe()
         )
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=f".{output.name}.building-", dir=output.parent))
+        building = building_folder(output)
     except OSError as error:
         raise UserError(
             f"cannot write into {output.parent}: {error.strerror}; choose --output in a writable folder"

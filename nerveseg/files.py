@@ -13,12 +13,20 @@ from typing import IO, Any
 from nerveseg.errors import UserError
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file beside `path`; on success fsync it and rename it over `path`.
 
     On any error the temporary file is removed and `path` keeps its previous content. A full disk
-    or a read-only folder becomes a UserError that names the file.
+    or a read-only folder becomes a UserError that names the file. The file gets the permissions that
+    open() would give it (0666 less the umask), not mkstemp's private 0600.
     """
     path = Path(path)
     try:
@@ -27,6 +35,7 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror}; choose a writable folder") from None
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())
         with os.fdopen(handle, mode, **({} if "b" in mode else {"newline": "", "encoding": "utf-8"})) as file:
             yield file
             file.flush()
@@ -53,6 +62,15 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) 
         writer = csv.DictWriter(file, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def building_folder(target: Path) -> Path:
+    """A new empty folder beside `target` to build it in (see swap_into_place), with the permissions that
+    mkdir would give it (0777 less the umask), not mkdtemp's private 0700. Raises OSError."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    building.chmod(0o777 & ~current_umask())
+    return building
 
 
 def swap_into_place(building: Path, target: Path) -> None:

@@ -1,7 +1,6 @@
 """Helpers of predict.py: reading images with clear errors, the output folder, truth masks, examples."""
 
 import shutil
-import tempfile
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,7 @@ from monai.data import Dataset
 from PIL import Image
 
 from nerveseg.errors import UserError
-from nerveseg.files import swap_into_place
+from nerveseg.files import building_folder, swap_into_place
 
 MARKER = ".nerveseg-predictions"  # tells a folder of ours from a user's folder
 
@@ -62,8 +61,7 @@ class OutputFolder:
         if target.exists() and any(target.iterdir()) and not (target / MARKER).exists():
             raise UserError(f"{target} already holds files that predict.py did not write; choose another --output")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.building = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+            self.building = building_folder(target)
         except OSError as error:
             raise UserError(f"cannot write into {target.parent}: {error.strerror}; choose another --output") from None
         (self.building / "masks").mkdir()

@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -587,8 +588,12 @@ def test_a_run_killed_at_random_points_resumes_to_the_same_end(train_clean, sigt
         killed.append([event, round(delay, 2), *left])
     print("kills (where, delay in s, what was left):", killed)
     assert len(killed) >= 3, f"the run ended before most kills; these landed: {killed}"
+    cut_short = tmp_path / ".2D_Nerve_Segmentation.pt.x1y2z3.tmp"  # what a kill while publishing leaves
+    cut_short.write_bytes(b"half a checkpoint")
+    (tmp_path / ".notes.tmp").write_text("not ours")
     final = run_script("train.py", "--resume", "--run-name", "chain", "--quiet", cwd=tmp_path)
     assert final.returncode == 0, final.stderr
+    assert not cut_short.exists() and (tmp_path / ".notes.tmp").read_text() == "not ours"
     assert [row["epoch"] for row in read_metrics(run)] == ["1", "2", "3"]
     assert read_torch_file(run / "last.pt")["epoch"] == 3 and not list(run.glob(".*.tmp"))
     model, checkpoint = load_checkpoint(tmp_path / "2D_Nerve_Segmentation.pt")
@@ -779,6 +784,21 @@ def test_a_full_disk_keeps_the_previous_file_and_leaves_no_temporary_file(writer
     assert str(caught.value) == f"cannot write {target}: {NO_SPACE}; {target} was left as it was"
     assert target.read_bytes() == b"the previous, complete file"
     assert [p.name for p in tmp_path.iterdir()] == [target.name], "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_and_folders_get_the_usual_permissions(umask, tmp_path):
+    """Not mkstemp's 0600 and mkdtemp's 0700: others in a shared project can read the results."""
+    previous = os.umask(umask)
+    try:
+        for name, write in WRITERS.items():
+            write(tmp_path / f"out.{name}")
+        folder = files.building_folder(tmp_path / "clean")
+    finally:
+        os.umask(previous)
+    for name in WRITERS:
+        assert stat.S_IMODE((tmp_path / f"out.{name}").stat().st_mode) == 0o666 & ~umask, name
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
 
 
 def test_a_full_disk_at_fsync_keeps_the_previous_file(tmp_path, monkeypatch):

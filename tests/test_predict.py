@@ -1,12 +1,14 @@
 """Stage 3: predict.py, the run-length encoding, the submission and the post-processing."""
 
 import csv
+import stat
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from nerveseg.files import current_umask
 from nerveseg.postprocess import THRESHOLDS, choose, tuning_scores, upsample
 from nerveseg.rle import rle_decode, rle_encode
 from tests.conftest import KAGGLE_SAMPLE, needs_kaggle_sample, run_script
@@ -64,6 +66,9 @@ def test_prediction_writes_a_valid_submission_masks_and_a_picture(trained_run, t
         assert mask.shape == (420, 580) and set(np.unique(mask)) <= {0, 255}
         assert rle_encode(mask) == row["pixels"]
     assert (trained_run / "Images" / "predictions.png").stat().st_size > 10_000
+    umask = current_umask()
+    assert stat.S_IMODE((trained_run / "predictions").stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
+    assert stat.S_IMODE((trained_run / "predictions" / "submission.csv").stat().st_mode) == 0o666 & ~umask
 
 
 def test_masks_give_the_dice_and_other_image_sizes_work(trained_run, tmp_path):
