@@ -315,7 +315,8 @@ def sigterm_run(train_clean, tmp_path_factory) -> types.SimpleNamespace:
     data_hashes = tree_hashes(train_clean)
     process = start_training(work, "--run-name", "term", data=train_clean)
     output = wait_for(process, 1)
-    time.sleep(0.2)  # inside epoch 2
+    epoch_seconds = float(re.search(r", ([\d.]+) s$", output.rstrip())[1])
+    time.sleep(max(epoch_seconds / 4, 0.02))  # inside epoch 2, on a fast machine or a slow one
     process.send_signal(signal.SIGTERM)
     output += process.communicate(timeout=120)[0]
     stopped = re.search(r"interrupted in epoch (\d+)", output)
