@@ -410,7 +410,7 @@ def training_step(device: torch.device, amp: bool, batch_size: int, compiled: bo
     optimizer = torch.optim.Adam(model.parameters(), lr=TRAIN["LEARNING_RATE"], weight_decay=TRAIN["WEIGHT_DECAY"])
 
     micro_batch = micro_batch_size(TRAIN["MICRO_BATCH_SIZE"], batch_size, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # train.py scales only float16, not bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # no loss scaling: fp32 and bfloat16 need none
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
