@@ -14,15 +14,20 @@ It is built in a temporary folder beside the target and swapped in only when com
 
 import concurrent.futures
 import csv
+import functools
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import zipfile
+import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -43,7 +48,7 @@ TEST_COLUMNS = ["id", "image", "kept", "reason"]
 DUPLICATE_POLICIES = ("drop-empty", "drop-both", "keep")
 FORMAT_VERSION = 1
 
-_cache = ArchiveCache()  # one per worker process
+_cache = ArchiveCache()  # the archives this process reads from (each process opens its own)
 
 
 @dataclass
@@ -88,7 +93,11 @@ def decode_gray8(data: bytes, name: str) -> tuple[np.ndarray, str]:
 
 def read_unique(locators: list[Locator], name: str) -> tuple[bytes, str]:
     """The bytes of a file found once, or found several times with the same content."""
-    contents = {_cache.read(locator) for locator in locators}
+    try:
+        contents = {_cache.read(locator) for locator in locators}
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        reason = f"{type(error).__name__}: {error}"
+        return b"", f"{name} cannot be read ({reason}); the download may be damaged: re-download it"
     if len(contents) > 1:
         places = ", ".join(locator.describe() for locator in locators)
         return b"", f"{name} was found {len(locators)} times with different content ({places}); keep only the right one"
@@ -233,20 +242,45 @@ def apply_duplicate_policy(found: list[tuple[PairResult, PairResult, float]], po
             result.reason = f"contradictory near-duplicate of {result.duplicate_of} (--duplicates {policy})"
 
 
-def run_parallel(function, jobs: list, workers: int, description: str, quiet: bool) -> list:
-    """Map `function` over `jobs` in worker processes, in order, with a progress bar."""
+def run_job(function: Callable, job: tuple, name: str) -> Any:
+    """`function(job)`, with an unforeseen failure turned into one line that names the file and what to do."""
+    try:
+        return function(job)
+    except UserError:
+        raise
+    except Exception as error:
+        raise UserError(
+            f"verifying {name} failed unexpectedly ({type(error).__name__}: {str(error)[:200]}). Run again with "
+            "--workers 1; if it fails again, the file is damaged (re-download it) or this is a bug (report this line)"
+        ) from None
+
+
+def run_parallel(function: Callable, jobs: list, names: list[str], workers: int, description: str,
+                 quiet: bool) -> list:
+    """Map `function` over `jobs` (each about the file in `names`) in worker processes, in order, with a bar.
+
+    Workers are forked: they get the jobs by pickling, and open their own archives (see ArchiveCache).
+    Chunks are small enough that every worker gets some of the jobs, even with a few dozen.
+    """
     bar = tqdm(total=len(jobs), desc=description, unit="file", disable=quiet or None, leave=False)
-    if workers <= 1:
-        results = []
-        for job in jobs:
-            results.append(function(job))
+    results = []
+    if workers <= 1 or len(jobs) <= 1:
+        for job, name in zip(jobs, names, strict=True):
+            results.append(run_job(function, job, name))
             bar.update()
+        _cache.close()
     else:
-        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-            results = []
-            for result in pool.map(function, jobs, chunksize=64):
-                results.append(result)
-                bar.update()
+        chunk = max(1, min(64, len(jobs) // (4 * workers)))
+        try:
+            with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+                for result in pool.map(functools.partial(run_job, function), jobs, names, chunksize=chunk):
+                    results.append(result)
+                    bar.update()
+        except concurrent.futures.process.BrokenProcessPool:
+            raise UserError(
+                f"a worker process died while verifying the {description} (out of memory, or killed); run again "
+                "with --workers 1, or with fewer workers"
+            ) from None
     bar.close()
     return results
 
@@ -313,9 +347,9 @@ def clean_download(download: Download, output: Path, options: CleaningOptions, o
             )
     rle_rows = None
     if download.train_masks_csv is not None:
-        rle_rows = parse_train_masks_csv(
-            read_csv_text(download.train_masks_csv, _cache), download.train_masks_csv.describe()
-        )
+        with ArchiveCache() as cache:  # closed before any worker starts: no open archive crosses a fork
+            text = read_csv_text(download.train_masks_csv, cache)
+        rle_rows = parse_train_masks_csv(text, download.train_masks_csv.describe())
     try:
         building = building_folder(output)
     except OSError as error:
@@ -327,7 +361,8 @@ def clean_download(download: Download, output: Path, options: CleaningOptions, o
             (building / folder).mkdir()
         workers = options.workers or os.cpu_count() or 1
         jobs, results = pair_jobs(download, rle_rows, building)
-        results += run_parallel(verify_pair, jobs, workers, "training pairs", options.quiet)
+        names = [(job[2] or job[3])[0].describe() for job in jobs]
+        results += run_parallel(verify_pair, jobs, names, workers, "training pairs", options.quiet)
         test_jobs = []
         for name, locators in sorted(download.test.items(), key=lambda item: natural_key(item[0])):
             match = TEST_NAME.match(name)
@@ -336,7 +371,8 @@ def clean_download(download: Download, output: Path, options: CleaningOptions, o
             else:
                 reason = f"{locators[0].describe()}: test image name is not <n>.tif"
                 results.append(PairResult(name, -1, -1, reason=reason))
-        tests = run_parallel(verify_test_image, test_jobs, workers, "test images", options.quiet)
+        names = [job[1][0].describe() for job in test_jobs]
+        tests = run_parallel(verify_test_image, test_jobs, names, workers, "test images", options.quiet)
         if rle_rows is not None:
             found_ids = {r.id for r in results}
             for missing in sorted(rle_rows.keys() - found_ids, key=natural_key):

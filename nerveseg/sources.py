@@ -11,6 +11,7 @@ absolute path, a ``..`` component or a symbolic link is refused as a whole.
 """
 
 import io
+import os
 import shutil
 import stat
 import tempfile
@@ -37,18 +38,41 @@ class Locator:
 
 
 class ArchiveCache:
-    """Open zip archives once per process and read members from them."""
+    """Zip archives opened on first use and kept open, each process with its own.
+
+    An open archive must never be used across a process boundary: a forked worker shares its parent's
+    file offset (one open file description) but keeps its own copy of the read buffer, so processes
+    reading one archive move each other's offset and decompress the wrong bytes ("invalid distance too
+    far back"). So the cache remembers the process that opened its archives; in any other process it
+    closes the inherited copies unused and opens the archives anew.
+    """
 
     def __init__(self) -> None:
         self.archives: dict[str, zipfile.ZipFile] = {}
+        self.owner = os.getpid()
 
     def read(self, locator: Locator) -> bytes:
         """The bytes of the file that `locator` points to."""
         if not locator.member:
             return Path(locator.path).read_bytes()
+        if self.owner != os.getpid():  # inherited through fork: the parent's handles, not ours
+            self.close()
+            self.owner = os.getpid()
         if locator.path not in self.archives:
             self.archives[locator.path] = zipfile.ZipFile(locator.path)
         return self.archives[locator.path].read(locator.member)
+
+    def close(self) -> None:
+        """Close every archive (in this process only: other processes' copies are not affected)."""
+        for archive in self.archives.values():
+            archive.close()
+        self.archives.clear()
+
+    def __enter__(self) -> "ArchiveCache":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 @dataclass

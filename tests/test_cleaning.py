@@ -1,6 +1,7 @@
 """Stage 1: data_cleaning.py on every form of the download, its checks, its policies, its safety."""
 
 import csv
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -306,3 +307,161 @@ def test_zip_reader_never_writes_entries(tmp_path):
         out.writestr("train/1_1.tif", b"data")
     assert ArchiveCache().read(Locator(str(archive), "train/1_1.tif")) == b"data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]
+
+
+# Archives read by several worker processes at once (issue: the Kaggle CLI zip crashed the default run).
+# The Kaggle CLI writes sample_submission.csv and train_masks.csv first, then test/ and train/: the parent
+# read the CSV, and the workers it forked then shared its file offset and read each other's bytes. These
+# orders put the CSVs before, between and after the images; each is cleaned by several workers at once.
+MEMBER_ORDERS = {
+    "kaggle-cli": ("sample_submission.csv", "train_masks.csv", "test/", "train/"),
+    "train-first": ("train/", "test/", "train_masks.csv", "sample_submission.csv"),
+    "csv-between": ("test/", "train_masks.csv", "train/", "sample_submission.csv"),
+}
+
+
+def zip_in_order(download: Path, archive: Path, order: tuple[str, ...]) -> None:
+    """Zip a download with deflate, as the Kaggle CLI does, its members grouped in `order`."""
+    files = sorted(p.relative_to(download).as_posix() for p in download.rglob("*") if p.is_file())
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        for group in order:
+            for name in files:
+                if name == group or (group.endswith("/") and name.startswith(group)):
+                    out.write(download / name, name)
+
+
+def clean_in_process(source: Path, output: Path, workers: int) -> dict[str, str]:
+    """Clean `source` with `workers` processes (0: the default, one per core); the clean copy's hashes."""
+    from nerveseg.cleaning import CleaningOptions, clean_download
+    from nerveseg.sources import find_download, scratch_folder
+
+    with scratch_folder() as scratch:
+        download = find_download(source, Path(scratch))
+        clean_download(download, output, CleaningOptions(workers=workers, quiet=True), overwrite=False)
+    hashes = tree_hashes(output)
+    hashes.pop("cleaning.json")  # names the source
+    return hashes
+
+
+@pytest.fixture(scope="module")
+def medium_download(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic download of 240 pairs and 60 test images: several chunks of work for every worker."""
+    from nerveseg import synthetic
+
+    root = tmp_path_factory.mktemp("medium") / "download"
+    spec = synthetic.SyntheticSpec(n_subjects=8, frames_per_subject=30, n_test=60, n_contradictions=3, seed=5)
+    synthetic.write_kaggle_download(root, spec, workers=2)
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_zips_in_any_member_order_clean_like_the_folders_with_several_workers(medium_download, tmp_path, workers):
+    expected = clean_in_process(medium_download, tmp_path / "clean-folders", workers=1)
+    assert sum(name.startswith("images/") for name in expected) > 200
+    for order_name, order in MEMBER_ORDERS.items():
+        archive = tmp_path / order_name / "ultrasound-nerve-segmentation.zip"
+        zip_in_order(medium_download, archive, order)
+        assert clean_in_process(archive.parent, tmp_path / f"clean-{order_name}", workers) == expected, order_name
+    # A zip of inner zips (train.zip, test.zip, the CSVs zipped on their own), the CSV zips first.
+    inner = tmp_path / "inner"
+    for name in ("train", "test"):
+        zip_in_order(medium_download, inner / f"{name}.zip", (f"{name}/",))
+    for name in ("sample_submission.csv", "train_masks.csv"):
+        zip_in_order(medium_download, inner / f"{name}.zip", (name,))
+    nested = tmp_path / "nested" / "ultrasound-nerve-segmentation.zip"
+    nested.parent.mkdir()
+    with zipfile.ZipFile(nested, "w", zipfile.ZIP_DEFLATED) as out:
+        for name in ("sample_submission.csv.zip", "train_masks.csv.zip", "test.zip", "train.zip"):
+            out.write(inner / name, name)
+    assert clean_in_process(nested.parent, tmp_path / "clean-nested", workers) == expected
+    assert clean_in_process(inner, tmp_path / "clean-inner", workers) == expected
+
+
+def pack_real_sample_as_the_kaggle_cli(archive: Path, order: tuple[str, ...]) -> Path:
+    """The real sample as a download: train/, train_masks.csv, a test/ of its images renamed <n>.tif, and a
+    sample_submission.csv; zipped in `order`. Returns the unzipped folder too."""
+    folder = archive.parent / "unzipped"
+    shutil.copytree(KAGGLE_SAMPLE / "train", folder / "train")
+    shutil.copy(KAGGLE_SAMPLE / "train_masks.csv", folder / "train_masks.csv")
+    (folder / "test").mkdir()
+    images = sorted(p for p in (KAGGLE_SAMPLE / "train").glob("*.tif") if not p.stem.endswith("_mask"))
+    for number, path in enumerate(images, 1):
+        shutil.copy(path, folder / "test" / f"{number}.tif")
+    (folder / "sample_submission.csv").write_text("img,pixels\n" + "".join(f"{n},1 1\n" for n in range(1, 56)))
+    zip_in_order(folder, archive, order)
+    return folder
+
+
+@needs_kaggle_sample
+def test_the_real_sample_zipped_by_the_kaggle_cli_cleans_with_the_default_workers(tmp_path):
+    archive = tmp_path / "data" / "ultrasound-nerve-segmentation.zip"
+    folder = pack_real_sample_as_the_kaggle_cli(archive, MEMBER_ORDERS["kaggle-cli"])
+    shutil.move(folder, tmp_path / "unzipped")
+    result = run_script("data_cleaning.py", "--quiet", cwd=tmp_path)  # exactly what a new user runs
+    assert result.returncode == 0, result.stderr
+    assert "53 pairs kept" in result.stdout and "55 kept" in result.stdout
+    expected = clean_in_process(tmp_path / "unzipped", tmp_path / "clean-folders", workers=1)
+    produced = tree_hashes(tmp_path / "data" / "clean")
+    produced.pop("cleaning.json")
+    assert produced == expected
+    for order_name, order in MEMBER_ORDERS.items():
+        other = tmp_path / order_name / "ultrasound-nerve-segmentation.zip"
+        zip_in_order(tmp_path / "unzipped", other, order)
+        assert clean_in_process(other.parent, tmp_path / f"clean-{order_name}", workers=2) == expected, order_name
+
+
+def test_an_archive_opened_before_a_fork_is_not_used_by_the_child(tmp_path):
+    """The child opens its own handle: reading in the parent and the child at once cannot interfere."""
+    from nerveseg.sources import ArchiveCache, Locator
+
+    archive = tmp_path / "a.zip"
+    with zipfile.ZipFile(archive, "w") as out:
+        out.writestr("x", b"data")
+    cache = ArchiveCache()
+    assert cache.read(Locator(str(archive), "x")) == b"data"
+    inherited = cache.archives[str(archive)]
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child reports whether it used the parent's handle
+        same = cache.read(Locator(str(archive), "x")) == b"data" and cache.archives[str(archive)] is inherited
+        os.write(write, b"shared" if same else b"own")
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert os.read(read, 16) == b"own"
+    assert cache.archives[str(archive)] is inherited and not inherited.fp.closed  # the parent's stays usable
+    cache.close()
+
+
+def test_an_unforeseen_failure_in_a_worker_is_one_line_naming_the_file(tiny_download, tmp_path, monkeypatch):
+    from nerveseg import cleaning
+
+    def broken(pixels):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(cleaning, "thumbnail_feature", broken)  # forked workers inherit the patch
+    with pytest.raises(cleaning.UserError) as caught:
+        clean_in_process(tiny_download[0], tmp_path / "clean", workers=2)
+    message = str(caught.value)
+    assert "verifying" in message and "_mask.tif" not in message.split(" failed")[0]
+    assert "train/1_1.tif" in message or ".tif" in message
+    assert "MemoryError: simulated" in message and "--workers 1" in message
+    assert not (tmp_path / "clean").exists()
+
+
+def test_a_damaged_member_is_named_and_skipped(tiny_download, tmp_path):
+    archive = tmp_path / "src" / "ultrasound-nerve-segmentation.zip"
+    zip_in_order(tiny_download[0], archive, MEMBER_ORDERS["kaggle-cli"])
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as opened:
+        info = opened.getinfo("train/1_2.tif")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 10
+    data[start : start + 20] = bytes(20)  # damage the compressed bytes of one member
+    archive.write_bytes(bytes(data))
+    result = run_script("data_cleaning.py", "--source", str(archive.parent), "--output", "clean", "--quiet",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "train/1_2.tif cannot be read" in result.stderr and "re-download" in result.stderr
+    assert "Traceback" not in result.stderr
+    manifest = read_manifest(tmp_path / "clean")
+    assert manifest["1_2"]["kept"] == "0" and manifest["1_1"]["kept"] == "1"
