@@ -4,13 +4,16 @@
     python predict.py --input my_scans/ --output out/   # any folder of TIFF, PNG or JPEG images
     python predict.py --input data/clean/images --masks data/clean/masks   # also report the Dice
 
-Writes OUTPUT/masks/<name>.png (0/255, each image's own size), OUTPUT/submission.csv (Kaggle format)
-and a picture of a few predictions in PICTURES. The post-processing chosen on the validation subjects
-at the end of training (threshold, largest component, minimum area) is read from the checkpoint.
+Writes OUTPUT/masks/<name>.png (0/255, each image's own size), OUTPUT/submission.csv (Kaggle format),
+OUTPUT/images.csv (per image: the presence probability, the mask's area, the Dice where a truth is given,
+or why the file was skipped) and a picture of a few predictions in PICTURES. The rule chosen on the
+validation subjects at the end of training (presence threshold, threshold, largest component, minimum
+area) is read from the checkpoint. An unreadable file is skipped and named, unless --strict.
 """
 
 # %% Import useful libraries
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,11 +27,11 @@ from nerveseg.checkpoint import load_checkpoint
 from nerveseg.data import list_images
 from nerveseg.distributed import choose_device
 from nerveseg.errors import UserError, exit_on_user_error
-from nerveseg.evaluation import autocast, collate_keep_sizes
+from nerveseg.evaluation import autocast, collate_keep_sizes, presence_probabilities
 from nerveseg.files import write_csv
-from nerveseg.inference import OutputFolder, ReadableDataset, find_truth, pick_examples, raise_read_errors
+from nerveseg.inference import OutputFolder, ReadableDataset, find_truth, pick_examples
 from nerveseg.memory import keep_freed_memory
-from nerveseg.metrics import DiceTally, kaggle_dice
+from nerveseg.metrics import DiceTally, describe_scores, kaggle_dice
 from nerveseg.pictures import plot_predictions
 from nerveseg.postprocess import PostProcessing, to_mask, upsample
 from nerveseg.rle import rle_encode
@@ -49,6 +52,7 @@ BATCH_SIZE = 64  # images per forward pass
 DEVICE = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N
 NUM_WORKERS = -1  # processes reading images while the model runs (0: none; -1: one a spare core, up to 4)
 AMP = True  # mixed precision on CUDA (ignored on CPU)
+STRICT = False  # stop at the first unreadable image instead of skipping it and naming it in the summary
 QUIET = False  # no progress bar
 # -----------------------------------------------------------------------------
 exit_on_user_error("predict.py")
@@ -75,26 +79,46 @@ output = OutputFolder(Path(OUTPUT))
 print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} (epoch {checkpoint['epoch']}) on {device}")
 
 # %% Segment: network at its own size, then each mask back at its image's size
-rows, tally, examples = [], DiceTally(), []
+IMAGE_COLUMNS = ["img", "file", "presence", "mask_area", "dice", "skipped_because"]
+rows, image_rows, tally, examples = [], [], DiceTally(), []
 with torch.no_grad():
     for batch in tqdm(loader, desc="predicting", unit="batch", disable=QUIET or None):
-        raise_read_errors(batch)
+        readable = [index for index, error in enumerate(batch["error"]) if not error]
+        for index in sorted(set(range(len(batch["id"]))) - set(readable)):
+            if STRICT:
+                raise UserError(f"{batch['error'][index]} (--strict); remove or replace it")
+            image_rows.append({"img": batch["id"][index], "file": batch["image_path"][index],
+                               "skipped_because": batch["error"][index].split(": ", 1)[1]})
+        if not readable:
+            continue
         with autocast(device, AMP):
-            logits = model(network_input(batch["image"].to(device)))
-        sizes = [tuple(size.tolist()) for size in batch["original_size"]]
-        for name, probability in zip(batch["id"], upsample(torch.sigmoid(logits.float()), sizes), strict=True):
-            mask = to_mask(probability, post)
+            mask_logits, presence_logits = model(network_input(batch["image"][readable].to(device)))
+        sizes = [tuple(batch["original_size"][index].tolist()) for index in readable]
+        probabilities = upsample(torch.sigmoid(mask_logits.float()), sizes)
+        presences = presence_probabilities(presence_logits, len(readable))
+        for index, probability, presence in zip(readable, probabilities, presences, strict=True):
+            name = batch["id"][index]
+            mask = to_mask(probability, presence, post)
             output.write_mask(name, mask)
             rows.append({"img": name, "pixels": rle_encode(mask)})
+            image_row = {"img": name, "file": batch["image_path"][index], "presence": f"{presence:.4f}",
+                         "mask_area": int(np.count_nonzero(mask))}
             if name in truths:
                 truth = torch.as_tensor(truths[name]()).bool()[None, None]
-                tally.add(kaggle_dice(torch.as_tensor(mask)[None, None], truth), ~truth.flatten(1).any(1))
+                dice = kaggle_dice(torch.as_tensor(mask)[None, None], truth)
+                tally.add(dice, ~truth.flatten(1).any(1), torch.tensor([not mask.any()]))
+                image_row["dice"] = f"{float(dice[0]):.4f}"
+            image_rows.append(image_row)
 
 # %% Submission, pictures and the Dice
+if not rows:
+    raise UserError(f"no image of {INPUT} could be read; the first: {image_rows[0]['file']}: "
+                    f"{image_rows[0]['skipped_because']}")
 write_csv(output.building / "submission.csv", rows, ["img", "pixels"])
+write_csv(output.building / "images.csv", image_rows, IMAGE_COLUMNS)
 output.finish()
 predicted = {row["img"]: row["pixels"] for row in rows}
-for item in pick_examples(items, predicted, NUM_PICTURES):
+for item in pick_examples([item for item in items if item["id"] in predicted], predicted, NUM_PICTURES):
     name = item["id"]
     image = np.asarray(Image.open(item["image"]).convert("L"))
     mask = np.asarray(Image.open(Path(OUTPUT, "masks", f"{name}.png"))) > 0
@@ -113,10 +137,13 @@ print(
     f"wrote {len(rows)} masks to {OUTPUT}/masks, {OUTPUT}/submission.csv and {picture} in {seconds:.1f} s "
     f"({len(rows) / seconds:.1f} images/s)"
 )
+skipped = [row for row in image_rows if row.get("skipped_because")]
+if skipped:
+    print(f"skipped {len(skipped)} unreadable file(s), listed in {OUTPUT}/images.csv and left out of the "
+          "submission:", file=sys.stderr)
+    for row in skipped[:20]:
+        print(f"  {row['file']}: {row['skipped_because']}", file=sys.stderr)
 if tally.count_empty + tally.count_nonempty:
     scores = tally.summary()
-    print(
-        f"Kaggle Dice on {scores['images']} images with truth masks: {scores['dice']:.4f} "
-        f"(no nerve: {scores['dice_empty']:.4f} on {tally.count_empty}, nerve: {scores['dice_nonempty']:.4f} "
-        f"on {tally.count_nonempty})"
-    )
+    print(f"Kaggle {describe_scores(scores)} on {scores['images']} images with truth masks; all-empty baseline "
+          f"{tally.count_empty / scores['images']:.4f}")

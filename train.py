@@ -19,9 +19,7 @@ from pathlib import Path
 import monai
 import torch
 from monai.data import CacheDataset, DataLoader, ThreadDataLoader
-from monai.losses import DiceCELoss
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from nerveseg import distributed
@@ -31,11 +29,18 @@ from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.evaluation import collate_keep_sizes, evaluate
 from nerveseg.files import write_csv, write_json
 from nerveseg.memory import keep_freed_memory
+from nerveseg.metrics import describe_scores
 from nerveseg.model import build_model, model_config, set_output_prior, size_multiple
 from nerveseg.pictures import plot_training_curves
-from nerveseg.postprocess import PostProcessing, choose
+from nerveseg.postprocess import choose, default_postprocessing
 from nerveseg.settings import parse_settings, settings_to_json
-from nerveseg.training import backward_in_micro_batches, micro_batch_size
+from nerveseg.training import (
+    EpochSampler,
+    SegmentationLoss,
+    automatic_batch_size,
+    backward_in_micro_batches,
+    micro_batch_size,
+)
 from nerveseg.transforms import BatchAugment, load_transforms, network_input
 
 # %% Settings
@@ -57,11 +62,13 @@ CHANNELS = (16, 32, 64, 128, 256)  # UNet feature channels per level
 STRIDES = (2, 2, 2, 2)  # UNet down-sampling per level (image sides must be multiples of their product)
 NUM_RES_UNITS = 2  # residual units per UNet block
 DROPOUT = 0.0  # dropout in the UNet blocks
+PRESENCE_WEIGHT = 0.5  # weight of the image-level "is the target there at all" loss (0: no presence output)
 # Optimisation
-BATCH_SIZE = 128  # training images per step and per process (global batch = this x processes)
+BATCH_SIZE = 0  # training images per step and process (0: 128, fewer on small data sets, down to 16)
 MICRO_BATCH_SIZE = 0  # images per forward/backward pass, gradients summed up to BATCH_SIZE (0: 64 on CPU, all on GPU)
 VAL_BATCH_SIZE = 64  # validation images per forward pass and per process
-MAX_EPOCHS = 60  # passes over the training images
+MAX_EPOCHS = 60  # passes over the training images (each at least MIN_STEPS_PER_EPOCH steps)
+MIN_STEPS_PER_EPOCH = 32  # a small data set is passed over again within an epoch until this many steps
 VAL_INTERVAL = 1  # validate every this many epochs (and always after the last one)
 LEARNING_RATE = 2e-3  # Adam's peak learning rate (not scaled with the number of processes: see README)
 WEIGHT_DECAY = 1e-5  # Adam's weight decay
@@ -115,10 +122,16 @@ else:
     if (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run; use --resume to continue it or another --run-name")
 image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)
-config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT)
+config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT, presence=PRESENCE_WEIGHT > 0)
 multiple = size_multiple(config)
-if BATCH_SIZE < 1 or VAL_BATCH_SIZE < 1 or MAX_EPOCHS < 1 or VAL_INTERVAL < 1:
-    raise UserError("--batch-size, --val-batch-size, --max-epochs and --val-interval must be at least 1")
+if BATCH_SIZE < 0:
+    raise UserError(f"--batch-size must be 0 (automatic) or more, not {BATCH_SIZE}")
+if VAL_BATCH_SIZE < 1 or MAX_EPOCHS < 1 or VAL_INTERVAL < 1 or MIN_STEPS_PER_EPOCH < 1:
+    raise UserError(
+        "--val-batch-size, --max-epochs, --val-interval and --min-steps-per-epoch must be at least 1"
+    )
+if PRESENCE_WEIGHT < 0:
+    raise UserError(f"--presence-weight must be 0 (no presence output) or more, not {PRESENCE_WEIGHT}")
 if MICRO_BATCH_SIZE < 0:
     raise UserError(f"--micro-batch-size must be 0 (automatic) or more, not {MICRO_BATCH_SIZE}")
 if not 0 < LEARNING_RATE < math.inf or WEIGHT_DECAY < 0 or not 0 <= DROPOUT < 1 or NUM_WORKERS < 0:
@@ -158,30 +171,38 @@ print0(
 augment = BatchAugment(ROTATE_DEGREES, SCALE, SHIFT, FLIP_PROB, INTENSITY_PROB)
 my_train_items = partition(train_items, process.rank, process.world_size, pad=True)  # cache only this share
 my_val_items = partition(val_items, process.rank, process.world_size, pad=False)
+# Small data sets get enough optimiser steps: a smaller automatic batch, and epochs of at least a set number
+# of steps (the competition's 4,500 training images: batch 128, 36 steps, one pass, as before).
+batch_size = BATCH_SIZE or automatic_batch_size(len(my_train_items), MIN_STEPS_PER_EPOCH)
+epoch_length = max(len(my_train_items), MIN_STEPS_PER_EPOCH * batch_size)
 show_progress = not quiet and sys.stderr.isatty()
 train_ds = CacheDataset(my_train_items, load_transforms(image_size, True), progress=show_progress, copy_cache=False)
 val_ds = CacheDataset(my_val_items, load_transforms(image_size, True, keep_full_label=True), progress=show_progress)
 # The sampler makes each epoch's order a function of (SEED, epoch): a resumed run sees the same batches.
-sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=SEED)
+sampler = EpochSampler(len(train_ds), epoch_length, SEED)
 # ThreadDataLoader assembles the next batch in a background thread while the device works on this one.
 train_loader = ThreadDataLoader(
-    train_ds, batch_size=BATCH_SIZE, sampler=sampler, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes
+    train_ds, batch_size=batch_size, sampler=sampler, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes
 )
 val_loader = DataLoader(val_ds, batch_size=VAL_BATCH_SIZE, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes)
 
 # %% Model, loss, optimiser and learning-rate schedule
 model = build_model(config)
-set_output_prior(model, sum(i["mask_fraction"] for i in train_items) / len(train_items))
+set_output_prior(
+    model,
+    foreground_fraction=sum(i["mask_fraction"] for i in train_items) / len(train_items),
+    present_fraction=sum(not i["empty"] for i in train_items) / len(train_items),
+)
 model.to(process.device)
 if state is not None:
     model.load_state_dict(state["model"])
 network = torch.compile(model, dynamic=False) if COMPILE else model
 trained = DistributedDataParallel(network) if process.world_size > 1 else network
-# Dice over the whole batch (batch=True) plus cross-entropy: it does not collapse on the many empty masks.
-loss_function = DiceCELoss(sigmoid=True, batch=True)
+# Dice over the whole batch plus cross-entropy (it does not collapse on the many empty masks), plus presence.
+loss_function = SegmentationLoss(PRESENCE_WEIGHT)
 optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 steps_per_epoch = len(train_loader)
-micro_batch = micro_batch_size(MICRO_BATCH_SIZE, BATCH_SIZE, process.device)
+micro_batch = micro_batch_size(MICRO_BATCH_SIZE, batch_size, process.device)
 METRICS_COLUMNS = [
     "epoch",
     "train_loss",
@@ -189,6 +210,7 @@ METRICS_COLUMNS = [
     "val_dice",
     "val_dice_empty",
     "val_dice_nonempty",
+    "val_presence_accuracy",
     "all_empty_baseline",
     "lr",
     "train_seconds",
@@ -257,8 +279,8 @@ signal.signal(signal.SIGTERM, stop_on_sigterm)
 
 # %% Train the model
 print0(
-    f"training on {process.device} x {process.world_size}, {steps_per_epoch} steps of {BATCH_SIZE} per epoch"
-    f"{f' ({micro_batch} images a pass)' if micro_batch < BATCH_SIZE else ''}; "
+    f"training on {process.device} x {process.world_size}, {steps_per_epoch} steps of {batch_size} per epoch"
+    f"{f' ({micro_batch} images a pass)' if micro_batch < batch_size else ''}; "
     f"writing {run_dir}"
 )
 epoch = start_epoch
@@ -277,7 +299,9 @@ try:
             labels = batch["label"].to(process.device, non_blocking=True).float()
             images, labels = augment(images, labels, generator)
             optimizer.zero_grad(set_to_none=True)
-            loss = backward_in_micro_batches(trained, loss_function, images, labels, micro_batch, scaler, AMP)
+            loss = backward_in_micro_batches(
+                trained, loss_function, images, labels, micro_batch=micro_batch, scaler=scaler, amp=AMP
+            )
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -286,7 +310,7 @@ try:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         train_seconds = time.perf_counter() - started
         totals = distributed.all_reduce_sum(
-            torch.stack([loss_sum.cpu(), torch.tensor(len(train_ds), dtype=torch.float64)]), process
+            torch.stack([loss_sum.cpu(), torch.tensor(epoch_length, dtype=torch.float64)]), process
         )
         train_loss = float(totals[0] / totals[1])
         if not math.isfinite(train_loss):
@@ -306,17 +330,21 @@ try:
             "train_seconds": round(train_seconds, 3),
         }
         if epoch % VAL_INTERVAL == 0 or epoch == MAX_EPOCHS:
-            metrics, _ = evaluate(network, val_loader, loss_function, process, AMP, quiet=quiet)
-            row |= {
-                "val_loss": round(metrics["loss"], 5),
-                "val_dice": round(metrics["dice"], 5),
-                "val_dice_empty": round(metrics["dice_empty"], 5),
-                "val_dice_nonempty": round(metrics["dice_nonempty"], 5),
-                "all_empty_baseline": round(metrics["all_empty_baseline"], 5),
+            metrics, _ = evaluate(network, val_loader, loss_function, process, amp=AMP, quiet=quiet)
+            row |= {  # blank where the validation subjects have no such images
+                f"val_{key}" if key != "all_empty_baseline" else key: "" if value is None else round(value, 5)
+                for key, value in metrics.items()
+                if key in ("loss", "dice", "dice_empty", "dice_nonempty", "presence_accuracy", "all_empty_baseline")
             }
             if best is None or metrics["dice"] > best["metrics"]["dice"]:  # every process keeps the best in memory
                 best = make_checkpoint(
-                    model, config, preprocessing, PostProcessing().as_dict(), saved_settings, epoch, metrics
+                    model,
+                    model_config=config,
+                    preprocessing=preprocessing,
+                    postprocessing=default_postprocessing(has_presence=PRESENCE_WEIGHT > 0).as_dict(),
+                    settings=saved_settings,
+                    epoch=epoch,
+                    metrics=metrics,
                 )
                 if process.is_main:
                     save_torch(run_dir / "best.pt", best)
@@ -327,8 +355,8 @@ try:
             write_csv(run_dir / "metrics.csv", history, METRICS_COLUMNS)
             plot_training_curves(history, run_dir / "curves.png")
         dice_text = (
-            f", val loss {row['val_loss']:.4f}, Dice {row['val_dice']:.4f} (empty {row['val_dice_empty']:.3f}, "
-            f"nerve {row['val_dice_nonempty']:.3f}; all-empty baseline {row['all_empty_baseline']:.3f})"
+            f", val loss {row['val_loss']:.4f}, {describe_scores(metrics)}; all-empty baseline "
+            f"{row['all_empty_baseline']:.3f}"
             if "val_dice" in row
             else ""
         )
@@ -346,7 +374,7 @@ except KeyboardInterrupt:
 except torch.cuda.OutOfMemoryError:
     raise UserError(
         f"the GPU ran out of memory in epoch {epoch}; start a new run with a smaller --micro-batch-size (now "
-        f"{micro_batch}; the same steps in slices), --batch-size (now {BATCH_SIZE}) or image size (now "
+        f"{micro_batch}; the same steps in slices), --batch-size (now {batch_size}) or image size (now "
         f"{IMAGE_HEIGHT}x{IMAGE_WIDTH})"
         + (f"; {run_dir / 'last.pt'} keeps epoch {epoch - 1}" if epoch > 1 else "")
     ) from None
@@ -354,11 +382,16 @@ except torch.cuda.OutOfMemoryError:
 # %% Choose the post-processing on the validation subjects, and publish the best model
 checkpoint = best
 model.load_state_dict(checkpoint["state_dict"])
-tuned_metrics, scores = evaluate(network, val_loader, loss_function, process, AMP, tune=True, quiet=quiet)
-post, tuned_sum, raw_sum = choose(scores)
-images = tuned_metrics["images"]
+default_metrics, scores = evaluate(network, val_loader, loss_function, process, amp=AMP, tune=True, quiet=quiet)
+post, _, _ = choose(scores, has_presence=PRESENCE_WEIGHT > 0)
+tuned_metrics, _ = evaluate(network, val_loader, loss_function, process, amp=AMP, rule=post, quiet=quiet)
 checkpoint["postprocessing"] = post.as_dict()
-checkpoint["metrics"] |= {"dice_raw": raw_sum / images, "dice_postprocessed": tuned_sum / images}
+checkpoint["metrics"] |= {
+    "dice_raw": default_metrics["dice"],
+    "dice_postprocessed": tuned_metrics["dice"],
+    "default_rule": default_metrics,
+    "postprocessed": tuned_metrics,
+}
 if process.is_main:
     save_torch(run_dir / "best.pt", checkpoint)
     save_torch(MODEL_PATH, checkpoint)
@@ -372,11 +405,15 @@ if process.is_main:
             "model_path": MODEL_PATH,
         },
     )
+presence_rule = f"presence below {post.presence_threshold} means empty, " if post.presence_threshold else ""
 print0(
-    f"best epoch {checkpoint['epoch']}: validation Dice {raw_sum / images:.4f} at threshold 0.5, "
-    f"{tuned_sum / images:.4f} with the chosen post-processing (threshold {post.threshold}, "
-    f"largest component {'on' if post.keep_largest else 'off'}, minimum area {post.min_area_fraction:.2%} "
-    f"of the image); all-empty baseline {tuned_metrics['all_empty_baseline']:.4f}.\nSaved {MODEL_PATH}; "
-    f"curves and metrics in {run_dir}"
+    f"best epoch {checkpoint['epoch']}, on the {default_metrics['images']} validation images:\n"
+    f"  default rule (threshold 0.5{', presence 0.5' if PRESENCE_WEIGHT > 0 else ''}): "
+    f"{describe_scores(default_metrics)}\n"
+    f"  chosen post-processing ({presence_rule}threshold {post.threshold}, largest component "
+    f"{'on' if post.keep_largest else 'off'}, minimum area {post.min_area_fraction:.2%} of the image): "
+    f"{describe_scores(tuned_metrics)}\n"
+    f"  all-empty baseline {tuned_metrics['all_empty_baseline']:.4f}.\n"
+    f"Saved {MODEL_PATH}; curves and metrics in {run_dir}"
 )
 distributed.stop()

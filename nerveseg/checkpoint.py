@@ -3,6 +3,11 @@
 A checkpoint is a plain dict that torch.load(..., weights_only=True) reads: no pickled objects, so
 loading a file from elsewhere cannot run code. The weights are the unwrapped model's state_dict, with
 no "module." (DistributedDataParallel) or "_orig_mod." (torch.compile) prefixes.
+
+Version 2 added the presence output (model_config["presence"]) and its rule
+(postprocessing["presence_threshold"]). A version 1 checkpoint still loads, as a model without presence:
+its config has no "presence" and its post-processing no presence threshold, so every image counts as
+possibly holding a target, exactly as that model was tuned.
 """
 
 import pickle
@@ -17,9 +22,10 @@ from torch import nn
 from nerveseg.errors import UserError
 from nerveseg.files import atomic_write
 from nerveseg.model import build_model, size_multiple
+from nerveseg.postprocess import PostProcessing
 
 FORMAT = "nerveseg-unet"
-VERSION = 1
+VERSION = 2
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -41,6 +47,7 @@ def save_torch(path: str | Path, value: Any) -> None:
 
 def make_checkpoint(
     model: nn.Module,
+    *,
     model_config: dict,
     preprocessing: dict,
     postprocessing: dict,
@@ -55,7 +62,7 @@ def make_checkpoint(
         "model_config": model_config,
         "state_dict": {name: value.detach().cpu().clone() for name, value in unwrap(model).state_dict().items()},
         "preprocessing": preprocessing,  # image_size (height, width) the network sees, intensity scaling
-        "postprocessing": postprocessing,  # threshold, keep_largest, min_area_fraction
+        "postprocessing": postprocessing,  # threshold, keep_largest, min_area_fraction, presence_threshold
         "settings": settings,
         "epoch": epoch,
         "metrics": metrics,
@@ -103,6 +110,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
             f"{path} does not match the model it describes ({'; '.join(lines[:2])}); it was damaged or edited: "
             "use the file train.py wrote, or train again"
         ) from None
+    try:
+        PostProcessing(**checkpoint["postprocessing"])
+    except TypeError as error:
+        raise UserError(f"{path} has an unknown post-processing rule ({error}); use the file train.py wrote") from None
     preprocessing, multiple = checkpoint["preprocessing"], size_multiple(checkpoint["model_config"])
     size = preprocessing.get("image_size") if isinstance(preprocessing, dict) else None
     sides = size if isinstance(size, list | tuple) and len(size) == 2 else [0]

@@ -246,7 +246,7 @@ def run_job(function: Callable, job: tuple, name: str) -> Any:
     """`function(job)`, with an unforeseen failure turned into one line that names the file and what to do."""
     try:
         return function(job)
-    except UserError:
+    except (UserError, OSError):  # explained where they are caught (a full disk stops the clean with a message)
         raise
     except Exception as error:
         raise UserError(

@@ -94,4 +94,4 @@ def list_images(folder: str | Path) -> list[dict]:
     )
     if not files:
         raise UserError(f"{folder} holds no images (.tif, .png, .jpg or .bmp); pass --input with a folder of images")
-    return [{"image": str(path), "id": path.stem} for path in files]
+    return [{"image": str(path), "image_path": str(path), "id": path.stem} for path in files]

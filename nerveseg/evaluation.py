@@ -8,7 +8,16 @@ from tqdm import tqdm
 
 from nerveseg.distributed import Process, all_reduce_sum
 from nerveseg.metrics import DiceTally, kaggle_dice
-from nerveseg.postprocess import MIN_AREA_FRACTIONS, THRESHOLDS, tuning_scores, upsample
+from nerveseg.postprocess import (
+    MIN_AREA_FRACTIONS,
+    PRESENCE_THRESHOLDS,
+    THRESHOLDS,
+    PostProcessing,
+    default_postprocessing,
+    to_mask,
+    tuning_scores,
+    upsample,
+)
 from nerveseg.transforms import network_input, unpack_mask
 
 
@@ -33,40 +42,57 @@ def evaluate(
     loader: torch.utils.data.DataLoader,
     loss_function: nn.Module,
     process: Process,
+    *,
     amp: bool,
+    rule: PostProcessing | None = None,
     tune: bool = False,
     quiet: bool = True,
 ) -> tuple[dict, torch.Tensor | None]:
-    """Validation loss and Kaggle Dice (threshold 0.5, at original size) over every process's share.
+    """Validation loss and Kaggle Dice at original size, of the masks that `rule` makes (by default threshold
+    0.5, and presence 0.5 where the model has a presence output), over every process's share.
 
     With tune=True, also the summed Dice of every post-processing choice (see postprocess.choose).
     Every process runs this on its own share; the sums are reduced, so all get the same figures.
     """
     model.eval()
     tally, loss_sum, batches = DiceTally(), 0.0, 0
-    scores = torch.zeros(2, len(THRESHOLDS), len(MIN_AREA_FRACTIONS), dtype=torch.float64) if tune else None
+    scores = None
+    if tune:
+        shape = (len(PRESENCE_THRESHOLDS), 2, len(THRESHOLDS), len(MIN_AREA_FRACTIONS))
+        scores = torch.zeros(shape, dtype=torch.float64)
     for batch in tqdm(loader, desc="validation", leave=False, disable=quiet or None):
         images = network_input(batch["image"].to(process.device))
         labels = batch["label"].to(process.device).float()
         with autocast(process.device, amp):
-            logits = model(images)
-        loss_sum += float(loss_function(logits.float(), labels)) * len(images)
+            outputs = model(images)
+        loss_sum += float(loss_function(outputs, labels)) * len(images)
         batches += len(images)
+        mask_logits, presence_logits = outputs
+        presences = presence_probabilities(presence_logits, len(images))
+        rule = rule or default_postprocessing(has_presence=presence_logits is not None)
         sizes = [tuple(size.tolist()) for size in batch["original_size"]]
-        full_size = upsample(torch.sigmoid(logits.float()), sizes)
-        for probability, bits, size in zip(full_size, batch["full_label"], sizes, strict=True):
+        full_size = upsample(torch.sigmoid(mask_logits.float()), sizes)
+        for probability, presence, bits, size in zip(full_size, presences, batch["full_label"], sizes, strict=True):
             probability, truth = probability.cpu(), unpack_mask(bits, size)
-            tally.add(kaggle_dice((probability > 0.5)[None], truth[None]), ~truth.any().reshape(1))
+            mask = torch.from_numpy(to_mask(probability, presence, rule))[None]
+            tally.add(kaggle_dice(mask[None], truth[None]), ~truth.any().reshape(1), ~mask.any().reshape(1))
             if tune:
-                scores += tuning_scores(probability, truth)
+                scores += tuning_scores(probability, presence, truth)
     totals = all_reduce_sum(
         torch.cat([tally.as_tensor(), torch.tensor([loss_sum, batches], dtype=torch.float64)]), process
     )
-    tally = DiceTally.from_tensor(totals[:4])
+    tally = DiceTally.from_tensor(totals[:5])
     metrics = tally.summary()
-    metrics["loss"] = float(totals[4] / max(float(totals[5]), 1.0))
+    metrics["loss"] = float(totals[5] / max(float(totals[6]), 1.0))
     metrics["all_empty_baseline"] = tally.count_empty / max(metrics["images"], 1)
     if tune:
         scores = all_reduce_sum(scores, process)
     model.train()
     return metrics, scores
+
+
+def presence_probabilities(presence_logits: torch.Tensor | None, count: int) -> list[float]:
+    """Each image's presence probability; 1.0 for every image of a model without a presence output."""
+    if presence_logits is None:
+        return [1.0] * count
+    return torch.sigmoid(presence_logits.float()).cpu().tolist()

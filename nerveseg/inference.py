@@ -1,6 +1,7 @@
 """Helpers of predict.py: reading images with clear errors, the output folder, truth masks, examples."""
 
 import shutil
+import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -8,19 +9,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import Dataset
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from nerveseg.errors import UserError
 from nerveseg.files import building_folder, swap_into_place
 
 MARKER = ".nerveseg-predictions"  # tells a folder of ours from a user's folder
+IMAGE_SIGNATURES = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"BM": "BMP"}
 
 
 class ReadableDataset(Dataset):
-    """A MONAI Dataset that reports an unreadable image by name instead of failing inside a worker.
+    """A MONAI Dataset that reports an unreadable image by name and reason instead of failing inside a worker.
 
     Each item carries "error" ("" when it was read); a failed item holds a blank image of the network's
-    size so the batch can still be assembled, and the main process stops with the message.
+    size so the batch can still be assembled, and the main process skips it (or stops, with --strict).
+    The library's own warnings about a damaged file (PIL's "Corrupt EXIF data", ...) are silenced: the
+    summary says what happened to every file.
     """
 
     def __init__(self, data: list[dict], transform: Callable, image_size: tuple[int, int]) -> None:
@@ -29,23 +33,40 @@ class ReadableDataset(Dataset):
 
     def _transform(self, index: int) -> dict:
         try:
-            return {**super()._transform(index), "error": ""}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return {**super()._transform(index), "error": ""}
         except Exception as error:  # any reader failure: truncated, not an image, unsupported mode
             item = self.data[index]
-            message = f"cannot read {item['image']} ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
             return {
                 **item,
-                "image": torch.zeros(1, *self.image_size),
+                "image": torch.zeros(1, *self.image_size, dtype=torch.uint8),
                 "original_size": torch.tensor([1, 1]),
-                "error": message,
+                "error": f"{item['image']}: {read_error_reason(item['image'], error)}",
             }
 
 
-def raise_read_errors(batch: dict) -> None:
-    """Stop with a clear message when an image of the batch could not be read."""
-    for error in batch["error"]:
-        if error:
-            raise UserError(f"{error}; remove or replace it")
+def read_error_reason(path: str, error: BaseException) -> str:
+    """Why an image could not be read, in words. MONAI's reader reports only that no reader suited the file,
+    so the file is opened again with PIL alone to find the cause."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                image.load()
+    except UnidentifiedImageError:
+        with open(path, "rb") as file:
+            start = file.read(8)
+        kind = next((kind for signature, kind in IMAGE_SIGNATURES.items() if start.startswith(signature)), None)
+        if kind:
+            return f"a damaged or truncated {kind} file (it starts like one, but cannot be decoded)"
+        return "not an image (or in a format PIL cannot read)"
+    except OSError as cause:
+        text = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
+        return f"truncated: the file ends early ({text})" if "truncated" in text.lower() else f"unreadable ({text})"
+    except Exception as cause:  # PIL raises others on malformed files: ValueError, SyntaxError, ...
+        return f"damaged ({type(cause).__name__}: {str(cause)[:200]})"
+    return f"cannot be converted ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
 
 
 class OutputFolder:

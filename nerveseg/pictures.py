@@ -35,8 +35,11 @@ def plot_training_curves(rows: list[dict], path: str | Path) -> None:
         ("val_dice", "all images"),
         ("val_dice_nonempty", "nerve present"),
         ("val_dice_empty", "no nerve"),
+        ("val_presence_accuracy", "presence right (share)"),
     ):
-        dice_axis.plot(val_epochs, [row[key] for row in validated], "o-", label=label)
+        points = [(row["epoch"], row[key]) for row in validated if row.get(key) not in ("", None)]  # "": none
+        if points:
+            dice_axis.plot(*zip(*points, strict=True), "o-", label=label)
     if validated:
         dice_axis.axhline(
             validated[0]["all_empty_baseline"], color="grey", linestyle="--", label="baseline: predict every mask empty"

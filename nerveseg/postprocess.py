@@ -1,8 +1,9 @@
 """From probabilities to masks at the original size, and choosing how on the validation subjects.
 
-A probability map is resized back to the image's own size, thresholded, optionally reduced to its
-largest connected component (MONAI's get_largest_connected_component_mask), and emptied when what is left is
-smaller than a minimum area: a stray blob on one of the many empty images scores 0.
+An image whose presence probability (the model's image-level output) is below a threshold gets an empty
+mask. Otherwise its probability map is resized back to the image's own size, thresholded, optionally
+reduced to its largest connected component (MONAI's get_largest_connected_component_mask), and emptied
+when what is left is smaller than a minimum area: a stray blob on one of the many empty images scores 0.
 """
 
 from dataclasses import asdict, dataclass
@@ -16,15 +17,18 @@ from nerveseg.metrics import kaggle_dice
 
 THRESHOLDS = tuple(np.round(np.arange(0.3, 0.81, 0.05), 2).tolist())
 MIN_AREA_FRACTIONS = (0.0, 0.002, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03)
+PRESENCE_THRESHOLDS = tuple(np.round(np.arange(0.0, 0.91, 0.1), 2).tolist())  # 0: presence not used
 
 
 @dataclass(frozen=True)
 class PostProcessing:
-    """How probabilities become a mask. min_area_fraction is a share of the image's pixel count."""
+    """How probabilities become a mask. min_area_fraction is a share of the image's pixel count; an image
+    whose presence probability is below presence_threshold gets an empty mask (0: presence not used)."""
 
     threshold: float = 0.5
     keep_largest: bool = False
     min_area_fraction: float = 0.0
+    presence_threshold: float = 0.0
 
     def as_dict(self) -> dict:
         """For the checkpoint."""
@@ -53,19 +57,22 @@ def binarize(probability: torch.Tensor, threshold: float, keep_largest: bool) ->
     return mask
 
 
-def to_mask(probability: torch.Tensor, post: PostProcessing) -> np.ndarray:
-    """The final (H, W) uint8 mask, 0 or 1, of a (1, H, W) probability map at its image's size."""
+def to_mask(probability: torch.Tensor, presence: float, post: PostProcessing) -> np.ndarray:
+    """The final (H, W) uint8 mask, 0 or 1, of a (1, H, W) probability map at its image's size and the image's
+    presence probability (1.0 for a model without a presence output)."""
+    if presence < post.presence_threshold:
+        return np.zeros(probability.shape[-2:], np.uint8)
     mask = binarize(probability, post.threshold, post.keep_largest)
     if np.count_nonzero(mask) < post.min_area_fraction * mask.size:
         return np.zeros(mask.shape, np.uint8)
     return mask.astype(np.uint8)
 
 
-def tuning_scores(full: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Dice of one image for every (keep_largest, threshold, min_area) choice: shape (2, T, A).
+def tuning_scores(full: torch.Tensor, presence: float, truth: torch.Tensor) -> torch.Tensor:
+    """Dice of one image for every (presence_threshold, keep_largest, threshold, min_area) choice: (P, 2, T, A).
 
-    `full` is the (1, H, W) probability map at the size of the (1, H, W) truth. Summed over images (and
-    ranks), the argmax is the best post-processing on those images.
+    `full` is the (1, H, W) probability map at the size of the (1, H, W) truth, `presence` the image's
+    presence probability. Summed over images (and ranks), the argmax is the best post-processing on them.
     """
     masks = torch.stack(
         [
@@ -78,19 +85,27 @@ def tuning_scores(full: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     limits = torch.tensor(MIN_AREA_FRACTIONS, dtype=torch.float64) * truth.shape[-2] * truth.shape[-1]
     emptied = 0.0 if truth.any() else 1.0  # the score of a mask emptied by the minimum area
     big_enough = torch.count_nonzero(masks.flatten(1), dim=1)[:, None] >= limits
-    return torch.where(big_enough, dice[:, None], emptied).reshape(2, len(THRESHOLDS), len(MIN_AREA_FRACTIONS))
+    scores = torch.where(big_enough, dice[:, None], emptied).reshape(2, len(THRESHOLDS), len(MIN_AREA_FRACTIONS))
+    judged_empty = torch.tensor(PRESENCE_THRESHOLDS) > presence
+    return torch.where(judged_empty[:, None, None, None], emptied, scores[None])
 
 
-def choose(score_sums: torch.Tensor) -> tuple[PostProcessing, float, float]:
-    """The best choice from summed tuning scores, with (its sum, the raw 0.5 threshold's sum).
+def default_postprocessing(*, has_presence: bool) -> PostProcessing:
+    """The rule before any tuning: threshold 0.5, and presence 0.5 where the model has a presence output."""
+    return PostProcessing(presence_threshold=0.5 if has_presence else 0.0)
 
-    The raw choice wins ties, so the chosen post-processing never scores below it.
+
+def choose(score_sums: torch.Tensor, *, has_presence: bool) -> tuple[PostProcessing, float, float]:
+    """The best choice from summed tuning scores, with (its sum, the default rule's sum).
+
+    The default rule (default_postprocessing) wins ties, so the chosen one never scores below it.
     """
-    raw = (0, THRESHOLDS.index(0.5), 0)
+    default = default_postprocessing(has_presence=has_presence)
+    raw = (PRESENCE_THRESHOLDS.index(default.presence_threshold), 0, THRESHOLDS.index(0.5), 0)
     best = raw
     for index in np.ndindex(*score_sums.shape):
         if score_sums[index] > score_sums[best] + 1e-9:
             best = index
-    k, t, a = best
-    chosen = PostProcessing(THRESHOLDS[t], bool(k), MIN_AREA_FRACTIONS[a])
+    p, k, t, a = best
+    chosen = PostProcessing(THRESHOLDS[t], bool(k), MIN_AREA_FRACTIONS[a], PRESENCE_THRESHOLDS[p])
     return chosen, float(score_sums[best]), float(score_sums[raw])

@@ -1,4 +1,5 @@
-"""One training step's forward and backward passes, shared by train.py and the benchmarks.
+"""Training pieces shared by train.py and the benchmarks: the loss, the batch size and epoch length that
+follow the data, and one step's forward and backward passes.
 
 A batch can go through the network in slices (micro-batches) whose gradients add up before the optimiser
 steps, as nanoGPT's gradient accumulation does: the step sees BATCH_SIZE images while only one slice's
@@ -7,14 +8,71 @@ activations are held at a time. On the CPU this is also faster (slices fit the c
 """
 
 import contextlib
+import math
+from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nerveseg.evaluation import autocast
 
 CPU_MICRO_BATCH_SIZE = 64  # what MICRO_BATCH_SIZE = 0 (auto) means on the CPU
+LARGEST_AUTOMATIC_BATCH = 128  # BATCH_SIZE = 0 (auto): this many images a step on large data sets ...
+SMALLEST_AUTOMATIC_BATCH = 16  # ... fewer on small ones, down to this
+
+
+class SegmentationLoss(nn.Module):
+    """Dice over the whole batch plus cross-entropy on the mask, plus presence_weight x the cross-entropy of
+    the image-level presence output against "does this mask hold any target pixel".
+
+    The Dice is computed over the whole batch (batch=True): a per-image Dice is undefined on empty masks.
+    """
+
+    def __init__(self, presence_weight: float) -> None:
+        super().__init__()
+        self.mask_loss = DiceCELoss(sigmoid=True, batch=True)
+        self.presence_weight = presence_weight
+
+    def forward(self, outputs: tuple[torch.Tensor, torch.Tensor | None], labels: torch.Tensor) -> torch.Tensor:
+        mask_logits, presence_logits = outputs
+        loss = self.mask_loss(mask_logits.float(), labels)
+        if presence_logits is not None and self.presence_weight > 0:
+            present = labels.flatten(1).amax(dim=1)  # after augmentation: a target moved out of view is gone
+            loss = loss + self.presence_weight * F.binary_cross_entropy_with_logits(presence_logits.float(), present)
+        return loss
+
+
+def automatic_batch_size(train_images: int, steps_per_pass: int) -> int:
+    """The batch for BATCH_SIZE = 0: 128, or fewer on a small data set so that one pass over it makes
+    `steps_per_pass` optimiser steps (never fewer than 16 images a step)."""
+    return max(SMALLEST_AUTOMATIC_BATCH, min(LARGEST_AUTOMATIC_BATCH, train_images // steps_per_pass))
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """The training order of each epoch: `length` indices made of whole shuffled passes over `size` images
+    (the last pass cut short), a function of (seed, epoch) only, so a resumed run sees the same batches.
+
+    With length = size this is exactly DistributedSampler's single-process order (randperm seeded with
+    seed + epoch). A small data set gets length > size: an epoch of at least a set number of steps.
+    """
+
+    def __init__(self, size: int, length: int, seed: int) -> None:
+        self.size, self.length, self.seed, self.epoch = size, length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order __iter__ gives."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        passes = [torch.randperm(self.size, generator=generator) for _ in range(math.ceil(self.length / self.size))]
+        return iter(torch.cat(passes)[: self.length].tolist())
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def micro_batch_size(setting: int, batch_size: int, device: torch.device) -> int:
@@ -25,28 +83,30 @@ def micro_batch_size(setting: int, batch_size: int, device: torch.device) -> int
 
 
 def backward_in_micro_batches(
-    network: nn.Module,
+    model: nn.Module,
     loss_function: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
+    *,
     micro_batch: int,
     scaler: torch.amp.GradScaler,
     amp: bool,
 ) -> torch.Tensor:
     """Accumulate the gradients of a batch's loss, `micro_batch` images at a time; return the loss (detached).
 
-    Each slice's loss is weighted by its share of the batch: the cross-entropy term is the batch's mean, the
+    Each slice's loss is weighted by its share of the batch: the cross-entropy terms are the batch's mean, the
     Dice term the weighted mean of each slice's Dice (over all of its pixels). Under DDP the gradients are
     reduced across processes once, with the last slice.
     """
     total = torch.zeros((), device=images.device)
     for start in range(0, len(images), micro_batch):
         last = start + micro_batch >= len(images)
-        skip_sync = isinstance(network, DistributedDataParallel) and not last
-        with network.no_sync() if skip_sync else contextlib.nullcontext():
+        skip_sync = isinstance(model, DistributedDataParallel) and not last
+        with model.no_sync() if skip_sync else contextlib.nullcontext():
             with autocast(images.device, amp):
-                logits = network(images[start : start + micro_batch])
-            loss = loss_function(logits.float(), labels[start : start + micro_batch]) * (len(logits) / len(images))
+                outputs = model(images[start : start + micro_batch])
+            share = len(outputs[0]) / len(images)
+            loss = loss_function(outputs, labels[start : start + micro_batch]) * share
             scaler.scale(loss).backward()
         total += loss.detach()
     return total

@@ -14,6 +14,7 @@ from nerveseg.checkpoint import load_checkpoint
 from nerveseg.data import read_manifest, split_by_subject
 from nerveseg.distributed import Process
 from nerveseg.evaluation import collate_keep_sizes, evaluate
+from nerveseg.training import SegmentationLoss
 from nerveseg.transforms import load_transforms
 from tests.conftest import FAST_TRAINING, ROOT
 
@@ -82,7 +83,7 @@ def test_two_processes_train_validate_exactly_and_only_rank_0_writes(train_clean
         size = (settings["image_height"], settings["image_width"])
         dataset = monai.data.Dataset(val_items, load_transforms(size, True, keep_full_label=True))
         loader = torch.utils.data.DataLoader(dataset, batch_size=5, collate_fn=collate_keep_sizes)
-        loss = monai.losses.DiceCELoss(sigmoid=True, batch=True)
+        loss = SegmentationLoss(settings["presence_weight"])
         metrics, _ = evaluate(model, loader, loss, Process(0, 1, torch.device("cpu")), amp=False)
         assert metrics["images"] == len(val_items) == checkpoint["metrics"]["images"]
         assert metrics["dice"] == pytest.approx(checkpoint["metrics"]["dice"], abs=1e-9)

@@ -367,7 +367,7 @@ def test_sigterm_saves_the_last_epoch_and_resume_finishes_the_run(sigterm_run, s
     assert "resuming" in final.stdout and "after epoch 3 of 3" in final.stdout
     assert [row["epoch"] for row in read_metrics(sigterm_resumed.run)] == ["1", "2", "3"]
     model, checkpoint = load_checkpoint(sigterm_resumed.work / "2D_Nerve_Segmentation.pt")
-    assert 1 <= checkpoint["epoch"] <= 3 and model(torch.zeros(1, 1, 64, 96)).shape == (1, 1, 64, 96)
+    assert 1 <= checkpoint["epoch"] <= 3 and model(torch.zeros(1, 1, 64, 96))[0].shape == (1, 1, 64, 96)
     assert sigterm_run.data_unchanged
 
 
@@ -598,7 +598,7 @@ def test_a_run_killed_at_random_points_resumes_to_the_same_end(train_clean, sigt
     assert [row["epoch"] for row in read_metrics(run)] == ["1", "2", "3"]
     assert read_torch_file(run / "last.pt")["epoch"] == 3 and not list(run.glob(".*.tmp"))
     model, checkpoint = load_checkpoint(tmp_path / "2D_Nerve_Segmentation.pt")
-    assert model(torch.zeros(1, 1, 64, 96)).shape == (1, 1, 64, 96)
+    assert model(torch.zeros(1, 1, 64, 96))[0].shape == (1, 1, 64, 96)
     # the same as the run stopped by SIGTERM twice: resuming is exact, however the run was stopped
     keys = ("epoch", "train_loss", "val_loss", "val_dice", "lr")
     assert [{k: r[k] for k in keys} for r in read_metrics(run)] == [
@@ -679,12 +679,45 @@ def small_checkpoint(tmp_path) -> Path:
     """A valid (untrained) checkpoint of a small network: enough for what is tested here."""
     config = model_config((4, 8), (2,), 0, 0.0)
     checkpoint = make_checkpoint(
-        build_model(config), config, {"image_size": [32, 48]}, PostProcessing().as_dict(), {}, 1, {"dice": 0.5}
+        build_model(config),
+        model_config=config,
+        preprocessing={"image_size": [32, 48]},
+        postprocessing=PostProcessing(presence_threshold=0.5).as_dict(),
+        settings={},
+        epoch=1,
+        metrics={"dice": 0.5},
     )
     path = tmp_path / "model.pt"
     save_torch(path, checkpoint)
     load_checkpoint(path)
     return path
+
+
+def test_a_checkpoint_from_before_the_presence_output_still_predicts(tmp_path):
+    """Version 1 (a plain MONAI UNet, no presence rule) loads as a model without presence: nothing is emptied
+    by presence, and the masks are those of its own rule."""
+    from monai.networks.nets import UNet
+
+    config = {key: value for key, value in model_config((4, 8), (2,), 0, 0.0).items() if key != "presence"}
+    old_model = UNet(**config)
+    old = {
+        "format": "nerveseg-unet",
+        "version": 1,
+        "model_config": config,
+        "state_dict": old_model.state_dict(),
+        "preprocessing": {"image_size": [32, 48]},
+        "postprocessing": {"threshold": 0.5, "keep_largest": False, "min_area_fraction": 0.0},
+        "settings": {},
+        "epoch": 3,
+        "metrics": {"dice": 0.5},
+    }
+    save_torch(tmp_path / "v1.pt", old)
+    model, checkpoint = load_checkpoint(tmp_path / "v1.pt")
+    images = torch.rand(2, 1, 32, 48)
+    mask_logits, presence_logits = model(images)
+    assert presence_logits is None and model.presence_head is None
+    torch.testing.assert_close(mask_logits, old_model.eval()(images))
+    assert PostProcessing(**checkpoint["postprocessing"]).presence_threshold == 0.0
 
 
 def edit_checkpoint(path: Path, edit) -> Path:
@@ -698,7 +731,7 @@ def edit_checkpoint(path: Path, edit) -> Path:
 CHECKPOINT_EDITS = {
     "other channels": (
         lambda c: c["model_config"].update(channels=[8, 16]),
-        "does not match the model it describes (Error(s) in loading state_dict for UNet:; size mismatch for "
+        "does not match the model it describes (Error(s) in loading state_dict for PresenceUNet:; size mismatch for "
         "model.0.conv.weight",
     ),
     "other depth": (lambda c: c["model_config"].update(channels=[4, 8, 16]), "the length of `strides` should equal"),

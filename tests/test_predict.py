@@ -95,7 +95,11 @@ def test_masks_give_the_dice_and_other_image_sizes_work(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr
     for name, size in {"a": (200, 300), "b": (333, 250), "c": (64, 64)}.items():
         assert np.asarray(Image.open(tmp_path / "out" / "masks" / f"{name}.png")).shape == size
-    assert "Kaggle Dice on 3 images with truth masks" in result.stdout
+    assert "on 3 images with truth masks" in result.stdout and "empty truths: 1.0000 on 3" in result.stdout
+    with open(tmp_path / "out" / "images.csv", newline="") as file:
+        rows = {row["img"]: row for row in csv.DictReader(file)}
+    assert sorted(rows) == ["a", "b", "c"] and all(0 <= float(row["presence"]) <= 1 for row in rows.values())
+    assert all(row["dice"] in ("0.0000", "1.0000") and not row["skipped_because"] for row in rows.values())
 
 
 def test_post_processing_never_lowers_the_validation_dice():
@@ -110,8 +114,8 @@ def test_post_processing_never_lowers_the_validation_dice():
             probability[..., 5:10, 10:17] += 0.5 * (index % 2)
             full = upsample(probability.clamp(0, 1), [(42, 58)])[0]
             assert full.shape == truth.shape
-            total = total + tuning_scores(full, truth)
-        chosen, best, raw = choose(total)
+            total = total + tuning_scores(full, 1.0, truth)
+        chosen, best, raw = choose(total, has_presence=False)
         assert best >= raw
         assert chosen.threshold in THRESHOLDS
     assert best > raw, "on the last trial a higher threshold or a minimum area beats 0.5"
@@ -119,10 +123,9 @@ def test_post_processing_never_lowers_the_validation_dice():
 
 def test_bad_inputs_give_clear_messages(trained_run, tmp_path):
     (tmp_path / "empty").mkdir()
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    Image.fromarray(np.zeros((50, 60), np.uint8)).save(broken / "good.png")
-    (broken / "bad.tif").write_bytes(b"II*\x00 this is not really a TIFF")
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "bad.tif").write_bytes(b"II*\x00 this is not really a TIFF")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes((trained_run / "2D_Nerve_Segmentation.pt").read_bytes()[:5000])
     not_ours = tmp_path / "other.pt"
@@ -132,14 +135,45 @@ def test_bad_inputs_give_clear_messages(trained_run, tmp_path):
         (["--checkpoint", str(truncated)], "is not a readable checkpoint"),
         (["--checkpoint", str(not_ours)], "is not a checkpoint written by train.py"),
         (["--input", str(tmp_path / "empty")], "holds no images"),
-        (["--input", str(broken)], "cannot read"),
+        (["--input", str(unreadable)], "no image of"),
     ]
     for args, message in cases:
         result = run_script("predict.py", *args, "--output", str(tmp_path / "out"), "--quiet", cwd=trained_run)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
         assert not (tmp_path / "out").exists()
-    assert "bad.tif" in result.stderr
+    assert "bad.tif: a damaged or truncated TIFF file" in result.stderr
+
+
+def test_unreadable_images_are_skipped_and_named_with_their_reason(trained_run, train_clean, tmp_path):
+    """One bad file among many costs only itself; --strict stops at it instead."""
+    folder = tmp_path / "input"
+    folder.mkdir()
+    for path in sorted((train_clean / "test").glob("*.tif"))[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "b.png").write_text("a text file named like an image")
+    whole = (train_clean / "test" / "4.tif").read_bytes()
+    (folder / "cut.tif").write_bytes(whole[: len(whole) // 2])
+    model = ["--checkpoint", str(trained_run / "2D_Nerve_Segmentation.pt"), "--pictures", str(tmp_path / "pictures")]
+    result = run_script("predict.py", *model, "--input", str(folder), "--output", "out", "--num-workers", "2",
+                        "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "skipped 2 unreadable file(s)" in result.stderr
+    assert f"{folder / 'b.png'}: not an image" in result.stderr
+    assert f"{folder / 'cut.tif'}: a damaged or truncated TIFF file" in result.stderr
+    for noise in ("Traceback", "LoadImaged", "monai", "Warning", "EXIF"):
+        assert noise not in result.stderr, noise
+    with open(tmp_path / "out" / "submission.csv", newline="") as file:
+        assert [row["img"] for row in csv.DictReader(file)] == ["1", "2", "3"]
+    with open(tmp_path / "out" / "images.csv", newline="") as file:
+        rows = {row["img"]: row for row in csv.DictReader(file)}
+    assert rows["b"]["skipped_because"].startswith("not an image") and rows["cut"]["skipped_because"]
+    assert rows["1"]["presence"] and not rows["1"]["skipped_because"]
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["1.png", "2.png", "3.png"]
+    strict = run_script("predict.py", *model, "--input", str(folder), "--output", "strict", "--strict", "--quiet",
+                        cwd=tmp_path)
+    assert strict.returncode == 1 and "b.png: not an image" in strict.stderr and "--strict" in strict.stderr
+    assert "Traceback" not in strict.stderr and not (tmp_path / "strict").exists()
 
 
 def test_an_output_folder_of_other_files_is_not_overwritten(trained_run, train_clean, tmp_path):

@@ -21,11 +21,24 @@ def test_micro_batch_size_auto_and_explicit(setting, batch, device, expected):
     assert micro_batch_size(setting, batch, torch.device(device)) == expected
 
 
+class MaskLoss(torch.nn.Module):
+    """A MONAI loss on the mask logits of the model's (mask, presence) output."""
+
+    def __init__(self, loss_function: torch.nn.Module) -> None:
+        super().__init__()
+        self.loss_function = loss_function
+
+    def forward(self, outputs: tuple, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss_function(outputs[0], labels)
+
+
 def gradients_and_loss(loss_function, images, labels, micro_batch: int) -> tuple[list[torch.Tensor], float]:
     torch.manual_seed(0)
-    model = build_model(model_config((4, 8, 16), (2, 2), 1, 0.0))
+    model = build_model(model_config((4, 8, 16), (2, 2), 1, 0.0, presence=False))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss = backward_in_micro_batches(model, loss_function, images, labels, micro_batch, scaler, amp=False)
+    loss = backward_in_micro_batches(
+        model, loss_function, images, labels, micro_batch=micro_batch, scaler=scaler, amp=False
+    )
     return [p.grad.clone() for p in model.parameters()], float(loss)
 
 
@@ -40,7 +53,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_slices_of_a_per_image_loss_give_the_whole_batch_gradient(batch):
     """With a loss that is a mean over images (instance norm keeps images apart), slicing changes nothing."""
-    loss_function = DiceCELoss(sigmoid=True, batch=False)
+    loss_function = MaskLoss(DiceCELoss(sigmoid=True, batch=False))
     whole, whole_loss = gradients_and_loss(loss_function, *batch, micro_batch=8)
     sliced, sliced_loss = gradients_and_loss(loss_function, *batch, micro_batch=3)  # slices of 3, 3 and 2
     assert sliced_loss == pytest.approx(whole_loss, rel=1e-6)
@@ -50,10 +63,10 @@ def test_slices_of_a_per_image_loss_give_the_whole_batch_gradient(batch):
 
 def test_the_batch_dice_becomes_the_weighted_mean_of_each_slices_dice(batch):
     images, labels = batch
-    loss_function = DiceCELoss(sigmoid=True, batch=True)
+    loss_function = MaskLoss(DiceCELoss(sigmoid=True, batch=True))
     _, sliced_loss = gradients_and_loss(loss_function, images, labels, micro_batch=3)
     torch.manual_seed(0)
-    model = build_model(model_config((4, 8, 16), (2, 2), 1, 0.0))
+    model = build_model(model_config((4, 8, 16), (2, 2), 1, 0.0, presence=False))
     with torch.no_grad():
         slices = [
             loss_function(model(images[i : i + 3]), labels[i : i + 3]) * len(labels[i : i + 3]) / 8 for i in (0, 3, 6)

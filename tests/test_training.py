@@ -13,7 +13,7 @@ from PIL import Image
 
 from nerveseg.checkpoint import FORMAT, load_checkpoint
 from nerveseg.data import read_manifest, split_by_subject
-from nerveseg.metrics import DiceTally, kaggle_dice
+from nerveseg.metrics import DiceTally, describe_scores, kaggle_dice
 from nerveseg.transforms import BatchAugment, image_reader, load_transforms, network_input, unpack_mask
 from tests.conftest import FAST_TRAINING, ROOT, run_script
 
@@ -35,15 +35,21 @@ def test_a_short_run_writes_its_checkpoint_metrics_and_pictures(trained_run):
     assert raw["format"] == FORMAT and raw["preprocessing"]["image_size"] == [64, 96]
     assert not any(key.startswith(("module.", "_orig_mod.")) for key in raw["state_dict"])
     assert raw["settings"]["batch_size"] == 8 and raw["settings"]["max_epochs"] == 2
-    assert {"threshold", "keep_largest", "min_area_fraction"} <= raw["postprocessing"].keys()
+    assert {"threshold", "keep_largest", "min_area_fraction", "presence_threshold"} <= raw["postprocessing"].keys()
     assert raw["metrics"]["dice_postprocessed"] >= raw["metrics"]["dice_raw"]
+    for rule in ("default_rule", "postprocessed"):
+        assert {"dice", "dice_empty", "dice_nonempty", "presence_accuracy"} <= raw["metrics"][rule].keys()
+    assert raw["model_config"]["presence"] is True
     model, checkpoint = load_checkpoint(trained_run / "2D_Nerve_Segmentation.pt")
-    assert model(torch.zeros(1, 1, 64, 96)).shape == (1, 1, 64, 96)
+    mask_logits, presence_logits = model(torch.zeros(3, 1, 64, 96))
+    assert mask_logits.shape == (3, 1, 64, 96) and presence_logits.shape == (3,)
 
 
 def test_bad_settings_are_refused_with_a_clear_message(train_clean, tmp_path):
     for args, message in (
-        (["--batch-size", "0"], "must be at least 1"),
+        (["--batch-size", "-1"], "must be 0 (automatic) or more"),
+        (["--min-steps-per-epoch", "0"], "must be at least 1"),
+        (["--presence-weight", "-1"], "must be 0 (no presence output) or more"),
         (["--image-height", "100"], "multiples of 16"),
         (["--batch-size", "many"], "--batch-size takes a whole number"),
         (["--data-dir", str(tmp_path / "nowhere")], "run python data_cleaning.py first"),
@@ -59,9 +65,8 @@ def test_bad_settings_are_refused_with_a_clear_message(train_clean, tmp_path):
 def test_help_lists_each_setting_with_default_and_comment(tmp_path):
     result = run_script("train.py", "-h", cwd=tmp_path)
     assert result.returncode == 0
-    assert "training images per step and per process (global batch = this x processes) (default: 128)" in " ".join(
-        result.stdout.split()
-    )
+    text = " ".join(result.stdout.split())
+    assert "training images per step and process (0: 128, fewer on small data sets, down to 16) (default: 0)" in text
     for option in ("--max-epochs", "--val-interval", "--learning-rate", "--resume", "--device", "--compile"):
         assert option in result.stdout
 
@@ -108,8 +113,15 @@ def test_the_dice_follows_the_kaggle_rule():
     assert kaggle_dice(empty, full).item() == 0.0
     assert kaggle_dice(half, full).item() == pytest.approx(2 * 8 / (8 + 16))
     tally = DiceTally()
-    tally.add(torch.tensor([1.0, 0.0, 0.5]), torch.tensor([True, True, False]))
-    assert tally.summary() == {"dice": 0.5, "dice_empty": 0.5, "dice_nonempty": 0.5, "images": 3}
+    tally.add(torch.tensor([1.0, 0.0, 0.5, 0.0]), torch.tensor([True, True, False, False]),
+              torch.tensor([True, False, False, True]))
+    assert tally.summary() == {"dice": 0.375, "dice_empty": 0.5, "dice_nonempty": 0.25, "presence_accuracy": 0.5,
+                               "images": 4, "images_empty": 2}
+    nerve_only = DiceTally()
+    nerve_only.add(torch.tensor([0.5]), torch.tensor([False]), torch.tensor([False]))
+    assert nerve_only.summary()["dice_empty"] is None and "empty truths: none on 0" in describe_scores(
+        nerve_only.summary()
+    )
 
 
 def start_training(train_clean: Path, work: Path, *extra: str) -> subprocess.Popen:
