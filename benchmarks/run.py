@@ -33,7 +33,6 @@ import monai
 import psutil
 import torch
 from monai.data import PILReader
-from monai.losses import DiceCELoss
 from monai.transforms import LoadImage, Resize
 from monai.utils import convert_to_tensor
 
@@ -47,7 +46,12 @@ from nerveseg.memory import keep_freed_memory  # noqa: E402
 from nerveseg.model import build_model, model_config  # noqa: E402
 from nerveseg.postprocess import PostProcessing  # noqa: E402
 from nerveseg.settings import read_settings_block  # noqa: E402
-from nerveseg.training import backward_in_micro_batches, micro_batch_size  # noqa: E402
+from nerveseg.training import (  # noqa: E402
+    SegmentationLoss,
+    automatic_batch_size,
+    backward_in_micro_batches,
+    micro_batch_size,
+)
 
 CACHE = ROOT / "benchmarks" / ".cache"
 GB = 1e9
@@ -79,7 +83,7 @@ class Profile:
     spec: synthetic.SyntheticSpec  # the download to generate
     image_size: tuple[int, int] = (TRAIN["IMAGE_HEIGHT"], TRAIN["IMAGE_WIDTH"])  # what the network sees
     scaling_sizes: tuple[tuple[int, int], ...] = ((96, 128), (128, 176), (224, 320))
-    batch_size: int = TRAIN["BATCH_SIZE"]
+    batch_size: int = TRAIN["BATCH_SIZE"] or automatic_batch_size(FULL_TRAIN_IMAGES, TRAIN["MIN_STEPS_PER_EPOCH"])
     epochs: int = 4  # train.py epochs; all but the first are timed
     warmup_steps: int = 3  # untimed training steps before the timed ones (on the CPU, steps 1-3 are slower)
     steps: int = 5  # timed training steps of the compute limit (at least; see min_seconds)
@@ -403,10 +407,12 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # images and masks, (batch, 1, height
 def training_step(device: torch.device, amp: bool, batch_size: int, compiled: bool = False) -> Callable[..., None]:
     """One optimisation step as train.py takes it: its model, loss, optimiser, precision and micro-batches."""
     torch.manual_seed(0)
-    config = model_config(TRAIN["CHANNELS"], TRAIN["STRIDES"], TRAIN["NUM_RES_UNITS"], TRAIN["DROPOUT"])
+    presence = TRAIN["PRESENCE_WEIGHT"] > 0
+    levels = (TRAIN["CHANNELS"], TRAIN["STRIDES"], TRAIN["NUM_RES_UNITS"], TRAIN["DROPOUT"])
+    config = model_config(*levels, presence=presence)
     model = build_model(config).to(device)
     network = torch.compile(model, dynamic=False) if compiled else model
-    loss_function = DiceCELoss(sigmoid=True, batch=True)
+    loss_function = SegmentationLoss(TRAIN["PRESENCE_WEIGHT"])
     optimizer = torch.optim.Adam(model.parameters(), lr=TRAIN["LEARNING_RATE"], weight_decay=TRAIN["WEIGHT_DECAY"])
 
     micro_batch = micro_batch_size(TRAIN["MICRO_BATCH_SIZE"], batch_size, device)
@@ -414,7 +420,9 @@ def training_step(device: torch.device, amp: bool, batch_size: int, compiled: bo
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        backward_in_micro_batches(network, loss_function, images, labels, micro_batch, scaler, amp)
+        backward_in_micro_batches(
+            network, loss_function, images, labels, micro_batch=micro_batch, scaler=scaler, amp=amp
+        )
         optimizer.step()
 
     return step
@@ -507,6 +515,8 @@ def measure_pipeline(clean: Path, profile: Profile, device: torch.device, work: 
         10**6,
         "--batch-size",
         profile.batch_size,
+        "--min-steps-per-epoch",
+        1,  # an epoch is one pass, as on the full set
         "--image-height",
         profile.image_size[0],
         "--image-width",
