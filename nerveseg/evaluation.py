@@ -74,7 +74,7 @@ def evaluate(
         full_size = upsample(torch.sigmoid(mask_logits.float()), sizes)
         for probability, presence, bits, size in zip(full_size, presences, batch["full_label"], sizes, strict=True):
             probability, truth = probability.cpu(), unpack_mask(bits, size)
-            mask = torch.from_numpy(to_mask(probability, presence, rule))[None]
+            mask = torch.from_numpy(to_mask(probability, presence, rule)).bool()[None]  # any() of uint8 is uint8
             tally.add(kaggle_dice(mask[None], truth[None]), ~truth.any().reshape(1), ~mask.any().reshape(1))
             if tune:
                 scores += tuning_scores(probability, presence, truth)

@@ -192,3 +192,22 @@ def test_help_lists_the_options(tmp_path):
     assert result.returncode == 0
     for option in ("--checkpoint", "--input", "--output", "--masks", "--pictures", "--batch-size", "--device"):
         assert option in result.stdout
+
+
+@needs_kaggle_sample
+def test_real_images_read_by_worker_processes_give_the_same_masks_as_in_process(trained_run, tmp_path):
+    """The readers of predict.py run in worker processes: on the real competition TIFFs, two workers give
+    exactly what reading in the main process gives."""
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for path in sorted((KAGGLE_SAMPLE / "train").glob("*.tif")):
+        if not path.stem.endswith("_mask"):
+            (folder / path.name).write_bytes(path.read_bytes())
+    model = ["--checkpoint", str(trained_run / "2D_Nerve_Segmentation.pt"), "--pictures", str(tmp_path / "pictures")]
+    outputs = {}
+    for workers in ("0", "2"):
+        result = run_script("predict.py", *model, "--input", str(folder), "--output", f"out-{workers}",
+                            "--num-workers", workers, "--batch-size", "8", "--quiet", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        outputs[workers] = (tmp_path / f"out-{workers}" / "submission.csv").read_text()
+    assert outputs["0"] == outputs["2"] and outputs["0"].count("\n") == 56

@@ -117,6 +117,10 @@ def test_the_dice_follows_the_kaggle_rule():
               torch.tensor([True, False, False, True]))
     assert tally.summary() == {"dice": 0.375, "dice_empty": 0.5, "dice_nonempty": 0.25, "presence_accuracy": 0.5,
                                "images": 4, "images_empty": 2}
+    from_masks = DiceTally()  # as evaluate() calls it: from a predicted mask and a truth
+    prediction, truth = torch.ones(1, 4, 4, dtype=torch.bool), torch.ones(1, 4, 4, dtype=torch.bool)
+    from_masks.add(kaggle_dice(prediction[None], truth[None]), ~truth.any().reshape(1), ~prediction.any().reshape(1))
+    assert from_masks.summary()["presence_accuracy"] == 1.0
     nerve_only = DiceTally()
     nerve_only.add(torch.tensor([0.5]), torch.tensor([False]), torch.tensor([False]))
     assert nerve_only.summary()["dice_empty"] is None and "empty truths: none on 0" in describe_scores(
