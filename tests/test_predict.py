@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from nerveseg.files import current_umask
-from nerveseg.postprocess import THRESHOLDS, choose, tuning_scores, upsample
+from nerveseg.postprocess import THRESHOLDS, choose, to_mask, tuning_scores, upsample
 from nerveseg.rle import rle_decode, rle_encode
 from tests.conftest import KAGGLE_SAMPLE, needs_kaggle_sample, run_script
 
@@ -211,3 +211,41 @@ def test_real_images_read_by_worker_processes_give_the_same_masks_as_in_process(
         assert result.returncode == 0, result.stderr
         outputs[workers] = (tmp_path / f"out-{workers}" / "submission.csv").read_text()
     assert outputs["0"] == outputs["2"] and outputs["0"].count("\n") == 56
+
+
+def test_the_presence_rule_empties_images_judged_empty_where_area_cannot():
+    """Spurious blobs on empty images as large as the real targets: only presence tells them apart."""
+    truths, maps, presences = [], [], []
+    for index in range(6):
+        truth = torch.zeros(1, 40, 60, dtype=torch.bool)
+        probability = torch.full((1, 40, 60), 0.05)
+        probability[:, 10:25, 20:40] = 0.95  # the same blob everywhere
+        if index % 2:
+            truth[:, 10:25, 20:40] = True
+        truths.append(truth)
+        maps.append(probability)
+        presences.append(0.8 if index % 2 else 0.15)
+    with_presence = sum(tuning_scores(p, q, t) for p, q, t in zip(maps, presences, truths, strict=True))
+    chosen, best, default = choose(with_presence, has_presence=True)
+    assert best == pytest.approx(6.0) and default == pytest.approx(6.0)  # the default 0.5 already separates
+    assert 0.15 < chosen.presence_threshold <= 0.8
+    without = sum(tuning_scores(p, 1.0, t) for p, t in zip(maps, truths, strict=True))
+    _, best_without, _ = choose(without, has_presence=False)
+    assert best_without == pytest.approx(3.0)  # every choice of threshold and area: all blobs or none
+    assert not to_mask(maps[0], 0.15, chosen).any() and to_mask(maps[1], 0.8, chosen).sum() == 15 * 20
+
+
+def test_the_presence_loss_follows_the_augmented_mask_and_its_weight():
+    from nerveseg.training import SegmentationLoss
+
+    labels = torch.zeros(2, 1, 8, 8)
+    labels[1, :, 2:4, 2:4] = 1
+    mask_logits = torch.zeros(2, 1, 8, 8)
+    presence_logits = torch.tensor([-3.0, 3.0])  # right on both
+    plain = SegmentationLoss(0.0)((mask_logits, presence_logits), labels)
+    weighted = SegmentationLoss(0.5)((mask_logits, presence_logits), labels)
+    wrong = SegmentationLoss(0.5)((mask_logits, -presence_logits), labels)
+    expected = 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(presence_logits, torch.tensor([0.0, 1.0]))
+    assert float(weighted - plain) == pytest.approx(float(expected), rel=1e-5)
+    assert float(wrong) > float(weighted) + 1
+    assert float(SegmentationLoss(0.5)((mask_logits, None), labels)) == pytest.approx(float(plain))

@@ -9,7 +9,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from nerveseg.model import build_model, model_config
-from nerveseg.training import backward_in_micro_batches, micro_batch_size
+from nerveseg.training import EpochSampler, automatic_batch_size, backward_in_micro_batches, micro_batch_size
 from tests.conftest import ROOT
 
 
@@ -30,6 +30,31 @@ class MaskLoss(torch.nn.Module):
 
     def forward(self, outputs: tuple, labels: torch.Tensor) -> torch.Tensor:
         return self.loss_function(outputs[0], labels)
+
+
+@pytest.mark.parametrize(
+    ("train_images", "expected"),
+    [(4518, 128), (100_000, 128), (544, 17), (354, 16), (40, 16), (1024, 32)],  # full set, huge, small sets
+)
+def test_the_automatic_batch_gives_small_sets_enough_steps(train_images, expected):
+    assert automatic_batch_size(train_images, steps_per_pass=32) == expected
+
+
+def test_an_epoch_of_a_small_set_is_whole_shuffled_passes_that_repeat_exactly():
+    sampler = EpochSampler(size=10, length=25, seed=3)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    assert len(first) == len(sampler) == 25
+    assert sorted(first[:10]) == sorted(first[10:20]) == list(range(10)) and first[:10] != first[10:20]
+    assert len(set(first[20:])) == 5  # the third pass, cut short
+    assert list(sampler) == first  # a function of (seed, epoch): --resume sees the same batches
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+    one_pass = EpochSampler(size=10, length=10, seed=3)
+    one_pass.set_epoch(1)  # a large set: one pass, DistributedSampler's order for one process
+    distributed = torch.utils.data.DistributedSampler(range(10), num_replicas=1, rank=0, shuffle=True, seed=3)
+    distributed.set_epoch(1)
+    assert list(one_pass) == list(distributed)
 
 
 def gradients_and_loss(loss_function, images, labels, micro_batch: int) -> tuple[list[torch.Tensor], float]:
