@@ -72,8 +72,9 @@ def describe_scores(scores: dict, *, target: str = "target") -> str:
 
     empty, images = scores["images_empty"], scores["images"]
     presence = "none" if scores.get("presence_accuracy") is None else f"{scores['presence_accuracy']:.1%}"
+    empty_part = f"{figure('dice_empty')} on {empty}" if empty else "none"
+    target_part = f"{figure('dice_nonempty')} on {images - empty}" if images - empty else "none"
     return (
-        f"Dice {figure('dice')} (empty truths: {figure('dice_empty') if empty else 'none'} on {empty}, "
-        f"{target}: {figure('dice_nonempty') if images - empty else 'none'} on {images - empty}; "
+        f"Dice {figure('dice')} (empty truths: {empty_part}, {target}: {target_part}; "
         f"presence right on {presence} of the images)"
     )

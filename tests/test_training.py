@@ -123,7 +123,7 @@ def test_the_dice_follows_the_kaggle_rule():
     assert from_masks.summary()["presence_accuracy"] == 1.0
     nerve_only = DiceTally()
     nerve_only.add(torch.tensor([0.5]), torch.tensor([False]), torch.tensor([False]))
-    assert nerve_only.summary()["dice_empty"] is None and "empty truths: none on 0" in describe_scores(
+    assert nerve_only.summary()["dice_empty"] is None and "empty truths: none, target: 0.5000 on 1" in describe_scores(
         nerve_only.summary()
     )
 
