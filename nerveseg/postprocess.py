@@ -17,7 +17,10 @@ from nerveseg.metrics import kaggle_dice
 
 THRESHOLDS = tuple(np.round(np.arange(0.3, 0.81, 0.05), 2).tolist())
 MIN_AREA_FRACTIONS = (0.0, 0.002, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03)
-PRESENCE_THRESHOLDS = tuple(np.round(np.arange(0.0, 0.91, 0.1), 2).tolist())  # 0: presence not used
+# 0 means presence is not used: the only choice for a model without a presence output, never chosen for a model
+# with one. On a validation set of a few subjects, letting the threshold and the minimum area replace the
+# presence output fitted those subjects and lost on unseen patients (README, Results).
+PRESENCE_THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 @dataclass(frozen=True)
@@ -98,13 +101,14 @@ def default_postprocessing(*, has_presence: bool) -> PostProcessing:
 def choose(score_sums: torch.Tensor, *, has_presence: bool) -> tuple[PostProcessing, float, float]:
     """The best choice from summed tuning scores, with (its sum, the default rule's sum).
 
-    The default rule (default_postprocessing) wins ties, so the chosen one never scores below it.
+    The default rule (default_postprocessing) wins ties, so the chosen one never scores below it. A model with
+    a presence output keeps using it (presence thresholds 0.3-0.7); one without has only threshold 0.
     """
     default = default_postprocessing(has_presence=has_presence)
     raw = (PRESENCE_THRESHOLDS.index(default.presence_threshold), 0, THRESHOLDS.index(0.5), 0)
     best = raw
     for index in np.ndindex(*score_sums.shape):
-        if score_sums[index] > score_sums[best] + 1e-9:
+        if (index[0] > 0) == has_presence and score_sums[index] > score_sums[best] + 1e-9:
             best = index
     p, k, t, a = best
     chosen = PostProcessing(THRESHOLDS[t], bool(k), MIN_AREA_FRACTIONS[a], PRESENCE_THRESHOLDS[p])

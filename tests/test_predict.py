@@ -232,6 +232,8 @@ def test_the_presence_rule_empties_images_judged_empty_where_area_cannot():
     without = sum(tuning_scores(p, 1.0, t) for p, t in zip(maps, truths, strict=True))
     _, best_without, _ = choose(without, has_presence=False)
     assert best_without == pytest.approx(3.0)  # every choice of threshold and area: all blobs or none
+    assert choose(without, has_presence=False)[0].presence_threshold == 0.0
+    assert choose(without, has_presence=True)[0].presence_threshold >= 0.3  # a presence model keeps using it
     assert not to_mask(maps[0], 0.15, chosen).any() and to_mask(maps[1], 0.8, chosen).sum() == 15 * 20
 
 
