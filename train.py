@@ -383,7 +383,7 @@ except torch.cuda.OutOfMemoryError:
 checkpoint = best
 model.load_state_dict(checkpoint["state_dict"])
 default_metrics, scores = evaluate(network, val_loader, loss_function, process, amp=AMP, tune=True, quiet=quiet)
-post, _, _ = choose(scores, has_presence=PRESENCE_WEIGHT > 0)
+post, _, _ = choose(scores, images=default_metrics["images"], has_presence=PRESENCE_WEIGHT > 0)
 tuned_metrics, _ = evaluate(network, val_loader, loss_function, process, amp=AMP, rule=post, quiet=quiet)
 checkpoint["postprocessing"] = post.as_dict()
 checkpoint["metrics"] |= {
@@ -406,11 +406,13 @@ if process.is_main:
         },
     )
 presence_rule = f"presence below {post.presence_threshold} means empty, " if post.presence_threshold else ""
+is_default = post == default_postprocessing(has_presence=PRESENCE_WEIGHT > 0)
+kept_default = "the default: no other rule gained clearly more than the noise of these images; " if is_default else ""
 print0(
     f"best epoch {checkpoint['epoch']}, on the {default_metrics['images']} validation images:\n"
     f"  default rule (threshold 0.5{', presence 0.5' if PRESENCE_WEIGHT > 0 else ''}): "
     f"{describe_scores(default_metrics)}\n"
-    f"  chosen post-processing ({presence_rule}threshold {post.threshold}, largest component "
+    f"  chosen post-processing ({kept_default}{presence_rule}threshold {post.threshold}, largest component "
     f"{'on' if post.keep_largest else 'off'}, minimum area {post.min_area_fraction:.2%} of the image): "
     f"{describe_scores(tuned_metrics)}\n"
     f"  all-empty baseline {tuned_metrics['all_empty_baseline']:.4f}.\n"

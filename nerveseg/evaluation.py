@@ -58,7 +58,7 @@ def evaluate(
     tally, loss_sum, batches = DiceTally(), 0.0, 0
     scores = None
     if tune:
-        shape = (len(PRESENCE_THRESHOLDS), 2, len(THRESHOLDS), len(MIN_AREA_FRACTIONS))
+        shape = (2, len(PRESENCE_THRESHOLDS), 2, len(THRESHOLDS), len(MIN_AREA_FRACTIONS))
         scores = torch.zeros(shape, dtype=torch.float64)
     for batch in tqdm(loader, desc="validation", leave=False, disable=quiet or None):
         images = network_input(batch["image"].to(process.device))
@@ -77,7 +77,7 @@ def evaluate(
             mask = torch.from_numpy(to_mask(probability, presence, rule)).bool()[None]  # any() of uint8 is uint8
             tally.add(kaggle_dice(mask[None], truth[None]), ~truth.any().reshape(1), ~mask.any().reshape(1))
             if tune:
-                scores += tuning_scores(probability, presence, truth)
+                scores += tuning_scores(probability, presence, truth, has_presence=presence_logits is not None)
     totals = all_reduce_sum(
         torch.cat([tally.as_tensor(), torch.tensor([loss_sum, batches], dtype=torch.float64)]), process
     )
