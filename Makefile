@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 # The whole pipeline on a small synthetic download: clean -> train -> predict (a few minutes on 2 CPU cores).
 demo: $(VENV)/.installed
 	$(BIN)/python data_cleaning.py --demo
-	$(BIN)/python train.py --max-epochs 12 --batch-size 16 --learning-rate 2e-3
+	$(BIN)/python train.py --max-epochs 12
 	$(BIN)/python predict.py --masks data/synthetic-download/test_masks
 
 # The test suite (CPU, generated data; tests on ../shared data skip when it is absent).
