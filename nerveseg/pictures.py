@@ -29,7 +29,7 @@ def plot_training_curves(rows: list[dict], path: str | Path) -> None:
     validated = [row for row in rows if row.get("val_dice") not in ("", None)]
     val_epochs = [row["epoch"] for row in validated]
     loss_axis.plot(val_epochs, [row["val_loss"] for row in validated], "o-", label="validation loss")
-    loss_axis.set(xlabel="epoch", ylabel="loss (Dice + cross-entropy)", title="Loss")
+    loss_axis.set(xlabel="epoch", ylabel="loss (Dice + cross-entropy + presence)", title="Loss")
     loss_axis.legend()
     for key, label in (
         ("val_dice", "all images"),
