@@ -111,6 +111,7 @@ if RESUME:
         raise UserError(f"{last_paths[-1]} is not the last.pt of a train.py run; start a run without --resume")
     system = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME", "PICTURES"}
     settings = {
+        **{"PRESENCE_WEIGHT": 0.0, "MIN_STEPS_PER_EPOCH": 1},  # a run started before these settings existed
         **{k.upper(): tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()},
         **{k: settings[k] for k in system},
     }

@@ -350,6 +350,35 @@ def sigterm_resumed(sigterm_run, tmp_path_factory) -> types.SimpleNamespace:
     return types.SimpleNamespace(work=work, run=work / "runs" / "term", second=second, final=final)
 
 
+def test_a_run_started_before_the_presence_output_resumes_as_it_started(sigterm_run, tmp_path):
+    """A last.pt and best.pt of the previous version (no presence head, no presence_weight or
+    min_steps_per_epoch setting) finish as a model without presence, in one-pass epochs."""
+    work = copy_run(sigterm_run, tmp_path)
+    run = work / "runs" / "term"
+    state = torch.load(run / "last.pt", weights_only=True)
+    head = [name for name in state["model"] if name.startswith("presence_head.")]
+    assert len(head) == 2  # the last two parameters, registered after the UNet's
+    for name in head:
+        del state["model"][name]
+    kept = len(state["optimizer"]["param_groups"][0]["params"]) - 2
+    state["optimizer"]["param_groups"][0]["params"] = state["optimizer"]["param_groups"][0]["params"][:kept]
+    state["optimizer"]["state"] = {i: v for i, v in state["optimizer"]["state"].items() if i < kept}
+    for key in ("presence_weight", "min_steps_per_epoch"):
+        del state["settings"][key]
+    torch.save(state, run / "last.pt")
+    best = torch.load(run / "best.pt", weights_only=True)
+    best["state_dict"] = {k: v for k, v in best["state_dict"].items() if not k.startswith("presence_head.")}
+    del best["model_config"]["presence"]
+    best["postprocessing"].pop("presence_threshold")
+    best["version"] = 1
+    torch.save(best, run / "best.pt")
+    result = run_script("train.py", "--resume", "--run-name", "term", "--quiet", cwd=work)
+    assert result.returncode == 0, result.stderr
+    model, checkpoint = load_checkpoint(work / "2D_Nerve_Segmentation.pt")
+    assert model.presence_head is None and checkpoint["postprocessing"]["presence_threshold"] == 0.0
+    assert read_torch_file(run / "last.pt")["epoch"] == 3
+
+
 def test_sigterm_saves_the_last_epoch_and_resume_finishes_the_run(sigterm_run, sigterm_resumed):
     assert sigterm_run.returncode == 130 and "Traceback" not in sigterm_run.output, sigterm_run.output
     assert sigterm_run.epoch and sigterm_run.epoch >= 2, sigterm_run.output
