@@ -6,9 +6,10 @@ BIN := $(VENV)/bin
 .PHONY: demo test lint benchmark clean-demo
 
 # Set up the virtual environment once (again when the requirements change).
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 # The whole pipeline on a small synthetic download: clean -> train -> predict (a few minutes on 2 CPU cores).

@@ -36,22 +36,22 @@ from monai.data import PILReader
 from monai.transforms import LoadImage, Resize
 from monai.utils import convert_to_tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the nerveseg package, when run as python benchmarks/run.py
-from nerveseg import synthetic  # noqa: E402
-from nerveseg.checkpoint import read_torch_file, save_torch  # noqa: E402
-from nerveseg.data import read_manifest, split_by_subject  # noqa: E402
-from nerveseg.files import atomic_write, write_csv  # noqa: E402
-from nerveseg.memory import keep_freed_memory  # noqa: E402
-from nerveseg.model import build_model, model_config  # noqa: E402
-from nerveseg.postprocess import PostProcessing  # noqa: E402
-from nerveseg.settings import read_settings_block  # noqa: E402
-from nerveseg.training import (  # noqa: E402
+from nerveseg import synthetic
+from nerveseg.checkpoint import read_torch_file, save_torch
+from nerveseg.data import read_manifest, split_by_subject
+from nerveseg.files import atomic_write, write_csv
+from nerveseg.memory import keep_freed_memory
+from nerveseg.model import build_model, model_config
+from nerveseg.postprocess import PostProcessing
+from nerveseg.settings import read_settings_block
+from nerveseg.training import (
     SegmentationLoss,
     automatic_batch_size,
     backward_in_micro_batches,
     micro_batch_size,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CACHE = ROOT / "benchmarks" / ".cache"
 GB = 1e9
