@@ -123,7 +123,9 @@ else:
     if (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run; use --resume to continue it or another --run-name")
 image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)
-config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT, presence=PRESENCE_WEIGHT > 0)
+has_presence = PRESENCE_WEIGHT > 0  # the model's image-level output (see nerveseg/model.py)
+default_rule = default_postprocessing(has_presence=has_presence)
+config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT, presence=has_presence)
 multiple = size_multiple(config)
 if BATCH_SIZE < 0:
     raise UserError(f"--batch-size must be 0 (automatic) or more, not {BATCH_SIZE}")
@@ -342,7 +344,7 @@ try:
                     model,
                     model_config=config,
                     preprocessing=preprocessing,
-                    postprocessing=default_postprocessing(has_presence=PRESENCE_WEIGHT > 0).as_dict(),
+                    postprocessing=default_rule.as_dict(),
                     settings=saved_settings,
                     epoch=epoch,
                     metrics=metrics,
@@ -384,8 +386,12 @@ except torch.cuda.OutOfMemoryError:
 checkpoint = best
 model.load_state_dict(checkpoint["state_dict"])
 default_metrics, scores = evaluate(network, val_loader, loss_function, process, amp=AMP, tune=True, quiet=quiet)
-post, _, _ = choose(scores, images=default_metrics["images"], has_presence=PRESENCE_WEIGHT > 0)
-tuned_metrics, _ = evaluate(network, val_loader, loss_function, process, amp=AMP, rule=post, quiet=quiet)
+post, _, _ = choose(scores, images=default_metrics["images"], has_presence=has_presence)
+tuned_metrics = (  # one more validation pass only where the tuning chose another rule
+    default_metrics
+    if post == default_rule
+    else evaluate(network, val_loader, loss_function, process, amp=AMP, rule=post, quiet=quiet)[0]
+)
 checkpoint["postprocessing"] = post.as_dict()
 checkpoint["metrics"] |= {
     "dice_raw": default_metrics["dice"],
@@ -407,11 +413,11 @@ if process.is_main:
         },
     )
 presence_rule = f"presence below {post.presence_threshold} means empty, " if post.presence_threshold else ""
-is_default = post == default_postprocessing(has_presence=PRESENCE_WEIGHT > 0)
-kept_default = "the default: no other rule gained clearly more than the noise of these images; " if is_default else ""
+kept_default = "the default: no other rule gained clearly more than the noise of these images; "
+kept_default = kept_default if post == default_rule else ""
 print0(
     f"best epoch {checkpoint['epoch']}, on the {default_metrics['images']} validation images:\n"
-    f"  default rule (threshold 0.5{', presence 0.5' if PRESENCE_WEIGHT > 0 else ''}): "
+    f"  default rule (threshold 0.5{', presence 0.5' if has_presence else ''}): "
     f"{describe_scores(default_metrics)}\n"
     f"  chosen post-processing ({kept_default}{presence_rule}threshold {post.threshold}, largest component "
     f"{'on' if post.keep_largest else 'off'}, minimum area {post.min_area_fraction:.2%} of the image): "

@@ -64,7 +64,7 @@ class DiceTally:
         }
 
 
-def describe_scores(scores: dict, *, target: str = "target") -> str:
+def describe_scores(scores: dict) -> str:
     """One line of a summary's figures; a group without images says so instead of showing a number."""
 
     def figure(key: str) -> str:
@@ -75,6 +75,6 @@ def describe_scores(scores: dict, *, target: str = "target") -> str:
     empty_part = f"{figure('dice_empty')} on {empty}" if empty else "none"
     target_part = f"{figure('dice_nonempty')} on {images - empty}" if images - empty else "none"
     return (
-        f"Dice {figure('dice')} (empty truths: {empty_part}, {target}: {target_part}; "
+        f"Dice {figure('dice')} (empty truths: {empty_part}, target: {target_part}; "
         f"presence right on {presence} of the images)"
     )

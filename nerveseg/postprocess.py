@@ -104,7 +104,13 @@ def default_postprocessing(*, has_presence: bool) -> PostProcessing:
 
 def default_index(*, has_presence: bool) -> tuple[int, int, int, int]:
     """Where the default rule is in the tuning grid."""
-    return (PRESENCE_THRESHOLDS.index(0.5) if has_presence else 0, 0, THRESHOLDS.index(0.5), 0)
+    rule = default_postprocessing(has_presence=has_presence)
+    return (
+        PRESENCE_THRESHOLDS.index(rule.presence_threshold),
+        int(rule.keep_largest),
+        THRESHOLDS.index(rule.threshold),
+        MIN_AREA_FRACTIONS.index(rule.min_area_fraction),
+    )
 
 
 def choose(tuning: torch.Tensor, *, images: int, has_presence: bool) -> tuple[PostProcessing, float, float]:
