@@ -1,12 +1,13 @@
 """Stage 3: segment new images with the trained model; write masks, a Kaggle submission and pictures.
 
     python predict.py                                   # the cleaned Kaggle test set
-    python predict.py --input my_scans/ --output out/   # any folder of TIFF, PNG or JPEG images
-    python predict.py --input data/clean/images --masks data/clean/masks   # also report the Dice
+    python predict.py --input my_scans/ --output out/   # any folder (and its subfolders) of TIFF, PNG, JPEG, BMP
+    python predict.py --input data/clean/held-out/images --masks data/clean/held-out/masks   # also the Dice
 
-Writes OUTPUT/masks/<name>.png (0/255, each image's own size), OUTPUT/submission.csv (Kaggle format),
-OUTPUT/images.csv (per image: the presence probability, the mask's area, the Dice where a truth is given,
-or why the file was skipped) and a picture of a few predictions in PICTURES. The rule chosen on the
+Writes OUTPUT/masks/<name>.png (0/255, each image's own size and name, in its subfolder), OUTPUT/submission.csv
+(Kaggle format, for a Kaggle test set or with --submission true), OUTPUT/images.csv (per image: the presence
+probability, the mask's area, the Dice where a truth is given, or why the file was skipped) and a picture of
+a few predictions in PICTURES. The rule chosen on the
 validation subjects at the end of training (presence threshold, threshold, largest component, minimum
 area) is read from the checkpoint. An unreadable file is skipped and named, unless --strict.
 """
@@ -24,12 +25,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from nerveseg.checkpoint import load_checkpoint
-from nerveseg.data import list_images
 from nerveseg.distributed import choose_device
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.evaluation import autocast, collate_keep_sizes, presence_probabilities
 from nerveseg.files import write_csv
+from nerveseg.images import parse_mask_values, to_grayscale
 from nerveseg.inference import OutputFolder, ReadableDataset, find_truth, pick_examples
+from nerveseg.layouts import images_to_segment
 from nerveseg.memory import keep_freed_memory
 from nerveseg.metrics import DiceTally, describe_scores, kaggle_dice
 from nerveseg.pictures import plot_predictions
@@ -42,9 +44,13 @@ from nerveseg.transforms import load_transforms, network_input
 # -----------------------------------------------------------------------------
 # Input and output
 CHECKPOINT = "2D_Nerve_Segmentation.pt"  # the model written by train.py
-INPUT = "data/clean/test"  # a folder of images to segment
-OUTPUT = "predictions"  # masks/ and submission.csv are written here
-MASKS = ""  # a folder of truth masks (<name>.tif or <name>_mask.tif): also report the Kaggle Dice
+INPUT = "data/clean/test"  # a folder of images to segment (subfolders too)
+OUTPUT = "predictions"  # masks/, images.csv and submission.csv are written here
+SUBMISSION = "auto"  # write submission.csv: auto (for a Kaggle test set, images named <n>.tif), true or false
+# Truth masks
+MASKS = ""  # a folder of truth masks (<name>.png, <name>_mask.png, ...; may be INPUT itself): also report the Dice
+MASK_SUFFIX = "_mask"  # how a truth mask's name ends (<name>_mask.png); files so named in INPUT are not segmented
+MASK_VALUES = ""  # the target's values in truth masks that hold several (as data_cleaning.py --mask-values)
 PICTURES = "Images"  # where the picture of example predictions goes
 NUM_PICTURES = 4  # how many images the picture shows
 # System
@@ -59,6 +65,9 @@ exit_on_user_error("predict.py")
 globals().update(parse_settings(globals()))
 if BATCH_SIZE < 1 or NUM_WORKERS < -1:
     raise UserError(f"--batch-size must be at least 1 and --num-workers -1 or more, not {BATCH_SIZE} and {NUM_WORKERS}")
+if SUBMISSION not in ("auto", "true", "false"):
+    raise UserError(f"--submission takes auto, true or false, not {SUBMISSION!r}")
+mask_values = parse_mask_values(MASK_VALUES)
 workers = NUM_WORKERS if NUM_WORKERS >= 0 else min(4, (os.cpu_count() or 1) - 1)  # the model keeps one core
 monai.data.set_track_meta(False)
 keep_freed_memory()  # big CPU tensors are reused, not handed back and faulted in again (see nerveseg/memory.py)
@@ -69,8 +78,10 @@ device = choose_device(DEVICE, 0)
 model, checkpoint = load_checkpoint(CHECKPOINT, device)
 post = PostProcessing(**checkpoint["postprocessing"])
 image_size = tuple(checkpoint["preprocessing"]["image_size"])
-items = list_images(INPUT)
-truths = find_truth(items, MASKS) if MASKS else {}
+items = images_to_segment(Path(INPUT), MASK_SUFFIX)
+truths = find_truth(items, MASKS, MASK_SUFFIX, mask_values) if MASKS else {}
+kaggle_test_set = all(item["id"].isdigit() and item["image"].lower().endswith((".tif", ".tiff")) for item in items)
+write_submission = SUBMISSION == "true" or (SUBMISSION == "auto" and kaggle_test_set)
 dataset = ReadableDataset(items, load_transforms(image_size, with_label=False), image_size)
 loader = torch.utils.data.DataLoader(
     dataset, batch_size=BATCH_SIZE, num_workers=workers, collate_fn=collate_keep_sizes
@@ -105,6 +116,9 @@ with torch.no_grad():
                          "mask_area": int(np.count_nonzero(mask))}
             if name in truths:
                 truth = torch.as_tensor(truths[name]()).bool()[None, None]
+                if truth.shape[-2:] != mask.shape:
+                    raise UserError(f"the truth mask of {batch['image_path'][index]} is {truth.shape[-1]}x"
+                                    f"{truth.shape[-2]}, the image {mask.shape[1]}x{mask.shape[0]}; check --masks")
                 dice = kaggle_dice(torch.as_tensor(mask)[None, None], truth)
                 tally.add(dice, ~truth.flatten(1).any(1), torch.tensor([not mask.any()]))
                 image_row["dice"] = f"{float(dice[0]):.4f}"
@@ -114,13 +128,15 @@ with torch.no_grad():
 if not rows:
     raise UserError(f"no image of {INPUT} could be read; the first: {image_rows[0]['file']}: "
                     f"{image_rows[0]['skipped_because']}")
-write_csv(output.building / "submission.csv", rows, ["img", "pixels"])
+if write_submission:
+    write_csv(output.building / "submission.csv", rows, ["img", "pixels"])
 write_csv(output.building / "images.csv", image_rows, IMAGE_COLUMNS)
 output.finish()
 predicted = {row["img"]: row["pixels"] for row in rows}
 for item in pick_examples([item for item in items if item["id"] in predicted], predicted, NUM_PICTURES):
     name = item["id"]
-    image = np.asarray(Image.open(item["image"]).convert("L"))
+    with Image.open(item["image"]) as file:
+        image = np.asarray(to_grayscale(file))
     mask = np.asarray(Image.open(Path(OUTPUT, "masks", f"{name}.png"))) > 0
     truth = truths[name]() if name in truths else None
     dice = (
@@ -131,10 +147,11 @@ for item in pick_examples([item for item in items if item["id"] in predicted], p
     examples.append({"id": name, "image": image, "prediction": mask, "truth": truth, "dice": dice})
 picture = Path(PICTURES, "predictions.png")
 if examples:
-    plot_predictions(examples, picture, f"Predicted nerve outlines ({Path(CHECKPOINT).name}, {INPUT})")
+    plot_predictions(examples, picture, f"Predicted outlines ({Path(CHECKPOINT).name}, {INPUT})")
 seconds = time.perf_counter() - started
+submission = f", {OUTPUT}/submission.csv" if write_submission else ""
 print(
-    f"wrote {len(rows)} masks to {OUTPUT}/masks, {OUTPUT}/submission.csv and {picture} in {seconds:.1f} s "
+    f"wrote {len(rows)} masks to {OUTPUT}/masks, {OUTPUT}/images.csv{submission} and {picture} in {seconds:.1f} s "
     f"({len(rows) / seconds:.1f} images/s)"
 )
 skipped = [row for row in image_rows if row.get("skipped_because")]

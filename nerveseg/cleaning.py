@@ -1,11 +1,15 @@
-"""Stage 1: verify a Kaggle download and write a clean, renamed copy with a manifest.
+"""Stage 1: verify a Kaggle download, or a user's own image/mask folders, and write a clean copy with a manifest.
 
 The clean folder (``data/clean`` by default) holds::
 
-    images/<subject>_<n>.tif   training images, byte-identical copies of the verified originals
+    images/<subject>_<n>.tif   Kaggle training images, byte-identical copies of the verified originals
     masks/<subject>_<n>.tif    their masks, values {0, 255} (same name as the image: no string tricks)
-    test/<n>.tif               test images, byte-identical copies
-    manifest.csv               one row per training id: paths, mask area, kept or why not, duplicates
+    images/<id>.png            own data: each image as 8-bit grayscale PNG (<id>: its path below the source)
+    masks/<id>.png             its mask as 0/255 PNG (the target values chosen by MaskValues)
+    test/<n>.tif               Kaggle test images, byte-identical copies
+    held-out/images, masks     pairs of whole subjects kept out of training (--hold-out), for an honest test
+    manifest.csv               one row per training id: original files, paths, mask area, kept or why not,
+                               near-duplicates, split (train or held-out)
     test.csv                   one row per test image
     cleaning.json              what was cleaned, with which options, and the summary
 
@@ -33,8 +37,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from nerveseg.data import split_by_subject
 from nerveseg.errors import UserError
 from nerveseg.files import building_folder, swap_into_place, write_csv, write_json
+from nerveseg.images import MASK_VALUES_FORMS, MaskValues, describe_label, mask_labels, target_pixels, to_grayscale
+from nerveseg.layouts import OwnData, natural_key, suggest_subject_pattern
 from nerveseg.rle import rle_encode
 from nerveseg.sources import ArchiveCache, Download, Locator, read_csv_text
 
@@ -43,10 +50,10 @@ TRAIN_NAME = re.compile(r"^(\d+)_(\d+)(_mask)?\.tiff?$", re.IGNORECASE)
 TEST_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
 FEATURE_SIZE = (64, 48)  # width, height of the thumbnail compared to find near-duplicates
 MANIFEST_COLUMNS = ["id", "subject", "frame", "image", "mask", "height", "width", "mask_area", "kept", "reason",
-                    "duplicate_of", "similarity"]
+                    "duplicate_of", "similarity", "split", "original_image", "original_mask"]
 TEST_COLUMNS = ["id", "image", "kept", "reason"]
 DUPLICATE_POLICIES = ("drop-empty", "drop-both", "keep")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: subjects are names, own-data layouts, the split and original files in the manifest
 
 _cache = ArchiveCache()  # the archives this process reads from (each process opens its own)
 
@@ -56,8 +63,8 @@ class PairResult:
     """What verifying one training id found."""
 
     id: str
-    subject: int
-    frame: int
+    subject: str
+    frame: str
     image: str = ""
     mask: str = ""
     height: int = 0
@@ -67,6 +74,11 @@ class PairResult:
     reason: str = ""
     duplicate_of: str = ""
     similarity: str = ""
+    split: str = ""
+    original_image: str = ""
+    original_mask: str = ""
+    converted_from: str = ""  # the image's mode where it was not 8-bit grayscale
+    several_values: list[int] = field(default_factory=list)  # a mask's labels, where the target must be named
     feature: np.ndarray | None = field(default=None, repr=False)
 
     def row(self) -> dict:
@@ -129,9 +141,10 @@ def normalize_mask(mask: np.ndarray) -> tuple[np.ndarray, str, str]:
 def verify_pair(job: tuple) -> PairResult:
     """Verify one training id and copy its files into the output folder (runs in a worker process)."""
     (subject, frame, image_locators, mask_locators, rle_text, output) = job
-    result = PairResult(f"{subject}_{frame}", subject, frame)
+    result = PairResult(f"{subject}_{frame}", str(subject), str(frame))
     image_name = image_locators[0].describe() if image_locators else ""
     mask_name = mask_locators[0].describe() if mask_locators else ""
+    result.original_image, result.original_mask = image_name, mask_name
     if not image_locators:
         result.reason = f"mask {mask_name} has no image"
         return result
@@ -169,6 +182,78 @@ def verify_pair(job: tuple) -> PairResult:
     return result
 
 
+@dataclass
+class OwnPairJob:
+    """What a worker needs to verify one pair of a user's own data."""
+
+    id: str
+    subject: str
+    images: list[str]
+    masks: list[str]
+    mask_values: MaskValues
+    output: str
+
+
+def read_own_image(path: str) -> tuple[np.ndarray, str, str]:
+    """(8-bit grayscale pixels, the mode it was converted from or "", the reason it is unusable or "")."""
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            pixels = np.asarray(to_grayscale(image))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        return np.zeros(0), "", f"{path} cannot be decoded (truncated or not an image: {error})"
+    return pixels, "" if mode == "L" else mode, ""
+
+
+def verify_own_pair(job: OwnPairJob) -> PairResult:
+    """Verify one pair of own data and write it into the output folder as 8-bit grayscale PNG and a 0/255 PNG
+    mask (runs in a worker process). Several mask files of one image are merged."""
+    result = PairResult(job.id, job.subject, "", original_image=" + ".join(job.images),
+                        original_mask=" + ".join(job.masks))
+    if not job.images:
+        result.reason = f"mask {job.masks[0]} has no image"
+        return result
+    if len(job.images) > 1:
+        result.reason = f"image {job.id} was found {len(job.images)} times ({', '.join(job.images)}); keep only one"
+        return result
+    if not job.masks:
+        result.reason = f"image {job.images[0]} has no mask"
+        return result
+    image, result.converted_from, problem = read_own_image(job.images[0])
+    target = np.zeros(image.shape, dtype=bool)
+    for path in job.masks if not problem else []:
+        try:
+            with Image.open(path) as mask_image:
+                labels = mask_labels(mask_image)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            problem = f"{path} cannot be decoded (truncated or not an image: {error})"
+            break
+        if labels.shape != image.shape:
+            problem = (f"{path} is {labels.shape[1]}x{labels.shape[0]}, its image is "
+                       f"{image.shape[1]}x{image.shape[0]}")
+            break
+        part, result.several_values = target_pixels(labels, job.mask_values)
+        if part is None:
+            shown = ", ".join(map(describe_label, result.several_values[:8]))
+            problem = f"{path} holds several mask values ({shown}); name the target with --mask-values"
+            break
+        target |= part
+    if problem:
+        result.reason = problem
+        return result
+    result.image, result.mask = f"images/{job.id}.png", f"masks/{job.id}.png"
+    for name, pixels in ((result.image, image), (result.mask, target.astype(np.uint8) * 255)):
+        path = Path(job.output, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path, compress_level=3)
+    notes = [f"converted from {result.converted_from}" if result.converted_from else "",
+             f"{len(job.masks)} mask files merged" if len(job.masks) > 1 else ""]
+    result.height, result.width = image.shape
+    result.mask_area = int(np.count_nonzero(target))
+    result.kept, result.reason, result.feature = True, "; ".join(filter(None, notes)), thumbnail_feature(image)
+    return result
+
+
 def verify_test_image(job: tuple) -> dict:
     """Verify one test image and copy it into the output folder (runs in a worker process)."""
     number, locators, output = job
@@ -201,7 +286,7 @@ def pair_jobs(
     for name, locators in download.train.items():
         match = TRAIN_NAME.match(name)
         if not match:
-            unnamed.append(PairResult(name, -1, -1, reason=f"{locators[0].describe()}: name is not <subject>_<n>.tif"))
+            unnamed.append(PairResult(name, "", "", reason=f"{locators[0].describe()}: name is not <subject>_<n>.tif"))
             continue
         key = (int(match[1]), int(match[2]))
         (masks if match[3] else images).setdefault(key, []).extend(locators)
@@ -212,21 +297,25 @@ def pair_jobs(
     return jobs, unnamed
 
 
-def find_contradictions(results: list[PairResult], threshold: float) -> list[tuple[PairResult, PairResult, float]]:
-    """Near-identical kept frames of one subject (Pearson r of thumbnails >= threshold) with one empty mask."""
-    by_subject: dict[int, list[PairResult]] = {}
+def find_contradictions(
+    results: list[PairResult], threshold: float, *, within_subjects: bool = True
+) -> list[tuple[PairResult, PairResult, float]]:
+    """Near-identical kept frames (Pearson r of thumbnails >= threshold) with one empty mask: among the frames of
+    each subject, or among all images where the subjects are not known (within_subjects=False)."""
+    groups: dict[str, list[PairResult]] = {}
     for result in results:
         if result.kept:
-            by_subject.setdefault(result.subject, []).append(result)
+            groups.setdefault(result.subject if within_subjects else "", []).append(result)
     found = []
-    for frames in by_subject.values():
+    for frames in groups.values():
         features = np.stack([frame.feature for frame in frames])
-        similarity = features @ features.T
-        for i, j in zip(*np.nonzero(np.triu(similarity, 1) >= threshold), strict=True):
-            first, second = frames[i], frames[j]
-            if (first.mask_area == 0) != (second.mask_area == 0):
-                with_mask, empty = (first, second) if first.mask_area else (second, first)
-                found.append((with_mask, empty, float(similarity[i, j])))
+        for start in range(0, len(frames), 1024):  # blocks of rows: a few thousand images never need a full matrix
+            similarity = features[start : start + 1024] @ features.T
+            for i, j in zip(*np.nonzero(similarity >= threshold), strict=True):
+                first, second = frames[start + i], frames[j]
+                if start + i < j and (first.mask_area == 0) != (second.mask_area == 0):
+                    with_mask, empty = (first, second) if first.mask_area else (second, first)
+                    found.append((with_mask, empty, float(similarity[i, j])))
     return found
 
 
@@ -285,33 +374,36 @@ def run_parallel(function: Callable, jobs: list, names: list[str], workers: int,
     return results
 
 
-def source_fingerprint(download: Download, options: dict) -> str:
+def source_fingerprint(paths: set[str], options: dict) -> str:
     """A hash of the source files' names, sizes and times and of the options: equal means nothing to redo."""
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     digest.update(str(FORMAT_VERSION).encode())
-    paths = {loc.path for group in (download.train, download.test) for locs in group.values() for loc in locs}
-    paths |= {loc.path for loc in (download.train_masks_csv, download.sample_submission_csv) if loc}
     for path in sorted(paths):
         info = os.stat(path)
         digest.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
-def summarize(results: list[PairResult], tests: list[dict], found: list, policy: str) -> dict:
+def summarize(results: list[PairResult], tests: list[dict], found: list, options: "CleaningOptions") -> dict:
     """The figures printed at the end and stored in cleaning.json."""
     kept = [r for r in results if r.kept]
     reasons = Counter(r.reason.split(" (")[0] if "near-duplicate" in r.reason else "skipped" for r in results
                       if not r.kept)
+    sizes = sorted({(r.width, r.height) for r in kept}, key=lambda size: size[0] * size[1])
     return {
         "ids_found": len(results),
         "pairs_kept": len(kept),
         "pairs_skipped": len(results) - len(kept),
         "skipped_by_reason": dict(reasons),
         "contradictory_duplicates_found": len(found),
-        "duplicate_policy": policy,
+        "duplicate_policy": options.duplicates,
         "dropped_as_duplicates": sum("near-duplicate" in r.reason for r in results if not r.kept),
         "empty_mask_fraction": round(sum(r.mask_area == 0 for r in kept) / max(len(kept), 1), 4),
         "subjects": len({r.subject for r in kept}),
+        "held_out_pairs": sum(r.split == "held-out" for r in kept),
+        "held_out_subjects": len({r.subject for r in kept if r.split == "held-out"}),
+        "converted_to_grayscale": dict(Counter(r.converted_from for r in kept if r.converted_from)),
+        "image_sizes": [f"{width}x{height}" for width, height in (sizes[:1] + sizes[1:][-1:])],
         "test_images_kept": sum(row["kept"] for row in tests),
         "test_images_skipped": sum(not row["kept"] for row in tests),
     }
@@ -326,40 +418,31 @@ class CleaningOptions:
     strict: bool = False
     workers: int = 0
     quiet: bool = False
+    mask_values: MaskValues = field(default_factory=MaskValues)  # own data: which mask values are the target
+    hold_out: float = 0.0  # share of the subjects kept out of training, with their masks, in held-out/
+    seed: int = 0  # chooses the held-out subjects
+
+    def affecting_the_result(self) -> dict:
+        """The options whose change means cleaning again."""
+        return {"duplicates": self.duplicates, "similarity": self.similarity, "strict": self.strict,
+                "mask_values": self.mask_values.text, "hold_out": self.hold_out, "seed": self.seed}
 
 
-def clean_download(download: Download, output: Path, options: CleaningOptions, overwrite: bool) -> dict:
-    """Verify and copy a download into `output`; return the summary (or {"unchanged": True, ...})."""
-    fingerprint = source_fingerprint(download, {"duplicates": options.duplicates, "similarity": options.similarity,
-                                                "strict": options.strict})
-    record_path = output / "cleaning.json"
-    if output.exists() and not output.is_dir():
-        raise UserError(f"{output} is a file, not a folder; choose another --output")
-    if output.exists() and any(output.iterdir()):
-        previous = read_previous_record(record_path)
-        if previous.get("fingerprint") == fingerprint:
-            return {**previous["summary"], "unchanged": True}
-        if not overwrite:
-            what = f"a clean of {previous['source']}" if previous else "files that data_cleaning.py did not write"
-            raise UserError(
-                f"{output} already holds {what}, made from other files or options. Pass --overwrite true "
-                "to replace it, or --output OTHER_FOLDER to keep both."
-            )
+def clean_download(download: Download, output: Path, options: CleaningOptions, *, overwrite: bool = False) -> dict:
+    """Verify and copy a Kaggle download into `output`; return the summary (or {"unchanged": True, ...})."""
+    paths = {loc.path for group in (download.train, download.test) for locs in group.values() for loc in locs}
+    paths |= {loc.path for loc in (download.train_masks_csv, download.sample_submission_csv) if loc}
+    fingerprint = source_fingerprint(paths, options.affecting_the_result())
+    previous = check_output(output, download.origin, fingerprint, overwrite=overwrite)
+    if previous:
+        return previous
     rle_rows = None
     if download.train_masks_csv is not None:
         with ArchiveCache() as cache:  # closed before any worker starts: no open archive crosses a fork
             text = read_csv_text(download.train_masks_csv, cache)
         rle_rows = parse_train_masks_csv(text, download.train_masks_csv.describe())
-    try:
-        building = building_folder(output)
-    except OSError as error:
-        raise UserError(
-            f"cannot write into {output.parent}: {error.strerror}; choose --output in a writable folder"
-        ) from None
-    try:
-        for folder in ("images", "masks", "test"):
-            (building / folder).mkdir()
-        workers = options.workers or os.cpu_count() or 1
+
+    def verify(building: Path, workers: int) -> tuple[list[PairResult], list[dict]]:
         jobs, results = pair_jobs(download, rle_rows, building)
         names = [(job[2] or job[3])[0].describe() for job in jobs]
         results += run_parallel(verify_pair, jobs, names, workers, "training pairs", options.quiet)
@@ -370,32 +453,141 @@ def clean_download(download: Download, output: Path, options: CleaningOptions, o
                 test_jobs.append((int(match[1]), locators, str(building)))
             else:
                 reason = f"{locators[0].describe()}: test image name is not <n>.tif"
-                results.append(PairResult(name, -1, -1, reason=reason))
+                results.append(PairResult(name, "", "", reason=reason))
         names = [job[1][0].describe() for job in test_jobs]
         tests = run_parallel(verify_test_image, test_jobs, names, workers, "test images", options.quiet)
         if rle_rows is not None:
             found_ids = {r.id for r in results}
             for missing in sorted(rle_rows.keys() - found_ids, key=natural_key):
-                results.append(PairResult(missing, *map(int, missing.split("_")),
+                results.append(PairResult(missing, *missing.split("_"),
                                           reason="listed in train_masks.csv but no image or mask file was found"))
-        found = find_contradictions(results, options.similarity)
+        return results, tests
+
+    expected = ("expected 8-bit grayscale TIFFs train/<subject>_<n>.tif with masks train/<subject>_<n>_mask.tif of "
+                "the same size, values 0/255")
+    return build_clean_copy(download.origin, fingerprint, output, options, verify, expected=expected,
+                            about={"layout": "kaggle", "subjects_given": True})
+
+
+def clean_own_data(
+    own: OwnData, output: Path, options: CleaningOptions, subjects: Callable[[str], str | None] | None,
+    *, overwrite: bool = False,
+) -> dict:
+    """Verify a user's own pairs and write them into `output` as grayscale PNGs with 0/255 masks.
+
+    `subjects` gives each id its subject (None: each image is its own subject, and near-duplicates are then
+    looked for among all images). Returns the summary (or {"unchanged": True, ...}).
+    """
+    paths = {str(path) for pair in own.pairs for path in pair.images + pair.masks}
+    fingerprint = source_fingerprint(paths, {**options.affecting_the_result(), "layout": own.layout,
+                                             "subjects": subjects is not None})
+    previous = check_output(output, own.origin, fingerprint, overwrite=overwrite)
+    if previous:
+        return previous
+
+    def verify(building: Path, workers: int) -> tuple[list[PairResult], list[dict]]:
+        jobs, results = [], []
+        for pair in own.pairs:
+            subject = pair.id if subjects is None else subjects(pair.id)
+            if subject is None:
+                results.append(PairResult(pair.id, "", "", reason=f"{pair.id}: no subject found for it by --subjects"))
+                continue
+            jobs.append(OwnPairJob(pair.id, subject, list(map(str, pair.images)), list(map(str, pair.masks)),
+                                   options.mask_values, str(building)))
+        names = [(job.images or job.masks)[0] for job in jobs]
+        return results + run_parallel(verify_own_pair, jobs, names, workers, "pairs", options.quiet), []
+
+    expected = "expected pairs of images and masks of the same size (PNG, JPEG, TIFF or BMP)"
+    suggestion = "" if subjects is not None else suggest_subject_pattern([pair.id for pair in own.pairs])
+    about = {"layout": own.layout, "subjects_given": subjects is not None, "suggested_subject_pattern": suggestion}
+    return build_clean_copy(own.origin, fingerprint, output, options, verify, expected=expected,
+                            within_subjects=subjects is not None, about=about)
+
+
+def check_output(output: Path, origin: str, fingerprint: str, *, overwrite: bool) -> dict:
+    """{} when `output` may be (re)built; the earlier summary when it already holds this very clean. A clean of
+    the same source by an older version of this code is rebuilt without asking."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{output} is a file, not a folder; choose another --output")
+    if output.exists() and any(output.iterdir()):
+        previous = read_previous_record(output / "cleaning.json")
+        if previous.get("fingerprint") == fingerprint:
+            return {**previous["summary"], "unchanged": True}
+        upgrade = previous.get("source") == origin and previous.get("format_version") != FORMAT_VERSION
+        if not overwrite and not upgrade:
+            what = f"a clean of {previous['source']}" if previous else "files that data_cleaning.py did not write"
+            raise UserError(
+                f"{output} already holds {what}, made from other files or options. Pass --overwrite true "
+                "to replace it, or --output OTHER_FOLDER to keep both."
+            )
+    return {}
+
+
+def several_values_message(results: list[PairResult], origin: str) -> str:
+    """Why masks with several values stop the clean, with the values found and how to name the target."""
+    counts = Counter(value for r in results for value in r.several_values)
+    listing = ", ".join(f"{describe_label(value)} (in {count} masks)" for value, count in counts.most_common(12))
+    lossy = len(counts) > 12 or any(r.original_mask.lower().endswith((".jpg", ".jpeg")) for r in results)
+    hint = "; lossy JPEG masks hold many values near 0 and 255: --mask-values 128-255" if lossy else ""
+    return (f"{len(results)} masks in {origin} hold more than one non-zero value (first: {results[0].original_mask}). "
+            f"Values found: {listing}{', ...' if len(counts) > 12 else ''}. Name the target with --mask-values: "
+            f"{MASK_VALUES_FORMS}{hint}")
+
+
+def hold_out_subjects(results: list[PairResult], building: Path, share: float, seed: int) -> None:
+    """Move the kept pairs of a `share` of the subjects (balanced for empty masks) into held-out/."""
+    kept = [{"subject": r.subject, "empty": r.mask_area == 0, "result": r} for r in results if r.kept]
+    _, held_out = split_by_subject(kept, share, seed, option="--hold-out")
+    for result in (item["result"] for item in held_out):
+        for name in ("image", "mask"):
+            source = building / getattr(result, name)
+            target = building / "held-out" / getattr(result, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+            setattr(result, name, target.relative_to(building).as_posix())
+        result.split = "held-out"
+
+
+def build_clean_copy(
+    origin: str, fingerprint: str, output: Path, options: CleaningOptions,
+    verify: Callable[[Path, int], tuple[list[PairResult], list[dict]]], *, expected: str, about: dict,
+    within_subjects: bool = True,
+) -> dict:
+    """Build the clean copy aside: `verify` writes the pairs; then near-duplicates, the held-out subjects, the
+    manifest and the summary (with `about`: how the source was read); then swap it in. A problem leaves
+    `output` as it was. `expected` says what a usable pair is, for when none is found."""
+    try:
+        building = building_folder(output)
+    except OSError as error:
+        raise UserError(
+            f"cannot write into {output.parent}: {error.strerror}; choose --output in a writable folder"
+        ) from None
+    try:
+        for folder in ("images", "masks", "test"):
+            (building / folder).mkdir()
+        results, tests = verify(building, options.workers or os.cpu_count() or 1)
+        several = [r for r in results if r.several_values]
+        if several:
+            raise UserError(several_values_message(several, origin))
+        found = find_contradictions(results, options.similarity, within_subjects=within_subjects)
         apply_duplicate_policy(found, options.duplicates)
-        results.sort(key=lambda r: (r.subject, r.frame, r.id))
+        results.sort(key=lambda r: (natural_key(r.subject), natural_key(r.id)))
         problems = [r for r in results if not r.kept and "near-duplicate" not in r.reason]
-        problems += [PairResult(row["id"], -1, -1, reason=row["reason"]) for row in tests if not row["kept"]]
+        problems += [PairResult(row["id"], "", "", reason=row["reason"]) for row in tests if not row["kept"]]
         if options.strict and problems:
             listing = "\n  ".join(p.reason for p in problems[:20])
-            raise UserError(f"--strict: {len(problems)} problem(s) in {download.origin}:\n  {listing}")
+            raise UserError(f"--strict: {len(problems)} problem(s) in {origin}:\n  {listing}")
         if not any(r.kept for r in results):
-            raise UserError(
-                f"no usable training pair in {download.origin}: expected 8-bit grayscale TIFFs train/<subject>_<n>.tif "
-                f"with masks train/<subject>_<n>_mask.tif of the same size, values 0/255. First problems:\n  "
-                + "\n  ".join(r.reason for r in results[:5])
-            )
-        summary = summarize(results, tests, found, options.duplicates)
+            raise UserError(f"no usable training pair in {origin}: {expected}. First problems:\n  "
+                            + "\n  ".join(r.reason for r in results[:5]))
+        for result in results:
+            result.split = "train" if result.kept else ""
+        if options.hold_out:
+            hold_out_subjects(results, building, options.hold_out, options.seed)
+        summary = {**about, **summarize(results, tests, found, options)}
         write_csv(building / "manifest.csv", [r.row() for r in results], MANIFEST_COLUMNS)
         write_csv(building / "test.csv", tests, TEST_COLUMNS)
-        write_json(building / "cleaning.json", {"source": download.origin, "fingerprint": fingerprint,
+        write_json(building / "cleaning.json", {"source": origin, "fingerprint": fingerprint,
                                                 "format_version": FORMAT_VERSION, "summary": summary,
                                                 "problems": [p.reason for p in problems]})
         swap_into_place(building, output)
@@ -416,8 +608,3 @@ def read_previous_record(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def natural_key(name: str) -> tuple:
-    """Sort "2_10" after "2_9"."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))

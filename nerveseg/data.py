@@ -4,12 +4,13 @@ import csv
 import random
 from pathlib import Path
 
-from nerveseg.cleaning import natural_key
 from nerveseg.errors import UserError
+from nerveseg.layouts import natural_key
 
 
 def read_manifest(data_dir: str | Path) -> list[dict]:
-    """The kept training pairs of a clean folder, as MONAI data dicts (image, label, id, subject, empty)."""
+    """The kept training pairs of a clean folder, as MONAI data dicts (image, label, id, subject, empty); the
+    held-out subjects (data_cleaning.py --hold-out) are left out."""
     data_dir = Path(data_dir)
     manifest = data_dir / "manifest.csv"
     if not manifest.is_file():
@@ -18,7 +19,7 @@ def read_manifest(data_dir: str | Path) -> list[dict]:
             "or pass --data-dir to the folder it wrote"
         )
     with open(manifest, newline="", encoding="utf-8") as file:
-        rows = [row for row in csv.DictReader(file) if row.get("kept") == "1"]
+        rows = [row for row in csv.DictReader(file) if row.get("kept") == "1" and row.get("split") != "held-out"]
     items = []
     for row in rows:
         image, label = data_dir / row["image"], data_dir / row["mask"]
@@ -30,7 +31,7 @@ def read_manifest(data_dir: str | Path) -> list[dict]:
                 "image": str(image),
                 "label": str(label),
                 "id": row["id"],
-                "subject": int(row["subject"]),
+                "subject": row["subject"],
                 "empty": int(row["mask_area"]) == 0,
                 "mask_fraction": int(row["mask_area"]) / (int(row["height"]) * int(row["width"])),
             }
@@ -40,20 +41,23 @@ def read_manifest(data_dir: str | Path) -> list[dict]:
     return items
 
 
-def split_by_subject(items: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def split_by_subject(
+    items: list[dict], val_fraction: float, seed: int, *, option: str = "--val-fraction"
+) -> tuple[list[dict], list[dict]]:
     """Hold out whole subjects for validation (their frames are strongly correlated).
 
     Subjects are shuffled with the seed, ordered by their share of empty masks, and every k-th one goes
     to validation, so both sides keep a similar empty/non-empty balance. Reproducible from the seed.
+    `option` is the setting that gave the fraction, for the messages.
     """
-    subjects = sorted({item["subject"] for item in items})
+    subjects = sorted({item["subject"] for item in items}, key=natural_key)
     if len(subjects) < 2:
         raise UserError(
-            f"only {len(subjects)} subject in the data: a split by subject needs at least 2 (one to train on, one to "
-            "validate on); clean a download with more subjects (python data_cleaning.py)"
+            f"only {len(subjects)} subject in the data: a split by subject needs at least 2 (one on each side of "
+            f"{option}); clean a download with more subjects (python data_cleaning.py)"
         )
     if not 0 < val_fraction < 1:
-        raise UserError(f"--val-fraction must be between 0 and 1, not {val_fraction}")
+        raise UserError(f"{option} must be between 0 and 1, not {val_fraction}")
     empty_share = {s: 0.0 for s in subjects}
     counts = {s: 0 for s in subjects}
     for item in items:
@@ -80,18 +84,3 @@ def partition(items: list[dict], rank: int, world_size: int, pad: bool) -> list[
         longest = -(-len(items) // world_size)
         share += items[: longest - len(share)]
     return share
-
-
-def list_images(folder: str | Path) -> list[dict]:
-    """The images of a folder to predict on (TIFF, PNG, JPEG, BMP), sorted naturally (2 before 10)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder; pass --input with a folder of images")
-    suffixes = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}
-    files = sorted(
-        (p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith(".")),
-        key=lambda p: natural_key(p.name),
-    )
-    if not files:
-        raise UserError(f"{folder} holds no images (.tif, .png, .jpg or .bmp); pass --input with a folder of images")
-    return [{"image": str(path), "image_path": str(path), "id": path.stem} for path in files]

@@ -13,6 +13,8 @@ from PIL import Image, UnidentifiedImageError
 
 from nerveseg.errors import UserError
 from nerveseg.files import building_folder, swap_into_place
+from nerveseg.images import MaskValues, read_mask
+from nerveseg.layouts import truth_files
 
 MARKER = ".nerveseg-predictions"  # tells a folder of ours from a user's folder
 IMAGE_SIGNATURES = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"BM": "BMP"}
@@ -91,9 +93,10 @@ class OutputFolder:
         weakref.finalize(self, shutil.rmtree, self.building, ignore_errors=True)  # an unfinished run leaves nothing
 
     def write_mask(self, name: str, mask: np.ndarray) -> None:
-        """One mask as an 8-bit PNG of 0 and 255."""
+        """One mask as an 8-bit PNG of 0 and 255, at masks/<name>.png (a name may hold subfolders)."""
         path = self.building / "masks" / f"{name}.png"
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray((mask * 255).astype(np.uint8)).save(path, compress_level=1)
         except OSError as error:
             path.unlink(missing_ok=True)  # PIL leaves a partial file when closing it fails too (a full disk)
@@ -104,19 +107,21 @@ class OutputFolder:
         swap_into_place(self.building, self.target)
 
 
-def find_truth(items: list[dict], folder: str) -> dict[str, Callable[[], np.ndarray]]:
-    """For each image with a truth mask in `folder` (<name>.<ext> or <name>_mask.<ext>), a reader of it (0/1)."""
+def find_truth(items: list[dict], folder: str, suffix: str, rule: MaskValues) -> dict[str, Callable[[], np.ndarray]]:
+    """For each image with a truth mask in `folder` (see layouts.truth_files), a reader of it as 0/1; several mask
+    files of one image are merged."""
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"--masks {folder} is not a folder")
-    by_stem = {p.stem.removesuffix("_mask"): p for p in root.iterdir() if p.is_file()}
+    found = truth_files(root, suffix, images={Path(item["image_path"]).resolve() for item in items})
     truths = {}
     for item in items:
-        path = by_stem.get(item["id"])
-        if path is not None:
-            truths[item["id"]] = lambda path=path: (np.asarray(Image.open(path).convert("L")) > 0).astype(np.uint8)
+        paths = found.get(item["id"])
+        if paths:
+            truths[item["id"]] = lambda paths=paths: np.maximum.reduce([read_mask(str(path), rule) for path in paths])
     if not truths:
-        raise UserError(f"--masks {folder} holds no mask named like the input images (<name>.tif or <name>_mask.tif)")
+        raise UserError(f"--masks {folder} holds no mask named like the input images (<name>.png, <name>{suffix}.png "
+                        "or any other image format, in the same subfolders)")
     return truths
 
 

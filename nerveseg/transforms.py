@@ -15,16 +15,12 @@ import torch
 import torch.nn.functional as F
 from monai.data import PILReader
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform, Resized
-from PIL import Image
 
-
-def to_grayscale(image: Image.Image) -> Image.Image:
-    """PIL converter: any input image (RGB, palette, 8-bit) as 8-bit grayscale."""
-    return image if image.mode == "L" else image.convert("L")
+from nerveseg.images import to_grayscale
 
 
 def image_reader() -> PILReader:
-    """The reader every stage uses: PIL, grayscale, not transposed."""
+    """The reader every stage uses: PIL, any image as 8-bit grayscale (see nerveseg/images.py), not transposed."""
     return PILReader(converter=to_grayscale, reverse_indexing=False)
 
 

@@ -1,6 +1,8 @@
 """Stage 1: data_cleaning.py on every form of the download, its checks, its policies, its safety."""
 
 import csv
+import hashlib
+import json
 import os
 import shutil
 import zipfile
@@ -49,6 +51,16 @@ def read_manifest(clean: Path) -> dict[str, dict]:
         return {row["id"]: row for row in csv.DictReader(file)}
 
 
+def clean_contents(clean: Path) -> dict[str, str]:
+    """The hashes of a clean copy's files, less what names the source (cleaning.json, the manifest's original
+    paths): equal for every form of one download."""
+    hashes = tree_hashes(clean)
+    hashes.pop("cleaning.json")
+    rows = [{k: v for k, v in row.items() if not k.startswith("original_")} for row in read_manifest(clean).values()]
+    hashes["manifest.csv"] = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    return hashes
+
+
 def test_every_form_gives_the_same_clean_copy(tiny_download, tmp_path):
     download, planted = tiny_download
     forms = make_forms(download, tmp_path / "forms")
@@ -61,8 +73,7 @@ def test_every_form_gives_the_same_clean_copy(tiny_download, tmp_path):
         )
         assert result.returncode == 0, result.stderr
         assert "24 training ids found" in result.stdout
-        cleaned[name] = tree_hashes(output)
-        cleaned[name].pop("cleaning.json")  # names the source, so it differs between forms
+        cleaned[name] = clean_contents(output)
     first = cleaned["folders"]
     for name, hashes in cleaned.items():
         assert hashes == first, f"{name} differs from the folder form"
@@ -339,9 +350,7 @@ def clean_in_process(source: Path, output: Path, workers: int) -> dict[str, str]
     with scratch_folder() as scratch:
         download = find_download(source, Path(scratch))
         clean_download(download, output, CleaningOptions(workers=workers, quiet=True), overwrite=False)
-    hashes = tree_hashes(output)
-    hashes.pop("cleaning.json")  # names the source
-    return hashes
+    return clean_contents(output)
 
 
 @pytest.fixture(scope="module")
@@ -401,10 +410,10 @@ def test_the_real_sample_zipped_by_the_kaggle_cli_cleans_with_the_default_worker
     result = run_script("data_cleaning.py", "--quiet", cwd=tmp_path)  # exactly what a new user runs
     assert result.returncode == 0, result.stderr
     assert "53 pairs kept" in result.stdout and "55 kept" in result.stdout
+    again = run_script("data_cleaning.py", "--quiet", cwd=tmp_path)  # data/ now holds data/clean too
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
     expected = clean_in_process(tmp_path / "unzipped", tmp_path / "clean-folders", workers=1)
-    produced = tree_hashes(tmp_path / "data" / "clean")
-    produced.pop("cleaning.json")
-    assert produced == expected
+    assert clean_contents(tmp_path / "data" / "clean") == expected
     for order_name, order in MEMBER_ORDERS.items():
         other = tmp_path / order_name / "ultrasound-nerve-segmentation.zip"
         zip_in_order(tmp_path / "unzipped", other, order)

@@ -174,7 +174,7 @@ def test_a_mask_with_anti_aliased_edges_is_refused_not_guessed(damaged_clean):
 def test_names_that_do_not_follow_subject_n_are_skipped(damaged_clean):
     for name in damaged_clean.bad_names:
         assert_skipped(damaged_clean, name, f"train/{name}: name is not <subject>_<n>.tif")
-        assert damaged_clean.manifest[name]["subject"] == "-1"
+        assert damaged_clean.manifest[name]["subject"] == ""
 
 
 def test_an_id_in_two_places_with_different_content_is_skipped(damaged_clean):

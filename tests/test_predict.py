@@ -156,7 +156,7 @@ def test_unreadable_images_are_skipped_and_named_with_their_reason(trained_run, 
     (folder / "cut.tif").write_bytes(whole[: len(whole) // 2])
     model = ["--checkpoint", str(trained_run / "2D_Nerve_Segmentation.pt"), "--pictures", str(tmp_path / "pictures")]
     result = run_script("predict.py", *model, "--input", str(folder), "--output", "out", "--num-workers", "2",
-                        "--quiet", cwd=tmp_path)
+                        "--submission", "true", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "skipped 2 unreadable file(s)" in result.stderr
     assert f"{folder / 'b.png'}: not an image" in result.stderr
@@ -207,7 +207,8 @@ def test_real_images_read_by_worker_processes_give_the_same_masks_as_in_process(
     outputs = {}
     for workers in ("0", "2"):
         result = run_script("predict.py", *model, "--input", str(folder), "--output", f"out-{workers}",
-                            "--num-workers", workers, "--batch-size", "8", "--quiet", cwd=tmp_path)
+                            "--num-workers", workers, "--batch-size", "8", "--submission", "true", "--quiet",
+                            cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         outputs[workers] = (tmp_path / f"out-{workers}" / "submission.csv").read_text()
     assert outputs["0"] == outputs["2"] and outputs["0"].count("\n") == 56

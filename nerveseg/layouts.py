@@ -1,0 +1,303 @@
+"""A user's own folders of images and masks: which layout they are in, the pairs, and each image's subject.
+
+Layouts (data_cleaning.py --layout; "auto" takes the one that is there and refuses to guess between two):
+
+    kaggle         the competition download, in any of its forms (nerveseg/sources.py)
+    images-masks   images/ and masks/ folders (or img/, labels/, gt/, ...) with matching names, at the top of
+                   the source or in each class folder (benign/images/ with benign/masks/, ...)
+    suffix         <name>.png beside <name>_mask.png (another suffix: --mask-suffix), in one folder or in class
+                   folders (benign/, malignant/, normal/, ...)
+
+A pair's id is the image's path below the source without its extension (benign/case 1), so the clean copy
+keeps the user's names. A mask may also be named <name>_mask.png in a masks folder, and extra masks of one
+image (<name>_mask_1.png, as in the BUSI dataset) are merged into one.
+"""
+
+import csv
+import os
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nerveseg.errors import UserError
+from nerveseg.images import IMAGE_SUFFIXES
+from nerveseg.sources import KAGGLE_ZIP
+
+LAYOUTS = ("auto", "kaggle", "images-masks", "suffix")
+IMAGE_FOLDERS = ("images", "image", "imgs", "img")
+MASK_FOLDERS = ("masks", "mask", "labels", "label", "gt", "ground_truth", "groundtruth", "annotations")
+KAGGLE_TRAIN_NAME = re.compile(r"^\d+_\d+(_mask)?\.tiff?$", re.IGNORECASE)
+PIPELINE_MARKERS = ("cleaning.json", ".nerveseg-predictions", "train_masks.csv")  # folders never read as own data
+
+
+@dataclass
+class OwnPair:
+    """The files of one id: normally one image and one mask (several masks are merged; several images refused)."""
+
+    id: str
+    images: list[Path] = field(default_factory=list)
+    masks: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class OwnData:
+    """The pairs found in a source folder, and how they were found."""
+
+    origin: str
+    layout: str
+    pairs: list[OwnPair]
+
+
+def skipped_folder(folder: Path) -> bool:
+    """A hidden folder, or one the pipeline wrote (a clean copy, predictions) or a Kaggle download's own folder:
+    never read as own data."""
+    return folder.name.startswith(".") or any((folder / marker).exists() for marker in PIPELINE_MARKERS)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files below `folder`, at any depth, in a fixed order. Hidden files and folders are skipped, and so
+    are folders the pipeline wrote (a clean copy, predictions) or a Kaggle download's own folder."""
+    found = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not skipped_folder(Path(root, name)))
+        found += [Path(root, name) for name in sorted(files)
+                  if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")]
+    return found
+
+
+def mask_name_pattern(suffix: str) -> re.Pattern:
+    """<name><suffix> or <name><suffix>_<k> (an extra mask of the same image); group "base" is <name>."""
+    return re.compile(rf"^(?P<base>.+?){re.escape(suffix)}(?:_\d+)?$")
+
+
+def relative_id(path: Path, root: Path) -> str:
+    """The path below `root` without its extension, "/"-separated."""
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def folder_pairs(source: Path) -> list[tuple[Path, Path]]:
+    """(images folder, masks folder) siblings at the top of `source` or one level of class folders down."""
+    pairs = []
+    for parent in [source, *sorted(p for p in source.iterdir() if p.is_dir() and not skipped_folder(p))]:
+        children = {child.name.lower(): child for child in parent.iterdir() if child.is_dir()}
+        images = next((children[name] for name in IMAGE_FOLDERS if name in children), None)
+        masks = next((children[name] for name in MASK_FOLDERS if name in children), None)
+        if images is not None and masks is not None:
+            pairs.append((images, masks))
+    return pairs
+
+
+def looks_like_kaggle(source: Path) -> bool:
+    """A zip, the competition's CSVs or zips, or a train/ folder of <subject>_<n>.tif names."""
+    if source.is_file():
+        return True
+    names = {child.name for child in source.iterdir()}
+    if KAGGLE_ZIP in names or any(name.endswith(".zip") or name.startswith("train_masks.csv") for name in names):
+        return True
+    train = source / "train"
+    return train.is_dir() and any(KAGGLE_TRAIN_NAME.match(name) for name in os.listdir(train))
+
+
+def suffix_pairs(source: Path, suffix: str, *, skip: set[Path]) -> dict[str, OwnPair]:
+    """The pairs of the suffix layout below `source` (folders in `skip` left out), by id."""
+    pattern = mask_name_pattern(suffix)
+    pairs: dict[str, OwnPair] = {}
+    for path in image_files(source):
+        if any(folder in path.parents for folder in skip):
+            continue
+        identifier = relative_id(path, source)
+        match = pattern.match(path.stem)
+        if match:
+            base = f"{identifier.rpartition('/')[0]}/{match['base']}".lstrip("/")
+            pairs.setdefault(base, OwnPair(base)).masks.append(path)
+        else:
+            pairs.setdefault(identifier, OwnPair(identifier)).images.append(path)
+    return pairs
+
+
+def images_masks_pairs(source: Path, suffix: str) -> dict[str, OwnPair]:
+    """The pairs of the images-masks layout, by id (the class folder, if any, and the image's path below images/)."""
+    pattern = mask_name_pattern(suffix)
+    pairs: dict[str, OwnPair] = {}
+    for images, masks in folder_pairs(source):
+        prefix = images.parent.relative_to(source).as_posix()
+        for path in image_files(images):
+            identifier = f"{prefix}/{relative_id(path, images)}".lstrip("./")
+            pairs.setdefault(identifier, OwnPair(identifier)).images.append(path)
+        for path in image_files(masks):
+            name = relative_id(path, masks)
+            match = pattern.match(path.name.rsplit(".", 1)[0])
+            if match:
+                name = f"{name.rpartition('/')[0]}/{match['base']}".lstrip("/")
+            identifier = f"{prefix}/{name}".lstrip("./")
+            pairs.setdefault(identifier, OwnPair(identifier)).masks.append(path)
+    return pairs
+
+
+def describe_folder(source: Path) -> str:
+    """What a folder holds, in a line: its image files by folder and suffix, or that it has none."""
+    counts = Counter((path.parent.relative_to(source).as_posix(), path.suffix.lower()) for path in image_files(source))
+    if not counts:
+        entries = sorted(child.name + ("/" if child.is_dir() else "") for child in source.iterdir())[:8]
+        return f"no image files ({', '.join(entries) or 'it is empty'})"
+    shown = ", ".join(f"{count} {suffix} in {folder}/" for (folder, suffix), count in counts.most_common(6))
+    return f"{sum(counts.values())} image files: {shown}{', ...' if len(counts) > 6 else ''}"
+
+
+def detect_layout(source: Path, suffix: str) -> str:
+    """The one layout found at `source`; a UserError lists what was found when there is none or several."""
+    if not source.exists():
+        raise UserError(
+            f"{source} does not exist. Put the Kaggle download there ({KAGGLE_ZIP}, or the train/ and test/ folders) "
+            "or your own images and masks, pass --source PATH, or run with --demo for synthetic data."
+        )
+    found = {}
+    kaggle = looks_like_kaggle(source)
+    if kaggle:
+        found["kaggle"] = "the Kaggle download (a zip, its CSVs, or train/ with <subject>_<n>.tif names)"
+    if source.is_dir():
+        if folder_pairs(source):
+            found["images-masks"] = "images/ and masks/ folders"
+        skip = {folder for pair in folder_pairs(source) for folder in pair}
+        if kaggle:
+            skip |= {source / "train", source / "test", source / "test_masks"}
+        paired = [pair for pair in suffix_pairs(source, suffix, skip=skip).values() if pair.images and pair.masks]
+        if paired:
+            found["suffix"] = f"{len(paired)} images with a <name>{suffix} mask beside them"
+    if len(found) == 1:
+        return next(iter(found))
+    options = "--layout kaggle, --layout images-masks or --layout suffix (with --mask-suffix if masks end otherwise)"
+    if found:
+        listing = "; ".join(f"{name}: {what}" for name, what in found.items())
+        choices = " or ".join(f"--layout {name}" for name in found)
+        raise UserError(f"{source} holds more than one layout ({listing}); choose one with {choices}")
+    raise UserError(
+        f"found no image/mask pairs in {source} ({describe_folder(source)}). Expected the Kaggle download "
+        f"({KAGGLE_ZIP}, or train/ and test/), images/ and masks/ folders with matching names, or <name>.png "
+        f"beside <name>{suffix}.png; choose with {options}. For synthetic data: python data_cleaning.py --demo"
+    )
+
+
+def find_own_data(source: Path, layout: str, suffix: str) -> OwnData:
+    """The pairs of `source` in an images-masks or suffix layout."""
+    if layout == "images-masks":
+        if not folder_pairs(source):
+            raise UserError(f"--layout images-masks: {source} has no images/ and masks/ folders "
+                            f"({describe_folder(source)}); the names may be {'/'.join(IMAGE_FOLDERS)} and "
+                            f"{'/'.join(MASK_FOLDERS)}")
+        pairs = images_masks_pairs(source, suffix)
+    else:
+        pairs = suffix_pairs(source, suffix, skip={folder for pair in folder_pairs(source) for folder in pair})
+        if not any(pair.masks for pair in pairs.values()):
+            raise UserError(f"--layout suffix: no file below {source} is named <name>{suffix} "
+                            f"({describe_folder(source)}); set --mask-suffix to how your masks' names end")
+    return OwnData(str(source), layout, [pairs[key] for key in sorted(pairs, key=natural_key)])
+
+
+def images_to_segment(folder: Path, suffix: str) -> list[dict]:
+    """The images below `folder` (any depth) for predict.py, sorted naturally, each with its id: its path below the
+    folder without extension. A file named like a mask of an image beside it (<name>_mask.png), or in the masks/
+    folder beside an images/ folder, is a truth, not an image to segment."""
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; pass --input with a folder of images")
+    masks_folders = {masks for _, masks in folder_pairs(folder)}
+    files = [path for path in image_files(folder) if not any(masks in path.parents for masks in masks_folders)]
+    pattern = mask_name_pattern(suffix)
+    stems = {(path.parent, path.stem) for path in files}
+    images = [path for path in files
+              if not ((match := pattern.match(path.stem)) and (path.parent, match["base"]) in stems)]
+    if not images:
+        raise UserError(f"{folder} holds no images (.tif, .png, .jpg or .bmp); pass --input with a folder of images")
+    by_id: dict[str, list[Path]] = {}
+    for path in images:
+        by_id.setdefault(relative_id(path, folder), []).append(path)
+    for identifier, paths in by_id.items():
+        if len(paths) > 1:
+            raise UserError(f"{' and '.join(map(str, paths))} would both be segmented as {identifier}.png; rename one")
+    return [{"image": str(paths[0]), "image_path": str(paths[0]), "id": identifier}
+            for identifier, paths in sorted(by_id.items(), key=lambda item: natural_key(item[0]))]
+
+
+def truth_files(folder: Path, suffix: str, *, images: set[Path]) -> dict[str, list[Path]]:
+    """The masks below `folder` by the id of their image: <id>.png, <id>_mask.png, <id>_mask_1.png, ... (any image
+    format; `images`, the resolved paths of the images being segmented, are not masks even in the same folder)."""
+    pattern = mask_name_pattern(suffix)
+    found: dict[str, list[Path]] = {}
+    for path in image_files(folder):
+        if path.resolve() in images:
+            continue
+        head, _, stem = relative_id(path, folder).rpartition("/")
+        match = pattern.match(stem)
+        identifier = f"{head}/{match['base'] if match else stem}".lstrip("/")
+        found.setdefault(identifier, []).append(path)
+    return found
+
+
+def natural_key(name: object) -> tuple:
+    """Sort "2_10" after "2_9" (and subject 10 after subject 9)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(name)))
+
+
+# Subjects ------------------------------------------------------------------------------------------------------
+SUBJECT_COLUMNS = ("subject", "patient", "patient_id", "case", "case_id", "subject_id")
+NAME_COLUMNS = ("image", "file", "filename", "file_name", "name", "id", "img", "path")
+
+
+def subjects_from_csv(path: Path) -> Callable[[str], str | None]:
+    """A lookup id -> subject from a CSV with a name column and a subject column (names with or without folder
+    and extension; separated by commas, semicolons or tabs)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read --subjects {path}: {error}") from None
+    try:
+        dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
+    columns = {name.strip().lower(): name for name in (rows[0].keys() if rows else [])}
+    subject_column = next((columns[name] for name in SUBJECT_COLUMNS if name in columns), None)
+    name_column = next((columns[name] for name in NAME_COLUMNS if name in columns), None)
+    if subject_column is None or name_column is None:
+        raise UserError(
+            f"--subjects {path} needs a column of file names ({', '.join(NAME_COLUMNS)}) and one of subjects "
+            f"({', '.join(SUBJECT_COLUMNS)}); its columns are {', '.join(columns) or 'none'}"
+        )
+    by_path, by_name = {}, {}
+    for row in rows:
+        name = Path(row[name_column].strip().replace("\\", "/")).with_suffix("").as_posix().lstrip("./")
+        by_path[name] = by_name[name.rpartition("/")[2]] = row[subject_column].strip()
+    return lambda identifier: by_path.get(identifier) or by_name.get(identifier.rpartition("/")[2])
+
+
+def subjects_from_pattern(pattern: str) -> Callable[[str], str | None]:
+    """A lookup id -> the named group "subject" of a regular expression searched in the id."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise UserError(f"--subjects {pattern!r} is not a regular expression ({error})") from None
+    if "subject" not in compiled.groupindex:
+        raise UserError(f"--subjects {pattern!r} needs a named group (?P<subject>...), such as '^(?P<subject>[^_]+)_'")
+    return lambda identifier: (match := compiled.search(identifier)) and match["subject"] or None
+
+
+def subject_lookup(spec: str) -> Callable[[str], str | None] | None:
+    """--subjects: a CSV file, a regular expression, or "" (None: each image its own subject)."""
+    if not spec:
+        return None
+    if spec.lower().endswith(".csv") or Path(spec).is_file():
+        if not Path(spec).is_file():
+            raise UserError(f"--subjects {spec} does not exist; give a CSV of file names and subjects, or a pattern")
+        return subjects_from_csv(Path(spec))
+    return subjects_from_pattern(spec)
+
+
+def suggest_subject_pattern(ids: list[str]) -> str:
+    """A --subjects pattern to suggest when names look like <subject>_<number> (ALWI_000), else ""."""
+    prefixes = [match[1] for identifier in ids if (match := re.match(r"^([A-Za-z0-9]+)[_-]\d+$", identifier))]
+    distinct = len(set(prefixes))
+    if len(prefixes) >= 0.9 * len(ids) and 2 <= distinct <= len(ids) / 2:
+        return "^(?P<subject>[A-Za-z0-9]+)[_-]"
+    return ""
