@@ -77,6 +77,18 @@ def relative_id(path: Path, root: Path) -> str:
     return path.relative_to(root).with_suffix("").as_posix()
 
 
+def join_id(folder: str, name: str) -> str:
+    """folder/name, or name alone for the top folder ("" or ".")."""
+    return name if folder in ("", ".") else f"{folder}/{name}"
+
+
+def id_of(path: Path, root: Path, mask_pattern: re.Pattern) -> tuple[str, bool]:
+    """A file's id below `root`, and whether its name marks it as a mask (<name>_mask: then the id is <name>'s)."""
+    folder, _, stem = relative_id(path, root).rpartition("/")
+    match = mask_pattern.match(stem)
+    return join_id(folder, match["base"] if match else stem), match is not None
+
+
 def folder_pairs(source: Path) -> list[tuple[Path, Path]]:
     """(images folder, masks folder) siblings at the top of `source` or one level of class folders down."""
     pairs = []
@@ -105,15 +117,10 @@ def suffix_pairs(source: Path, suffix: str, *, skip: set[Path]) -> dict[str, Own
     pattern = mask_name_pattern(suffix)
     pairs: dict[str, OwnPair] = {}
     for path in image_files(source):
-        if any(folder in path.parents for folder in skip):
-            continue
-        identifier = relative_id(path, source)
-        match = pattern.match(path.stem)
-        if match:
-            base = f"{identifier.rpartition('/')[0]}/{match['base']}".lstrip("/")
-            pairs.setdefault(base, OwnPair(base)).masks.append(path)
-        else:
-            pairs.setdefault(identifier, OwnPair(identifier)).images.append(path)
+        if not any(folder in path.parents for folder in skip):
+            identifier, is_mask = id_of(path, source, pattern)
+            pair = pairs.setdefault(identifier, OwnPair(identifier))
+            (pair.masks if is_mask else pair.images).append(path)
     return pairs
 
 
@@ -124,14 +131,10 @@ def images_masks_pairs(source: Path, suffix: str) -> dict[str, OwnPair]:
     for images, masks in folder_pairs(source):
         prefix = images.parent.relative_to(source).as_posix()
         for path in image_files(images):
-            identifier = f"{prefix}/{relative_id(path, images)}".lstrip("./")
+            identifier = join_id(prefix, relative_id(path, images))
             pairs.setdefault(identifier, OwnPair(identifier)).images.append(path)
         for path in image_files(masks):
-            name = relative_id(path, masks)
-            match = pattern.match(path.name.rsplit(".", 1)[0])
-            if match:
-                name = f"{name.rpartition('/')[0]}/{match['base']}".lstrip("/")
-            identifier = f"{prefix}/{name}".lstrip("./")
+            identifier = join_id(prefix, id_of(path, masks, pattern)[0])
             pairs.setdefault(identifier, OwnPair(identifier)).masks.append(path)
     return pairs
 
@@ -205,9 +208,10 @@ def images_to_segment(folder: Path, suffix: str) -> list[dict]:
     masks_folders = {masks for _, masks in folder_pairs(folder)}
     files = [path for path in image_files(folder) if not any(masks in path.parents for masks in masks_folders)]
     pattern = mask_name_pattern(suffix)
-    stems = {(path.parent, path.stem) for path in files}
-    images = [path for path in files
-              if not ((match := pattern.match(path.stem)) and (path.parent, match["base"]) in stems)]
+    ids = [id_of(path, folder, pattern) for path in files]
+    image_ids = {identifier for identifier, is_mask in ids if not is_mask}
+    images = [path for path, (identifier, is_mask) in zip(files, ids, strict=True)
+              if not (is_mask and identifier in image_ids)]
     if not images:
         raise UserError(f"{folder} holds no images (.tif, .png, .jpg or .bmp); pass --input with a folder of images")
     by_id: dict[str, list[Path]] = {}
@@ -226,12 +230,8 @@ def truth_files(folder: Path, suffix: str, *, images: set[Path]) -> dict[str, li
     pattern = mask_name_pattern(suffix)
     found: dict[str, list[Path]] = {}
     for path in image_files(folder):
-        if path.resolve() in images:
-            continue
-        head, _, stem = relative_id(path, folder).rpartition("/")
-        match = pattern.match(stem)
-        identifier = f"{head}/{match['base'] if match else stem}".lstrip("/")
-        found.setdefault(identifier, []).append(path)
+        if path.resolve() not in images:
+            found.setdefault(id_of(path, folder, pattern)[0], []).append(path)
     return found
 
 

@@ -33,8 +33,8 @@ def plot_training_curves(rows: list[dict], path: str | Path) -> None:
     loss_axis.legend()
     for key, label in (
         ("val_dice", "all images"),
-        ("val_dice_nonempty", "nerve present"),
-        ("val_dice_empty", "no nerve"),
+        ("val_dice_nonempty", "target present"),
+        ("val_dice_empty", "empty truth"),
         ("val_presence_accuracy", "presence right (share)"),
     ):
         points = [(row["epoch"], row[key]) for row in validated if row.get(key) not in ("", None)]  # "": none
@@ -70,7 +70,7 @@ def plot_predictions(examples: list[dict], path: str | Path, title: str) -> None
                 empty = "" if np.any(mask) else " (empty)"
                 handles.append(Line2D([], [], color=colour, linewidth=2, label=f"{label}{empty}"))
         score = f", Dice {example['dice']:.2f}" if example.get("dice") is not None else ""
-        right.set_title(f"{example['id']}: nerve outline{score}")
+        right.set_title(f"{example['id']}: outline{score}")
         right.legend(handles=handles, loc="lower right", fontsize=9)
     figure.suptitle(title)
     save_figure(figure, path)
