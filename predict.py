@@ -24,10 +24,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from nerveseg.checkpoint import load_checkpoint
 from nerveseg.distributed import choose_device
 from nerveseg.errors import UserError, exit_on_user_error
-from nerveseg.evaluation import autocast, collate_keep_sizes, presence_probabilities
+from nerveseg.evaluation import collate_keep_sizes
 from nerveseg.files import write_csv
 from nerveseg.images import parse_mask_values, to_grayscale
 from nerveseg.inference import OutputFolder, ReadableDataset, find_truth, pick_examples
@@ -37,13 +36,14 @@ from nerveseg.metrics import DiceTally, describe_scores, kaggle_dice
 from nerveseg.pictures import plot_predictions
 from nerveseg.postprocess import PostProcessing, to_mask, upsample
 from nerveseg.rle import rle_encode
+from nerveseg.runtime import load_predictor
 from nerveseg.settings import parse_settings
-from nerveseg.transforms import load_transforms, network_input
+from nerveseg.transforms import load_transforms
 
 # %% Settings
 # -----------------------------------------------------------------------------
 # Input and output
-CHECKPOINT = "2D_Nerve_Segmentation.pt"  # the model written by train.py
+CHECKPOINT = "2D_Nerve_Segmentation.pt"  # the model written by train.py (or its .onnx export, by export.py)
 INPUT = "data/clean/test"  # a folder of images to segment (subfolders too)
 OUTPUT = "predictions"  # masks/, images.csv and submission.csv are written here
 SUBMISSION = "auto"  # write submission.csv: auto (for a Kaggle test set, images named <n>.tif), true or false
@@ -56,6 +56,7 @@ NUM_PICTURES = 4  # how many images the picture shows
 # System
 BATCH_SIZE = 64  # images per forward pass
 DEVICE = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N
+ENGINE = "auto"  # auto (ONNX Runtime for a .onnx model, PyTorch for a .pt), torch or onnxruntime (CPU only)
 NUM_WORKERS = -1  # processes reading images while the model runs (0: none; -1: one a spare core, up to 4)
 AMP = True  # mixed precision on CUDA (ignored on CPU)
 STRICT = False  # stop at the first unreadable image instead of skipping it and naming it in the summary
@@ -65,6 +66,8 @@ exit_on_user_error("predict.py")
 globals().update(parse_settings(globals()))
 if BATCH_SIZE < 1 or NUM_WORKERS < -1:
     raise UserError(f"--batch-size must be at least 1 and --num-workers -1 or more, not {BATCH_SIZE} and {NUM_WORKERS}")
+if ENGINE not in ("auto", "torch", "onnxruntime"):
+    raise UserError(f"--engine takes auto, torch or onnxruntime, not {ENGINE!r}")
 if SUBMISSION not in ("auto", "true", "false"):
     raise UserError(f"--submission takes auto, true or false, not {SUBMISSION!r}")
 mask_values = parse_mask_values(MASK_VALUES)
@@ -75,7 +78,7 @@ keep_freed_memory()  # big CPU tensors are reused, not handed back and faulted i
 # %% Load the model and the images
 started = time.perf_counter()
 device = choose_device(DEVICE, 0)
-model, checkpoint = load_checkpoint(CHECKPOINT, device)
+predictor, checkpoint, engine = load_predictor(CHECKPOINT, device, engine=ENGINE, amp=AMP)
 post = PostProcessing(**checkpoint["postprocessing"])
 image_size = tuple(checkpoint["preprocessing"]["image_size"])
 items = images_to_segment(Path(INPUT), MASK_SUFFIX)
@@ -87,7 +90,8 @@ loader = torch.utils.data.DataLoader(
     dataset, batch_size=BATCH_SIZE, num_workers=workers, collate_fn=collate_keep_sizes
 )
 output = OutputFolder(Path(OUTPUT))
-print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} (epoch {checkpoint['epoch']}) on {device}")
+print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} (epoch {checkpoint['epoch']}) on {device} "
+      f"({'ONNX Runtime' if engine == 'onnxruntime' else 'PyTorch'})")
 
 # %% Segment: network at its own size, then each mask back at its image's size
 IMAGE_COLUMNS = ["img", "file", "presence", "mask_area", "dice", "skipped_because"]
@@ -102,11 +106,9 @@ with torch.no_grad():
                                "skipped_because": batch["error"][index].split(": ", 1)[1]})
         if not readable:
             continue
-        with autocast(device, AMP):
-            mask_logits, presence_logits = model(network_input(batch["image"][readable].to(device)))
+        probabilities, presences = predictor(batch["image"][readable])
         sizes = [tuple(batch["original_size"][index].tolist()) for index in readable]
-        probabilities = upsample(torch.sigmoid(mask_logits.float()), sizes)
-        presences = presence_probabilities(presence_logits, len(readable))
+        probabilities = upsample(probabilities, sizes)
         for index, probability, presence in zip(readable, probabilities, presences, strict=True):
             name = batch["id"][index]
             mask = to_mask(probability, presence, post)

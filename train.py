@@ -34,6 +34,7 @@ from nerveseg.model import build_model, model_config, set_output_prior, size_mul
 from nerveseg.pictures import plot_training_curves
 from nerveseg.postprocess import choose, default_postprocessing
 from nerveseg.settings import parse_settings, settings_to_json
+from nerveseg.tracking import TrainingLog, tensorboard_installed
 from nerveseg.training import (
     EpochSampler,
     SegmentationLoss,
@@ -78,6 +79,7 @@ MODEL_PATH = "2D_Nerve_Segmentation.pt"  # the best model (by validation Dice) i
 RUNS_DIR = "runs"  # each run writes a folder here: checkpoints, metrics.csv, curves.png, settings.json
 RUN_NAME = ""  # the run's folder name ("" = the start time)
 PICTURES = "Images"  # the training curves of the finished run are also drawn here
+TENSORBOARD = True  # log curves and validation pictures for TensorBoard into the run's folder (when installed)
 RESUME = False  # continue the run RUN_NAME (or the latest run) from its last completed epoch
 # System
 DEVICE = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N
@@ -109,7 +111,7 @@ if RESUME:
     run_dir = last_paths[-1].parent
     if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "history", "settings"} <= state.keys():
         raise UserError(f"{last_paths[-1]} is not the last.pt of a train.py run; start a run without --resume")
-    system = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME", "PICTURES"}
+    system = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME", "PICTURES", "TENSORBOARD"}
     settings = {
         **{"PRESENCE_WEIGHT": 0.0, "MIN_STEPS_PER_EPOCH": 1},  # a run started before these settings existed
         **{k.upper(): tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()},
@@ -279,12 +281,14 @@ def stop_on_sigterm(signum: int, frame: object) -> None:
 
 
 signal.signal(signal.SIGTERM, stop_on_sigterm)
+log = TrainingLog(run_dir, enabled=TENSORBOARD and process.is_main and tensorboard_installed())
+picture_batch = collate_keep_sizes([val_ds[index] for index in range(min(4, len(val_ds)))]) if log.writer else None
 
 # %% Train the model
 print0(
     f"training on {process.device} x {process.world_size}, {steps_per_epoch} steps of {batch_size} per epoch"
     f"{f' ({micro_batch} images a pass)' if micro_batch < batch_size else ''}; "
-    f"writing {run_dir}"
+    f"writing {run_dir}{' (tensorboard --logdir ' + str(run_dir.parent) + ')' if log.writer else ''}"
 )
 epoch = start_epoch
 try:
@@ -357,6 +361,9 @@ try:
         if process.is_main:
             write_csv(run_dir / "metrics.csv", history, METRICS_COLUMNS)
             plot_training_curves(history, run_dir / "curves.png")
+        log.epoch(row, images_per_second=epoch_length * process.world_size / train_seconds)
+        if log.wants_pictures(epoch, MAX_EPOCHS):
+            log.pictures(model, picture_batch, epoch)  # the plain model: a compiled one would compile again
         dice_text = (
             f", val loss {row['val_loss']:.4f}, {describe_scores(metrics)}; all-empty baseline "
             f"{row['all_empty_baseline']:.3f}"
@@ -372,6 +379,7 @@ except KeyboardInterrupt:
         else f"\ninterrupted in epoch {epoch}, before any epoch was completed: nothing to resume. "
         f"Start again with: python train.py --run-name {run_dir.name}"
     )
+    log.close()
     distributed.stop()
     sys.exit(130)
 except torch.cuda.OutOfMemoryError:
@@ -425,4 +433,5 @@ print0(
     f"  all-empty baseline {tuned_metrics['all_empty_baseline']:.4f}.\n"
     f"Saved {MODEL_PATH}; curves and metrics in {run_dir}"
 )
+log.close()
 distributed.stop()

@@ -37,12 +37,13 @@ from monai.transforms import LoadImage, Resize
 from monai.utils import convert_to_tensor
 
 from nerveseg import synthetic
-from nerveseg.checkpoint import read_torch_file, save_torch
+from nerveseg.checkpoint import load_checkpoint, read_torch_file, save_torch
 from nerveseg.data import read_manifest, split_by_subject
 from nerveseg.files import atomic_write, write_csv
 from nerveseg.memory import keep_freed_memory
 from nerveseg.model import build_model, model_config
 from nerveseg.postprocess import PostProcessing
+from nerveseg.runtime import OnnxPredictor, TorchPredictor, max_difference, onnx_graph
 from nerveseg.settings import read_settings_block
 from nerveseg.training import (
     SegmentationLoss,
@@ -552,12 +553,12 @@ def prediction_checkpoint(work: Path) -> Path:
 
 
 def measure_prediction(
-    clean: Path, warmup_input: Path, profile: Profile, device: torch.device, work: Path
+    clean: Path, warmup_input: Path, profile: Profile, device: torch.device, work: Path, *, engine: str = "auto"
 ) -> list[Row]:
-    """predict.py on the clean test images, `runs` times after a warm-up on a smaller set."""
+    """predict.py (with `engine`) on the clean test images, `runs` times after a warm-up on a smaller set."""
     checkpoint = prediction_checkpoint(work)
     n_images = len(list((clean / "test").iterdir()))
-    say(f"prediction: {profile.runs} timed run(s) on {n_images:,} test images")
+    say(f"prediction ({engine}): {profile.runs} timed run(s) on {n_images:,} test images")
     times, memory = [], 0
     for number in range(profile.warmup_runs + profile.runs):
         timed = number >= profile.warmup_runs
@@ -573,6 +574,8 @@ def measure_prediction(
             work / "pictures",
             "--device",
             device.type,
+            "--engine",
+            engine,
             "--quiet",
             cwd=work,
         )
@@ -581,6 +584,9 @@ def measure_prediction(
             memory = max(memory, run.peak_rss)
     seconds = statistics.median(times)
     full = profile.name == "full"
+    if engine != "auto":
+        return [Row(section=5, key=f"prediction_seconds_{engine}", benchmark=f"Prediction with --engine {engine}: "
+                    f"time for {n_images:,} test images", value=seconds, unit="s", note=spread(times, "s"))]
     return [
         Row(
             5,
@@ -611,6 +617,32 @@ def measure_prediction(
             note=f"{n_images:,} images",
         ),
     ]
+
+
+def measure_forward_engines(profile: Profile, work: Path) -> list[Row]:
+    """The network's forward pass on the CPU, batch 64: PyTorch against ONNX Runtime (predict.py's engines)."""
+    model, checkpoint = load_checkpoint(work / "model.pt", "cpu")
+    image_size = tuple(checkpoint["preprocessing"]["image_size"])
+    has_presence = checkpoint["model_config"].get("presence", False)
+    torch_predictor = TorchPredictor(model, torch.device("cpu"), amp=False)
+    onnx_predictor = OnnxPredictor(onnx_graph(model, image_size, has_presence=has_presence), "benchmark")
+    images = torch.randint(0, 256, (64, 1, *image_size), dtype=torch.uint8)
+    rates = {}
+    for name, predictor in (("torch", torch_predictor), ("onnxruntime", onnx_predictor)):
+        predictor(images)  # warm-up
+        times = []
+        for _ in range(max(profile.runs, 3)):
+            started = time.perf_counter()
+            predictor(images)
+            times.append(time.perf_counter() - started)
+        rates[name] = 64 / statistics.median(times)
+    difference = max_difference(torch_predictor, onnx_predictor, images)
+    return [
+        Row(section=5, key=f"forward_{name}", benchmark=f"Forward pass on the CPU, batch 64, {name}",
+            value=rate, unit="images/s", note=f"{image_size[0]}x{image_size[1]}, {torch.get_num_threads()} threads")
+        for name, rate in rates.items()
+    ] + [Row(section=5, key="forward_onnxruntime_speedup", benchmark="ONNX Runtime / PyTorch, forward pass",
+             value=rates["onnxruntime"] / rates["torch"], unit="x", note=f"probabilities within {difference:.1g}")]
 
 
 # %% GPU only: full-set epochs, mixed precision and torch.compile
@@ -727,6 +759,9 @@ def measure(profile: Profile, device: torch.device, work: Path) -> list[Row]:
     )
     watch = Watch()
     rows += flag_busy(measure_prediction(clean, quarter / "test", profile, device, work), watch)
+    if device.type == "cpu":
+        rows += flag_busy(measure_prediction(clean, quarter / "test", profile, device, work, engine="torch"), watch)
+        rows += flag_busy(measure_forward_engines(profile, work), watch)
     for height, width in profile.scaling_sizes:
         same = (height, width) == profile.image_size
         if not same:

@@ -8,7 +8,7 @@ from nerveseg.settings import format_default, option_name, read_settings_block
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("script", ["data_cleaning.py", "train.py", "predict.py"])
+@pytest.mark.parametrize("script", ["data_cleaning.py", "train.py", "predict.py", "export.py"])
 def test_every_option_is_in_the_readme_with_its_default(script):
     readme = (ROOT / "README.md").read_text()
     source = (ROOT / script).read_text()

@@ -1,0 +1,82 @@
+"""Stage 4 (optional): export the trained model to ONNX, for deployment without PyTorch.
+
+    python export.py                                  # 2D_Nerve_Segmentation.pt -> 2D_Nerve_Segmentation.onnx
+    python export.py --checkpoint runs/NAME/best.pt --output model.onnx
+    python predict.py --checkpoint 2D_Nerve_Segmentation.onnx   # predicts with ONNX Runtime, same masks
+
+The graph takes images (N, 1, height, width) as floats in [0, 1] (the 8-bit pixels divided by 255), any
+batch size, and gives the mask's probabilities and, for a model with a presence output, each image's
+presence probability. Its metadata ("nerveseg", JSON) holds the image size, the intensity scaling, the
+post-processing and presence rule, and the model's record, so the file is all that prediction needs.
+
+Before writing, ONNX Runtime's probabilities are compared with PyTorch's on CHECK_IMAGES images of
+CHECK_INPUT (random images where that folder is absent); a model that differs by more than TOLERANCE is
+not written.
+"""
+
+# %% Imports
+from pathlib import Path
+
+import monai
+import torch
+
+from nerveseg.checkpoint import FORMAT, VERSION, load_checkpoint
+from nerveseg.errors import UserError, exit_on_user_error
+from nerveseg.files import atomic_write
+from nerveseg.layouts import images_to_segment
+from nerveseg.runtime import (
+    CHECKPOINT_FIELDS,
+    OnnxPredictor,
+    TorchPredictor,
+    add_metadata,
+    max_difference,
+    onnx_graph,
+)
+from nerveseg.settings import parse_settings
+from nerveseg.transforms import load_transforms
+
+# %% Settings
+# -----------------------------------------------------------------------------
+CHECKPOINT = "2D_Nerve_Segmentation.pt"  # the model written by train.py
+OUTPUT = ""  # the .onnx file to write ("": the checkpoint's name with .onnx)
+CHECK_INPUT = "data/clean/test"  # images to compare ONNX Runtime with PyTorch on (random images if absent)
+CHECK_IMAGES = 8  # how many of them
+TOLERANCE = 0.0001  # the largest difference of probabilities allowed between ONNX Runtime and PyTorch
+# -----------------------------------------------------------------------------
+exit_on_user_error("export.py")
+globals().update(parse_settings(globals()))
+output = Path(OUTPUT or Path(CHECKPOINT).with_suffix(".onnx"))
+if output.suffix.lower() != ".onnx" or output.resolve() == Path(CHECKPOINT).resolve():
+    raise UserError(f"--output must be a .onnx file other than the checkpoint, not {output}")
+if CHECK_IMAGES < 1 or not 0 < TOLERANCE < 1:
+    raise UserError(f"--check-images must be at least 1 and --tolerance between 0 and 1, not {CHECK_IMAGES} and "
+                    f"{TOLERANCE}")
+monai.data.set_track_meta(False)
+
+# %% Load the model and the images to check it on
+model, checkpoint = load_checkpoint(CHECKPOINT, "cpu")
+image_size = tuple(checkpoint["preprocessing"]["image_size"])
+has_presence = checkpoint["model_config"].get("presence", False)
+if Path(CHECK_INPUT).is_dir():
+    items = images_to_segment(Path(CHECK_INPUT), "_mask")[:CHECK_IMAGES]
+    transform = load_transforms(image_size, with_label=False)
+    images = torch.stack([transform(item)["image"] for item in items])
+    checked_on = f"{len(items)} images of {CHECK_INPUT}"
+else:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (CHECK_IMAGES, 1, *image_size), dtype=torch.uint8, generator=generator)
+    checked_on = f"{CHECK_IMAGES} random images ({CHECK_INPUT} is absent)"
+
+# %% Export, check against PyTorch, write
+metadata = {"format": FORMAT, "version": VERSION, **{field: checkpoint.get(field) for field in CHECKPOINT_FIELDS}}
+graph = add_metadata(onnx_graph(model, image_size, has_presence=has_presence), metadata)
+difference = max_difference(OnnxPredictor(graph, str(output)), TorchPredictor(model, torch.device("cpu"), amp=False),
+                            images)
+if difference > TOLERANCE:
+    raise UserError(f"ONNX Runtime's probabilities differ from PyTorch's by {difference:.2g} (more than --tolerance "
+                    f"{TOLERANCE}) on {checked_on}; {output} was not written")
+with atomic_write(output, "wb") as file:
+    file.write(graph)
+print(f"wrote {output} ({len(graph) / 1e6:.1f} MB; input {image_size[0]}x{image_size[1]}, any batch size"
+      f"{', with the presence output' if has_presence else ''}); ONNX Runtime matches PyTorch within "
+      f"{difference:.1g} on {checked_on}. Predict with: python predict.py --checkpoint {output}")

@@ -1,0 +1,188 @@
+"""Running a trained model with PyTorch or with ONNX Runtime, and exporting it to ONNX.
+
+The ONNX graph maps images (N, 1, height, width), floats in [0, 1], to probabilities: the mask's
+(N, 1, height, width) and, for a model with a presence output, the presence's (N,). The batch size is
+free. What prediction needs besides the weights (the network's image size, the intensity scaling, the
+post-processing and presence rule) and the record of the model (its configuration, epoch and validation
+figures) are stored in the graph's metadata under "nerveseg", as JSON: a .onnx file is as complete as the
+checkpoint it came from.
+
+Both kinds of predictor are called the same way, `probabilities, presences = predictor(images)` with
+8-bit images as the transforms load them, so predict.py does not care which one runs. On the 2-core CPU
+ONNX Runtime's forward pass is 1.4 times PyTorch's, but predict.py end to end is no faster (reading,
+resizing and writing share the same cores) and needs 0.2 GB more memory, so a .pt checkpoint runs with
+PyTorch unless --engine onnxruntime is asked for (see README, Performance).
+"""
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nerveseg.checkpoint import FORMAT, VERSION, load_checkpoint
+from nerveseg.errors import UserError
+from nerveseg.evaluation import autocast, presence_probabilities
+from nerveseg.transforms import network_input
+
+METADATA_KEY = "nerveseg"
+OPSET = 17
+CHECKPOINT_FIELDS = ("model_config", "preprocessing", "postprocessing", "epoch", "metrics")
+
+
+class Probabilities(nn.Module):
+    """A model whose outputs pass through the sigmoid: what the ONNX graph computes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mask_logits, presence_logits = self.model(images)
+        if presence_logits is None:
+            return (torch.sigmoid(mask_logits),)
+        return torch.sigmoid(mask_logits), torch.sigmoid(presence_logits)
+
+
+def onnx_graph(model: nn.Module, image_size: tuple[int, int], *, has_presence: bool) -> bytes:
+    """The model (on the CPU, in eval mode) as an ONNX graph with a free batch size.
+
+    PyTorch's TorchScript-based exporter (dynamo=False) is used: it needs no extra package and exports this
+    network exactly; the newer exporter would add onnxscript for no gain here.
+    """
+    outputs = ["mask_probability", "presence_probability"] if has_presence else ["mask_probability"]
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the exporter warns that it is deprecated and about instance norm in eval
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Probabilities(model).eval(), (torch.rand(1, 1, *image_size),), buffer, input_names=["image"],
+            output_names=outputs, dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]},
+            opset_version=OPSET, dynamo=False,
+        )
+    return buffer.getvalue()
+
+
+def add_metadata(graph: bytes, metadata: dict) -> bytes:
+    """The graph with `metadata` stored as JSON under METADATA_KEY."""
+    import onnx  # only exporting needs it
+
+    model = onnx.load_from_string(graph)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    return model.SerializeToString()
+
+
+def import_onnxruntime():  # noqa: ANN201 (the module)
+    """onnxruntime, or a UserError that says how to install it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(
+            "running an .onnx model needs ONNX Runtime: pip install onnxruntime (it is in requirements.txt), "
+            "or predict with the .pt checkpoint"
+        ) from None
+    onnxruntime.set_default_logger_severity(3)  # errors only: its warnings are about graph details, not the user's
+    return onnxruntime
+
+
+class OnnxPredictor:
+    """An ONNX graph run by ONNX Runtime on the CPU."""
+
+    def __init__(self, graph: bytes | str, where: str) -> None:
+        onnxruntime = import_onnxruntime()
+        try:
+            self.session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types, not exported under stable names
+            reason = str(error).splitlines()[0][:200]
+            raise UserError(f"{where} is not an ONNX model that ONNX Runtime can run ({reason}); export it again "
+                            "with python export.py") from None
+        names = [output.name for output in self.session.get_outputs()]
+        if [item.name for item in self.session.get_inputs()] != ["image"] or names[:1] != ["mask_probability"]:
+            raise UserError(f"{where} is an ONNX model of another kind (inputs and outputs are not image -> "
+                            "mask_probability); export the model with python export.py")
+        self.has_presence = "presence_probability" in names
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """For 8-bit images (N, 1, H, W): mask probabilities (N, 1, H, W) on the CPU, each image's presence."""
+        outputs = self.session.run(None, {"image": network_input(images.cpu()).numpy()})
+        presences = outputs[1].tolist() if self.has_presence else [1.0] * images.shape[0]
+        return torch.from_numpy(outputs[0]), presences
+
+
+class TorchPredictor:
+    """A PyTorch model on its device (mixed precision on CUDA where asked)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, *, amp: bool) -> None:
+        self.model, self.device, self.amp = model, device, amp
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """For 8-bit images (N, 1, H, W): mask probabilities on the model's device, each image's presence."""
+        with autocast(self.device, self.amp):
+            mask_logits, presence_logits = self.model(network_input(images.to(self.device)))
+        return torch.sigmoid(mask_logits.float()), presence_probabilities(presence_logits, images.shape[0])
+
+
+def read_onnx_metadata(path: Path) -> tuple[bytes, dict]:
+    """The bytes of an exported .onnx file and its metadata (checked like a checkpoint's)."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; export a model first (python export.py) or pass --checkpoint PATH")
+    graph = path.read_bytes()
+    session = OnnxPredictor(graph, str(path)).session
+    text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    try:
+        metadata = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        metadata = None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or not set(CHECKPOINT_FIELDS) <= set(
+        metadata
+    ):
+        raise UserError(f"{path} was not written by export.py (its metadata lacks the image size and the "
+                        "post-processing); export the model with python export.py")
+    if metadata.get("version", 0) > VERSION:
+        raise UserError(f"{path} was written by a newer version of this project; update it to read the file")
+    return graph, metadata
+
+
+def max_difference(first: "OnnxPredictor | TorchPredictor", second: "OnnxPredictor | TorchPredictor",
+                   images: torch.Tensor) -> float:
+    """The largest difference between two predictors' probabilities (mask and presence) on `images`."""
+    (masks_a, presences_a), (masks_b, presences_b) = first(images), second(images)
+    masks = (masks_a.cpu() - masks_b.cpu()).abs().max().item()
+    presences = (torch.tensor(presences_a) - torch.tensor(presences_b)).abs().max().item()
+    return max(masks, presences)
+
+
+def load_predictor(path: str | Path, device: torch.device, *, engine: str, amp: bool
+                   ) -> tuple["OnnxPredictor | TorchPredictor", dict, str]:
+    """The predictor for a .pt checkpoint or an exported .onnx file, its checkpoint fields (preprocessing,
+    postprocessing, epoch, ...), and the engine chosen.
+
+    engine "auto": ONNX Runtime for a .onnx file, PyTorch for a .pt. "onnxruntime" for a .pt exports the model
+    in memory and checks it against PyTorch on a few images first.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        if engine == "torch" or device.type != "cpu":
+            raise UserError(f"{path} is an ONNX model: it runs with ONNX Runtime on the CPU (--engine auto or "
+                            "onnxruntime, --device cpu); for PyTorch or a GPU, predict with the .pt checkpoint")
+        graph, metadata = read_onnx_metadata(path)
+        return OnnxPredictor(graph, str(path)), metadata, "onnxruntime"
+    model, checkpoint = load_checkpoint(path, device)
+    torch_predictor = TorchPredictor(model, device, amp=amp)
+    if engine != "onnxruntime":
+        return torch_predictor, checkpoint, "torch"
+    if device.type != "cpu":
+        raise UserError("--engine onnxruntime runs on the CPU; pass --device cpu, or --engine torch for the GPU")
+    image_size = tuple(checkpoint["preprocessing"]["image_size"])
+    has_presence = checkpoint["model_config"].get("presence", False)
+    predictor = OnnxPredictor(onnx_graph(model, image_size, has_presence=has_presence), str(path))
+    generator = torch.Generator().manual_seed(0)
+    check_images = torch.randint(0, 256, (4, 1, *image_size), dtype=torch.uint8, generator=generator)
+    difference = max_difference(predictor, torch_predictor, check_images)
+    if difference > 1e-4:
+        raise UserError(f"ONNX Runtime's probabilities differ from PyTorch's by {difference:.2g} for {path}; "
+                        "predict with --engine torch (and report this line)")
+    return predictor, checkpoint, "onnxruntime"

@@ -1,0 +1,131 @@
+"""export.py and ONNX Runtime in predict.py; TensorBoard logging in train.py."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from nerveseg.checkpoint import load_checkpoint
+from nerveseg.runtime import METADATA_KEY, OnnxPredictor, TorchPredictor, read_onnx_metadata
+from tests.conftest import FAST_TRAINING, KAGGLE_SAMPLE, run_script
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, train_clean, tmp_path_factory) -> tuple:
+    """trained_run's model exported to ONNX (checked on the clean test images)."""
+    work = tmp_path_factory.mktemp("export")
+    result = run_script("export.py", "--checkpoint", str(trained_run / "2D_Nerve_Segmentation.pt"), "--output",
+                        "model.onnx", "--check-input", str(train_clean / "test"), cwd=work)
+    assert result.returncode == 0, result.stderr
+    return work / "model.onnx", result
+
+
+def test_export_writes_a_graph_with_its_metadata_that_matches_pytorch(exported, trained_run):
+    path, result = exported
+    assert "ONNX Runtime matches PyTorch within" in result.stdout and "on 6 images of" in result.stdout
+    graph, metadata = read_onnx_metadata(path)
+    model, checkpoint = load_checkpoint(trained_run / "2D_Nerve_Segmentation.pt")
+    for field in ("preprocessing", "postprocessing", "model_config", "epoch"):
+        assert metadata[field] == json.loads(json.dumps(checkpoint[field])), field
+    assert metadata["preprocessing"]["image_size"] == [64, 96]
+    onnx_predictor, torch_predictor = OnnxPredictor(graph, str(path)), TorchPredictor(model, torch.device("cpu"),
+                                                                                       amp=False)
+    assert onnx_predictor.has_presence
+    generator = torch.Generator().manual_seed(1)
+    for batch in (1, 3):  # the batch size is free
+        images = torch.randint(0, 256, (batch, 1, 64, 96), dtype=torch.uint8, generator=generator)
+        (onnx_masks, onnx_presence), (torch_masks, torch_presence) = onnx_predictor(images), torch_predictor(images)
+        assert onnx_masks.shape == (batch, 1, 64, 96) and len(onnx_presence) == batch
+        assert torch.allclose(onnx_masks, torch_masks, atol=1e-4)
+        assert np.allclose(onnx_presence, torch_presence, atol=1e-4)
+
+
+def test_predict_with_the_onnx_model_writes_the_same_masks(exported, trained_run, train_clean, tmp_path):
+    path, _ = exported
+    outputs = {}
+    for name, model, engine in (("pt", trained_run / "2D_Nerve_Segmentation.pt", "auto"), ("onnx", path, "auto"),
+                                ("pt-onnxruntime", trained_run / "2D_Nerve_Segmentation.pt", "onnxruntime")):
+        result = run_script("predict.py", "--checkpoint", str(model), "--input", str(train_clean / "test"), "--output",
+                            name, "--engine", engine, "--quiet", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert ("ONNX Runtime" if name != "pt" else "PyTorch") in result.stdout
+        outputs[name] = (tmp_path / name / "submission.csv").read_text()
+    assert outputs["pt"] == outputs["onnx"] == outputs["pt-onnxruntime"] and outputs["pt"].count("\n") == 7
+
+
+@pytest.mark.skipif(not KAGGLE_SAMPLE.is_dir(), reason="../shared/data/kaggle-sample is absent")
+def test_the_onnx_model_gives_the_same_masks_on_the_real_images(exported, trained_run, tmp_path):
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for image in sorted(KAGGLE_SAMPLE.glob("train/*.tif")):
+        if not image.stem.endswith("_mask"):
+            shutil.copy(image, folder / image.name)
+    submissions = []
+    for model in (trained_run / "2D_Nerve_Segmentation.pt", exported[0]):
+        result = run_script("predict.py", "--checkpoint", str(model), "--input", str(folder), "--output",
+                            model.suffix[1:], "--submission", "true", "--quiet", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        submissions.append((tmp_path / model.suffix[1:] / "submission.csv").read_text())
+    assert submissions[0] == submissions[1]
+
+
+def foreign_model() -> bytes:
+    """A valid ONNX graph of another kind (x -> y, the identity)."""
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    return helper.make_model(graph).SerializeToString()
+
+
+def test_a_corrupt_foreign_or_bare_onnx_file_is_refused_with_a_message(exported, train_clean, tmp_path):
+    graph = exported[0].read_bytes()
+    bare = onnx.load_from_string(graph)
+    del bare.metadata_props[:]
+    cases = {
+        "truncated.onnx": (graph[: len(graph) // 2], "is not an ONNX model that ONNX Runtime can run"),
+        "foreign.onnx": (foreign_model(), "is an ONNX model of another kind"),
+        "bare.onnx": (bare.SerializeToString(), "was not written by export.py"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        result = run_script("predict.py", "--checkpoint", name, "--input", str(train_clean / "test"), "--quiet",
+                            cwd=tmp_path)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, name
+    assert not (tmp_path / "predictions").exists()
+    assert METADATA_KEY in {entry.key for entry in onnx.load_from_string(graph).metadata_props}
+
+
+def test_export_refuses_to_write_a_model_that_does_not_match(trained_run, tmp_path):
+    result = run_script("export.py", "--checkpoint", str(trained_run / "2D_Nerve_Segmentation.pt"), "--output",
+                        "model.onnx", "--tolerance", "1e-12", cwd=tmp_path)
+    assert result.returncode == 1 and "differ from PyTorch's by" in result.stderr
+    assert "random images" in result.stderr and not (tmp_path / "model.onnx").exists()
+    assert not list(tmp_path.iterdir())  # no temporary file left either
+
+
+def test_export_help_and_bad_settings(tmp_path):
+    assert "--tolerance" in run_script("export.py", "-h", cwd=tmp_path).stdout
+    result = run_script("export.py", "--output", "model.pt", cwd=tmp_path)
+    assert result.returncode == 1 and "must be a .onnx file" in result.stderr
+    missing = run_script("export.py", cwd=tmp_path)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_training_writes_tensorboard_logs_unless_asked_not_to(trained_run, train_clean, tmp_path):
+    events = EventAccumulator(str(trained_run / "runs" / "first"), size_guidance={"images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss/train", "loss/validation", "kaggle_dice/all", "kaggle_dice/empty_truths",
+            "kaggle_dice/with_target", "learning_rate", "speed/training_images_per_second"} <= scalars
+    assert [event.step for event in events.Scalars("kaggle_dice/all")] == [1, 2]
+    pictures = events.Images("validation/prediction_red_truth_green")
+    assert [picture.step for picture in pictures] == [2]  # every 5 epochs and at the last
+    result = run_script("train.py", "--data-dir", str(train_clean), "--max-epochs", "1", "--run-name", "quiet",
+                        "--tensorboard", "false", *FAST_TRAINING, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not list((tmp_path / "runs" / "quiet").glob("events.out.tfevents.*"))
