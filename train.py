@@ -282,13 +282,13 @@ def stop_on_sigterm(signum: int, frame: object) -> None:
 
 signal.signal(signal.SIGTERM, stop_on_sigterm)
 log = TrainingLog(run_dir, enabled=TENSORBOARD and process.is_main and tensorboard_installed())
-picture_batch = collate_keep_sizes([val_ds[index] for index in range(min(4, len(val_ds)))]) if log.writer else None
+picture_batch = collate_keep_sizes([val_ds[index] for index in range(min(4, len(val_ds)))]) if log.enabled else None
 
 # %% Train the model
 print0(
     f"training on {process.device} x {process.world_size}, {steps_per_epoch} steps of {batch_size} per epoch"
     f"{f' ({micro_batch} images a pass)' if micro_batch < batch_size else ''}; "
-    f"writing {run_dir}{' (tensorboard --logdir ' + str(run_dir.parent) + ')' if log.writer else ''}"
+    f"writing {run_dir}{' (tensorboard --logdir ' + str(run_dir.parent) + ')' if log.enabled else ''}"
 )
 epoch = start_epoch
 try:

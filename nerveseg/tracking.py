@@ -41,19 +41,25 @@ def overlay(images: torch.Tensor, predictions: torch.Tensor, truths: torch.Tenso
 
 
 class TrainingLog:
-    """A run's TensorBoard log, or nothing where it is off (`enabled` false, another rank, no tensorboard)."""
+    """A run's TensorBoard log, or nothing where it is off (`enabled` false, another rank, no tensorboard).
+
+    The event file is opened with the first completed epoch: a run that stops before leaves none."""
 
     def __init__(self, run_dir: Path, *, enabled: bool) -> None:
-        self.writer = None
-        if enabled:
+        self.run_dir, self.enabled, self.writer = run_dir, enabled, None
+
+    def open(self) -> None:
+        """Open the event file (once)."""
+        if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when it is used
 
-            self.writer = SummaryWriter(log_dir=str(run_dir))
+            self.writer = SummaryWriter(log_dir=str(self.run_dir))
 
     def epoch(self, row: dict, *, images_per_second: float) -> None:
         """One epoch's figures (a metrics.csv row; blank cells are left out)."""
-        if self.writer is None:
+        if not self.enabled:
             return
+        self.open()
         for column, tag in SCALARS.items():
             if row.get(column) not in ("", None):
                 self.writer.add_scalar(tag, float(row[column]), row["epoch"])
@@ -62,7 +68,7 @@ class TrainingLog:
 
     def wants_pictures(self, epoch: int, last_epoch: int) -> bool:
         """Whether to draw the validation pictures after `epoch`."""
-        return self.writer is not None and (epoch % PICTURE_INTERVAL == 0 or epoch == last_epoch)
+        return self.enabled and (epoch % PICTURE_INTERVAL == 0 or epoch == last_epoch)
 
     @torch.no_grad()
     def pictures(self, model: torch.nn.Module, batch: dict, epoch: int) -> None:
@@ -73,6 +79,7 @@ class TrainingLog:
         mask_logits, _ = model(network_input(batch["image"].to(device)))
         model.train(was_training)
         pictures = overlay(batch["image"], torch.sigmoid(mask_logits.float()), batch["label"])
+        self.open()
         self.writer.add_images("validation/prediction_red_truth_green", pictures, epoch)
         self.writer.flush()
 

@@ -74,6 +74,8 @@ def test_two_processes_train_validate_exactly_and_only_rank_0_writes(train_clean
         assert run.returncode == 0, stderr[-3000:]
         assert "training on cpu x 2" in stdout
         assert "RANK1-WRITES:[]" in stderr, [line for line in stderr.splitlines() if "RANK1" in line]
+    for work in works:  # one TensorBoard log, rank 0's
+        assert len(list((work / "runs").rglob("events.out.tfevents.*"))) == 1
     for work in works:  # the Dice reduced over both ranks is rank 0's model's: the ranks stayed in step
         model, checkpoint = load_checkpoint(work / "2D_Nerve_Segmentation.pt")
         assert not any(key.startswith(("module.", "_orig_mod.")) for key in checkpoint["state_dict"])

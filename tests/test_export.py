@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import onnx
@@ -11,7 +12,8 @@ from onnx import TensorProto, helper
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nerveseg.checkpoint import load_checkpoint
-from nerveseg.runtime import METADATA_KEY, OnnxPredictor, TorchPredictor, read_onnx_metadata
+from nerveseg.errors import UserError
+from nerveseg.runtime import METADATA_KEY, OnnxPredictor, TorchPredictor, import_onnxruntime, read_onnx_metadata
 from tests.conftest import FAST_TRAINING, KAGGLE_SAMPLE, run_script
 
 
@@ -98,6 +100,12 @@ def test_a_corrupt_foreign_or_bare_onnx_file_is_refused_with_a_message(exported,
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, name
     assert not (tmp_path / "predictions").exists()
     assert METADATA_KEY in {entry.key for entry in onnx.load_from_string(graph).metadata_props}
+
+
+def test_without_onnxruntime_an_onnx_model_gets_a_message_that_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an import of a missing package raises
+    with pytest.raises(UserError, match="pip install onnxruntime"):
+        import_onnxruntime()
 
 
 def test_export_refuses_to_write_a_model_that_does_not_match(trained_run, tmp_path):
