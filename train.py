@@ -23,16 +23,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nerveseg import distributed
-from nerveseg.checkpoint import make_checkpoint, read_torch_file, save_torch, unwrap
+from nerveseg.checkpoint import make_checkpoint, read_torch_file, save_torch
 from nerveseg.data import partition, read_manifest, split_by_subject
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.evaluation import collate_keep_sizes, evaluate
 from nerveseg.files import write_csv, write_json
 from nerveseg.memory import keep_freed_memory
 from nerveseg.metrics import describe_scores
-from nerveseg.model import build_model, model_config, set_output_prior, size_multiple
+from nerveseg.model import build_model, model_config, set_output_prior
 from nerveseg.pictures import plot_training_curves
 from nerveseg.postprocess import choose, default_postprocessing
+from nerveseg.runs import check_output_folders, check_settings, open_run
 from nerveseg.settings import parse_settings, settings_to_json
 from nerveseg.tracking import TrainingLog, tensorboard_installed
 from nerveseg.training import (
@@ -92,72 +93,21 @@ exit_on_user_error("train.py")
 settings = parse_settings(globals())
 globals().update(settings)
 
-# %% Start: processes, device, run folder
+# %% Start: processes, device, and the run (new, or resumed with its own settings)
 process = distributed.start(DEVICE)
 print0 = print if process.is_main else (lambda *args, **kwargs: None)
 quiet = QUIET or not process.is_main
-runs = Path(RUNS_DIR)
-if RESUME:
-    candidates = [runs / RUN_NAME] if RUN_NAME else sorted(runs.glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
-    last_paths = [p if p.name == "last.pt" else p / "last.pt" for p in candidates]
-    if RUN_NAME and not last_paths[-1].is_file():
-        raise UserError(
-            f"--resume: {last_paths[-1]} does not exist: run {RUN_NAME} stopped before its first epoch ended, or "
-            f"never started. Start it again without --resume: python train.py --run-name {RUN_NAME}"
-        )
-    if not last_paths:
-        raise UserError(f"--resume found no interrupted run in {runs} (no */last.pt); start a run without --resume")
-    state = read_torch_file(last_paths[-1])
-    run_dir = last_paths[-1].parent
-    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "history", "settings"} <= state.keys():
-        raise UserError(f"{last_paths[-1]} is not the last.pt of a train.py run; start a run without --resume")
-    system = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME", "PICTURES", "TENSORBOARD"}
-    settings = {
-        **{"PRESENCE_WEIGHT": 0.0, "MIN_STEPS_PER_EPOCH": 1},  # a run started before these settings existed
-        **{k.upper(): tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()},
-        **{k: settings[k] for k in system},
-    }
-    globals().update(settings)
+run = open_run(settings)
+settings, state, run_dir = run.settings, run.state, run.folder
+globals().update(settings)
+if state is not None:
     print0(f"resuming {run_dir} after epoch {state['epoch']} of {MAX_EPOCHS} (its own settings are used)")
-else:
-    state = None
-    run_dir = runs / (RUN_NAME or time.strftime("%Y%m%d-%H%M%S"))
-    if (run_dir / "last.pt").exists():
-        raise UserError(f"{run_dir} already holds a run; use --resume to continue it or another --run-name")
+check_settings(settings)
+check_output_folders(run_dir, settings)
 image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)
 has_presence = PRESENCE_WEIGHT > 0  # the model's image-level output (see nerveseg/model.py)
 default_rule = default_postprocessing(has_presence=has_presence)
 config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT, presence=has_presence)
-multiple = size_multiple(config)
-if BATCH_SIZE < 0:
-    raise UserError(f"--batch-size must be 0 (automatic) or more, not {BATCH_SIZE}")
-if VAL_BATCH_SIZE < 1 or MAX_EPOCHS < 1 or VAL_INTERVAL < 1 or MIN_STEPS_PER_EPOCH < 1:
-    raise UserError(
-        "--val-batch-size, --max-epochs, --val-interval and --min-steps-per-epoch must be at least 1"
-    )
-if PRESENCE_WEIGHT < 0:
-    raise UserError(f"--presence-weight must be 0 (no presence output) or more, not {PRESENCE_WEIGHT}")
-if MICRO_BATCH_SIZE < 0:
-    raise UserError(f"--micro-batch-size must be 0 (automatic) or more, not {MICRO_BATCH_SIZE}")
-if not 0 < LEARNING_RATE < math.inf or WEIGHT_DECAY < 0 or not 0 <= DROPOUT < 1 or NUM_WORKERS < 0:
-    raise UserError(
-        f"--learning-rate must be above 0 (not {LEARNING_RATE}), --weight-decay and --num-workers at least 0 "
-        f"(not {WEIGHT_DECAY} and {NUM_WORKERS}), and --dropout from 0 up to 1 (not {DROPOUT})"
-    )
-if not STRIDES or len(CHANNELS) != len(STRIDES) + 1:
-    raise UserError(
-        f"--channels needs one value more than --strides (one per UNet level), not {len(CHANNELS)} and "
-        f"{len(STRIDES)}; for example --channels 16,32,64,128,256 --strides 2,2,2,2"
-    )
-if IMAGE_HEIGHT % multiple or IMAGE_WIDTH % multiple or min(image_size) < multiple:
-    raise UserError(
-        f"--image-height and --image-width must be multiples of {multiple} (the product of the "
-        f"strides), not {IMAGE_HEIGHT}x{IMAGE_WIDTH}; for example 128x176 or 224x304"
-    )
-for option, folder in (("--runs-dir", run_dir), ("--model-path", Path(MODEL_PATH).parent), ("--pictures", PICTURES)):
-    blocker = next((p for p in (Path(folder), *Path(folder).parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None:  # found now, not after hours of caching and training
-        raise UserError(f"{folder} cannot be a folder: {blocker} is a file; choose another {option}")
 monai.utils.set_determinism(SEED)
 keep_freed_memory()  # big CPU tensors are reused, not handed back and faulted in again (see nerveseg/memory.py)
 monai.data.set_track_meta(False)  # plain tensors: faster, and the metadata is not needed
@@ -192,20 +142,20 @@ train_loader = ThreadDataLoader(
 val_loader = DataLoader(val_ds, batch_size=VAL_BATCH_SIZE, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes)
 
 # %% Model, loss, optimiser and learning-rate schedule
-model = build_model(config)
+raw_model = build_model(config)  # the plain model: its weights are saved and loaded
 set_output_prior(
-    model,
+    raw_model,
     foreground_fraction=sum(i["mask_fraction"] for i in train_items) / len(train_items),
     present_fraction=sum(not i["empty"] for i in train_items) / len(train_items),
 )
-model.to(process.device)
+raw_model.to(process.device)
 if state is not None:
-    model.load_state_dict(state["model"])
-network = torch.compile(model, dynamic=False) if COMPILE else model
-trained = DistributedDataParallel(network) if process.world_size > 1 else network
+    raw_model.load_state_dict(state["model"])
+model = torch.compile(raw_model, dynamic=False) if COMPILE else raw_model
+model = DistributedDataParallel(model) if process.world_size > 1 else model  # what trains
 # Dice over the whole batch plus cross-entropy (it does not collapse on the many empty masks), plus presence.
 loss_function = SegmentationLoss(PRESENCE_WEIGHT)
-optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+optimizer = torch.optim.Adam(raw_model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 steps_per_epoch = len(train_loader)
 micro_batch = micro_batch_size(MICRO_BATCH_SIZE, batch_size, process.device)
 METRICS_COLUMNS = [
@@ -263,7 +213,7 @@ def save_last_state(epoch: int) -> None:
         save_torch(
             run_dir / "last.pt",
             {
-                "model": unwrap(model).state_dict(),
+                "model": raw_model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
@@ -298,7 +248,7 @@ try:
         generator = torch.Generator(process.device).manual_seed(
             SEED * 1000 + epoch * 64 + process.rank
         )  # its augmentation
-        trained.train()
+        model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=process.device)
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{MAX_EPOCHS}", leave=False, disable=quiet or None)
         for step, batch in enumerate(bar):
@@ -307,7 +257,7 @@ try:
             images, labels = augment(images, labels, generator)
             optimizer.zero_grad(set_to_none=True)
             loss = backward_in_micro_batches(
-                trained, loss_function, images, labels, micro_batch=micro_batch, scaler=scaler, amp=AMP
+                model, loss_function, images, labels, micro_batch=micro_batch, scaler=scaler, amp=AMP
             )
             scaler.step(optimizer)
             scaler.update()
@@ -337,7 +287,7 @@ try:
             "train_seconds": round(train_seconds, 3),
         }
         if epoch % VAL_INTERVAL == 0 or epoch == MAX_EPOCHS:
-            metrics, _ = evaluate(network, val_loader, loss_function, process, amp=AMP, quiet=quiet)
+            metrics, _ = evaluate(raw_model, val_loader, loss_function, process, amp=AMP, quiet=quiet)
             row |= {  # blank where the validation subjects have no such images
                 f"val_{key}" if key != "all_empty_baseline" else key: "" if value is None else round(value, 5)
                 for key, value in metrics.items()
@@ -345,7 +295,7 @@ try:
             }
             if best is None or metrics["dice"] > best["metrics"]["dice"]:  # every process keeps the best in memory
                 best = make_checkpoint(
-                    model,
+                    raw_model,
                     model_config=config,
                     preprocessing=preprocessing,
                     postprocessing=default_rule.as_dict(),
@@ -363,7 +313,7 @@ try:
             plot_training_curves(history, run_dir / "curves.png")
         log.epoch(row, images_per_second=epoch_length * process.world_size / train_seconds)
         if log.wants_pictures(epoch, MAX_EPOCHS):
-            log.pictures(model, picture_batch, epoch)  # the plain model: a compiled one would compile again
+            log.pictures(raw_model, picture_batch, epoch)  # not the compiled model: it would compile again
         dice_text = (
             f", val loss {row['val_loss']:.4f}, {describe_scores(metrics)}; all-empty baseline "
             f"{row['all_empty_baseline']:.3f}"
@@ -392,13 +342,13 @@ except torch.cuda.OutOfMemoryError:
 
 # %% Choose the post-processing on the validation subjects, and publish the best model
 checkpoint = best
-model.load_state_dict(checkpoint["state_dict"])
-default_metrics, scores = evaluate(network, val_loader, loss_function, process, amp=AMP, tune=True, quiet=quiet)
+raw_model.load_state_dict(checkpoint["state_dict"])
+default_metrics, scores = evaluate(raw_model, val_loader, loss_function, process, amp=AMP, tune=True, quiet=quiet)
 post, _, _ = choose(scores, images=default_metrics["images"], has_presence=has_presence)
 tuned_metrics = (  # one more validation pass only where the tuning chose another rule
     default_metrics
     if post == default_rule
-    else evaluate(network, val_loader, loss_function, process, amp=AMP, rule=post, quiet=quiet)[0]
+    else evaluate(raw_model, val_loader, loss_function, process, amp=AMP, rule=post, quiet=quiet)[0]
 )
 checkpoint["postprocessing"] = post.as_dict()
 checkpoint["metrics"] |= {

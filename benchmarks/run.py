@@ -11,7 +11,6 @@ measures, and how, is in benchmarks/README.md.
 """
 
 import argparse
-import ast
 import csv
 import hashlib
 import itertools
@@ -27,7 +26,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import monai
 import psutil
@@ -44,7 +42,7 @@ from nerveseg.memory import keep_freed_memory
 from nerveseg.model import build_model, model_config
 from nerveseg.postprocess import PostProcessing
 from nerveseg.runtime import OnnxPredictor, TorchPredictor, max_difference, onnx_graph
-from nerveseg.settings import read_settings_block
+from nerveseg.settings import script_defaults
 from nerveseg.training import (
     SegmentationLoss,
     automatic_batch_size,
@@ -58,17 +56,6 @@ CACHE = ROOT / "benchmarks" / ".cache"
 GB = 1e9
 COLUMNS = ["key", "benchmark", "value", "unit", "goal", "met", "note"]
 STARTED = time.perf_counter()
-
-
-def script_defaults(script: Path) -> dict[str, Any]:
-    """The settings block of one of the project's scripts as {NAME: default} (the source is read, never run)."""
-    source = script.read_text()
-    names = {setting.name for setting in read_settings_block(source)}
-    return {
-        node.targets[0].id: ast.literal_eval(node.value)
-        for node in ast.parse(source).body
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id in names
-    }
 
 
 TRAIN = script_defaults(ROOT / "train.py")  # train.py's defaults: model, batch, image size, optimiser, precision

@@ -62,6 +62,17 @@ def read_settings_block(source: str) -> list[Setting]:
     return settings
 
 
+def script_defaults(script: str | Path) -> dict[str, Any]:
+    """The settings block of a script as {NAME: default}: its source is read, never run."""
+    source = Path(script).read_text()
+    names = {setting.name for setting in read_settings_block(source)}
+    return {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id in names
+    }
+
+
 def option_name(name: str) -> str:
     """BATCH_SIZE -> --batch-size."""
     return "--" + name.lower().replace("_", "-")

@@ -1,44 +1,11 @@
-"""Shared fixtures: small synthetic downloads made once per test session, and a script runner."""
+"""Shared fixtures: small synthetic downloads, their clean copies and a trained run, made once per session."""
 
-import hashlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from nerveseg import synthetic
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-KAGGLE_SAMPLE = SHARED_DATA / "kaggle-sample"
-USGRA = SHARED_DATA / "usgra-kaggle"
-needs_kaggle_sample = pytest.mark.skipif(not KAGGLE_SAMPLE.is_dir(), reason="../shared/data/kaggle-sample is absent")
-
-
-def run_script(
-    script: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 600
-) -> subprocess.CompletedProcess:
-    """Run one of the project's scripts as a user would, in `cwd`; capture its output."""
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=timeout,
-    )
-
-
-def tree_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file below a folder, by relative path."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+from tests.helpers import FAST_TRAINING, run_script
 
 
 @pytest.fixture(scope="session")
@@ -67,21 +34,6 @@ def train_clean(train_download: Path, tmp_path_factory: pytest.TempPathFactory) 
     )
     assert result.returncode == 0, result.stderr
     return output
-
-
-FAST_TRAINING = (
-    "--image-height",
-    "64",
-    "--image-width",
-    "96",
-    "--batch-size",
-    "8",
-    "--val-batch-size",
-    "16",
-    "--min-steps-per-epoch",
-    "1",  # an epoch is one pass over the few training images (the rule for small sets is tested on its own)
-    "--quiet",
-)
 
 
 @pytest.fixture(scope="session")

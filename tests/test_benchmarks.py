@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from tests.conftest import run_script
+from tests.helpers import run_script
 
 CPU_ROWS = {
     "cleaning_rate",

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from nerveseg.rle import rle_decode
-from tests.conftest import KAGGLE_SAMPLE, needs_kaggle_sample, run_script, tree_hashes
+from tests.helpers import KAGGLE_SAMPLE, needs_kaggle_sample, run_script, tree_hashes
 
 
 def zip_folder(folder: Path, archive: Path, prefix: str = "") -> None:

@@ -16,7 +16,7 @@ from nerveseg.distributed import Process
 from nerveseg.evaluation import collate_keep_sizes, evaluate
 from nerveseg.training import SegmentationLoss
 from nerveseg.transforms import load_transforms
-from tests.conftest import FAST_TRAINING, ROOT
+from tests.helpers import FAST_TRAINING, ROOT
 
 # Python's audit hooks see every file opened for writing, renamed or created; rank 1 reports what it did.
 WATCH_WRITES = textwrap.dedent("""

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from nerveseg.checkpoint import load_checkpoint
 from nerveseg.errors import UserError
 from nerveseg.runtime import METADATA_KEY, OnnxPredictor, TorchPredictor, import_onnxruntime, read_onnx_metadata
-from tests.conftest import FAST_TRAINING, KAGGLE_SAMPLE, run_script
+from tests.helpers import FAST_TRAINING, KAGGLE_SAMPLE, needs_kaggle_sample, run_script
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_predict_with_the_onnx_model_writes_the_same_masks(exported, trained_run
     assert outputs["pt"] == outputs["onnx"] == outputs["pt-onnxruntime"] and outputs["pt"].count("\n") == 7
 
 
-@pytest.mark.skipif(not KAGGLE_SAMPLE.is_dir(), reason="../shared/data/kaggle-sample is absent")
+@needs_kaggle_sample
 def test_the_onnx_model_gives_the_same_masks_on_the_real_images(exported, trained_run, tmp_path):
     folder = tmp_path / "real"
     folder.mkdir()

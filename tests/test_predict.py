@@ -11,7 +11,7 @@ from PIL import Image
 from nerveseg.files import current_umask
 from nerveseg.postprocess import THRESHOLDS, choose, to_mask, tuning_scores, upsample
 from nerveseg.rle import rle_decode, rle_encode
-from tests.conftest import KAGGLE_SAMPLE, needs_kaggle_sample, run_script
+from tests.helpers import KAGGLE_SAMPLE, needs_kaggle_sample, run_script
 
 
 @needs_kaggle_sample

@@ -10,7 +10,7 @@ from monai.losses import DiceCELoss
 
 from nerveseg.model import build_model, model_config
 from nerveseg.training import EpochSampler, automatic_batch_size, backward_in_micro_batches, micro_batch_size
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,5 @@
 """Stage 2: train.py end to end, its split, its reading of images, its metric, resume and determinism."""
 
-import csv
 import signal
 import subprocess
 import sys
@@ -15,12 +14,7 @@ from nerveseg.checkpoint import FORMAT, load_checkpoint
 from nerveseg.data import read_manifest, split_by_subject
 from nerveseg.metrics import DiceTally, describe_scores, kaggle_dice
 from nerveseg.transforms import BatchAugment, image_reader, load_transforms, network_input, unpack_mask
-from tests.conftest import FAST_TRAINING, ROOT, run_script
-
-
-def read_metrics(run: Path) -> list[dict]:
-    with open(run / "metrics.csv", newline="") as file:
-        return list(csv.DictReader(file))
+from tests.helpers import FAST_TRAINING, ROOT, read_metrics, run_script
 
 
 def test_a_short_run_writes_its_checkpoint_metrics_and_pictures(trained_run):

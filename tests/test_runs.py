@@ -1,0 +1,91 @@
+"""train.py's settings checks and run opening (nerveseg/runs.py), without starting train.py."""
+
+import pytest
+import torch
+
+from nerveseg.errors import UserError
+from nerveseg.runs import ADDED_SETTINGS, check_output_folders, check_settings, open_run
+from nerveseg.settings import script_defaults
+from tests.helpers import ROOT
+
+DEFAULTS = script_defaults(ROOT / "train.py")
+
+REFUSED = [  # (settings changed from the defaults, the message)
+    ({"BATCH_SIZE": -1}, "--batch-size must be 0 (automatic) or more, not -1"),
+    ({"MAX_EPOCHS": 0}, "--val-batch-size, --max-epochs, --val-interval and --min-steps-per-epoch must be at least 1"),
+    ({"VAL_INTERVAL": 0}, "must be at least 1"),
+    ({"MIN_STEPS_PER_EPOCH": 0}, "must be at least 1"),
+    ({"PRESENCE_WEIGHT": -0.5}, "--presence-weight must be 0 (no presence output) or more, not -0.5"),
+    ({"MICRO_BATCH_SIZE": -1}, "--micro-batch-size must be 0 (automatic) or more, not -1"),
+    ({"LEARNING_RATE": 0.0}, "--learning-rate must be above 0 (not 0.0)"),
+    ({"LEARNING_RATE": float("inf")}, "--learning-rate must be above 0 (not inf)"),
+    ({"WEIGHT_DECAY": -1e-5}, "--weight-decay and --num-workers at least 0"),
+    ({"DROPOUT": 1.0}, "--dropout from 0 up to 1 (not 1.0)"),
+    ({"NUM_WORKERS": -1}, "(not 1e-05 and -1)"),
+    ({"CHANNELS": (16, 32, 64)}, "--channels needs one value more than --strides (one per UNet level), not 3 and 4"),
+    ({"STRIDES": ()}, "--channels needs one value more than --strides"),
+    ({"IMAGE_HEIGHT": 100}, "must be multiples of 16 (the product of the strides), not 100x176"),
+    ({"IMAGE_WIDTH": 8}, "not 128x8"),
+    ({"STRIDES": (2, 2, 2, 3), "IMAGE_HEIGHT": 96}, "must be multiples of 24"),
+]
+
+
+@pytest.mark.parametrize(("changed", "message"), REFUSED)
+def test_settings_that_cannot_work_are_refused_with_what_would(changed, message):
+    with pytest.raises(UserError) as refused:
+        check_settings({**DEFAULTS, **changed})
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize("changed", [{}, {"BATCH_SIZE": 0, "MICRO_BATCH_SIZE": 0}, {"PRESENCE_WEIGHT": 0.0},
+                                     {"STRIDES": (2, 2, 2), "CHANNELS": (8, 16, 32, 64), "IMAGE_HEIGHT": 8}])
+def test_settings_that_work_pass(changed):
+    check_settings({**DEFAULTS, **changed})
+
+
+def test_an_output_folder_under_a_file_is_refused(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    settings = {**DEFAULTS, "MODEL_PATH": str(tmp_path / "a_file" / "model.pt"), "PICTURES": str(tmp_path / "p")}
+    with pytest.raises(UserError, match="is a file; choose another --model-path"):
+        check_output_folders(tmp_path / "runs" / "x", settings)
+    check_output_folders(tmp_path / "runs" / "x", {**settings, "MODEL_PATH": str(tmp_path / "model.pt")})
+
+
+def test_a_new_run_gets_its_folder_and_never_takes_over_an_old_one(tmp_path):
+    settings = {**DEFAULTS, "RUNS_DIR": str(tmp_path / "runs"), "RUN_NAME": "a"}
+    run = open_run(settings)
+    assert run.folder == tmp_path / "runs" / "a" and run.state is None and run.settings is settings
+    run.folder.mkdir(parents=True)
+    torch.save({}, run.folder / "last.pt")
+    with pytest.raises(UserError, match="already holds a run; use --resume"):
+        open_run(settings)
+
+
+def test_resume_takes_the_runs_own_settings_but_the_system_ones_from_now(tmp_path):
+    runs = tmp_path / "runs"
+    old_settings = {key.lower(): list(value) if isinstance(value, tuple) else value for key, value in DEFAULTS.items()
+                    if key not in ADDED_SETTINGS}  # a run started before these settings existed
+    old_settings |= {"max_epochs": 7, "channels": [8, 16, 32, 64, 128], "quiet": False, "device": "cuda"}
+    for name in ("first", "second"):
+        (runs / name).mkdir(parents=True)
+        torch.save({"model": {}, "optimizer": {}, "epoch": 3, "history": [], "settings": old_settings},
+                   runs / name / "last.pt")
+    now = {**DEFAULTS, "RUNS_DIR": str(runs), "RESUME": True, "QUIET": True, "DEVICE": "cpu", "MAX_EPOCHS": 99}
+    run = open_run(now)  # the latest run
+    assert run.folder == runs / "second" and run.state["epoch"] == 3
+    assert run.settings["MAX_EPOCHS"] == 7 and run.settings["CHANNELS"] == (8, 16, 32, 64, 128)
+    assert run.settings["QUIET"] is True and run.settings["DEVICE"] == "cpu"
+    assert run.settings["PRESENCE_WEIGHT"] == 0.0 and run.settings["MIN_STEPS_PER_EPOCH"] == 1
+    assert open_run({**now, "RUN_NAME": "first"}).folder == runs / "first"
+
+
+@pytest.mark.parametrize(("prepare", "name", "message"), [
+    (lambda runs: None, "", "found no interrupted run in"),
+    (lambda runs: None, "never", "run never stopped before its first epoch ended, or never started"),
+    (lambda runs: (runs / "bad").mkdir(parents=True) or torch.save([1, 2], runs / "bad" / "last.pt"), "bad",
+     "is not the last.pt of a train.py run"),
+])
+def test_resume_with_nothing_to_resume_says_what_to_do(prepare, name, message, tmp_path):
+    prepare(tmp_path / "runs")
+    with pytest.raises(UserError, match=message):
+        open_run({**DEFAULTS, "RUNS_DIR": str(tmp_path / "runs"), "RUN_NAME": name, "RESUME": True})
