@@ -72,7 +72,7 @@ VAL_BATCH_SIZE = 64  # validation images per forward pass and per process
 MAX_EPOCHS = 60  # passes over the training images (each at least MIN_STEPS_PER_EPOCH steps)
 MIN_STEPS_PER_EPOCH = 32  # a small data set is passed over again within an epoch until this many steps
 VAL_INTERVAL = 1  # validate every this many epochs (and always after the last one)
-LEARNING_RATE = 2e-3  # Adam's peak learning rate (not scaled with the number of processes: see README)
+LEARNING_RATE = 2e-3  # Adam's peak learning rate (not scaled with the number of processes: see docs/distributed.md)
 WEIGHT_DECAY = 1e-5  # Adam's weight decay
 WARMUP_EPOCHS = 2  # epochs of linear warm-up before the cosine decay
 # Output

@@ -9,7 +9,7 @@ jemalloc or tcmalloc; this does it with the C library that is already there.
 
 The price is memory that stays with the process: the heap grows over the first few batches (aligned blocks
 do not always fit the places freed by the last batch) and then stays put; in the test, three 64 MB tensors a
-batch settle at about 1.2 GB of heap. train.py's full-set peak is 2.4 GB with it (see the README).
+batch settle at about 1.2 GB of heap. train.py's full-set peak is 2.4 GB with it (see docs/performance.md).
 """
 
 import ctypes

@@ -20,7 +20,7 @@ THRESHOLDS = tuple(np.round(np.arange(0.3, 0.81, 0.05), 2).tolist())
 MIN_AREA_FRACTIONS = (0.0, 0.002, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03)
 # 0 means presence is not used: the only choice for a model without a presence output, never chosen for a model
 # with one. On a validation set of a few subjects, letting the threshold and the minimum area replace the
-# presence output fitted those subjects and lost on unseen patients (README, Results).
+# presence output fitted those subjects and lost on unseen patients (docs/results.md).
 PRESENCE_THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
@@ -118,7 +118,7 @@ def choose(tuning: torch.Tensor, *, images: int, has_presence: bool) -> tuple[Po
 
     The best rule replaces the default only where its mean gain per image is more than twice the gain's
     standard error: on the validation images of a few subjects, a rule picked among hundreds for a small gain
-    fits those images, and measured on unseen patients it lost (README, Results). Ties go to the default, so
+    fits those images, and measured on unseen patients it lost (docs/results.md). Ties go to the default, so
     the chosen rule never scores below it. A model with a presence output keeps using it (presence thresholds
     0.3-0.7); one without has only presence threshold 0.
     """

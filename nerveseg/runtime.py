@@ -11,7 +11,7 @@ Both kinds of predictor are called the same way, `probabilities, presences = pre
 8-bit images as the transforms load them, so predict.py does not care which one runs. On the 2-core CPU
 ONNX Runtime's forward pass is 1.4 times PyTorch's, but predict.py end to end is no faster (reading,
 resizing and writing share the same cores) and needs 0.2 GB more memory, so a .pt checkpoint runs with
-PyTorch unless --engine onnxruntime is asked for (see README, Performance).
+PyTorch unless --engine onnxruntime is asked for (see docs/performance.md).
 """
 
 import io
