@@ -68,7 +68,8 @@ if DEMO:
         synthetic.write_kaggle_download(Path(SOURCE), synthetic.DEMO, WORKERS, progress=not QUIET, test_masks=True)
 
 # %% Find the files, verify them and write the clean copy
-options = CleaningOptions(DUPLICATES, SIMILARITY, STRICT, WORKERS, QUIET, mask_values, HOLD_OUT, SEED)
+options = CleaningOptions(duplicates=DUPLICATES, similarity=SIMILARITY, strict=STRICT, workers=WORKERS, quiet=QUIET,
+                          mask_values=mask_values, hold_out=HOLD_OUT, seed=SEED)
 layout = detect_layout(Path(SOURCE), MASK_SUFFIX) if LAYOUT == "auto" else LAYOUT
 if layout == "kaggle":
     if SUBJECTS or MASK_VALUES:

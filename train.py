@@ -10,6 +10,7 @@ editing it below, or on the command line (-h lists them all).
 """
 
 # %% Import useful libraries
+import functools
 import math
 import signal
 import sys
@@ -22,18 +23,16 @@ from monai.data import CacheDataset, DataLoader, ThreadDataLoader
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from nerveseg import distributed
+from nerveseg import distributed, runs
 from nerveseg.checkpoint import make_checkpoint, read_torch_file, save_torch
-from nerveseg.data import partition, read_manifest, split_by_subject
-from nerveseg.errors import UserError, exit_on_user_error
+from nerveseg.data import describe_split, partition, read_manifest, split_by_subject
+from nerveseg.errors import exit_on_user_error
 from nerveseg.evaluation import collate_keep_sizes, evaluate
 from nerveseg.files import write_csv, write_json
 from nerveseg.memory import keep_freed_memory
-from nerveseg.metrics import describe_scores
 from nerveseg.model import build_model, model_config, set_output_prior
 from nerveseg.pictures import plot_training_curves
 from nerveseg.postprocess import choose, default_postprocessing
-from nerveseg.runs import check_output_folders, check_settings, open_run
 from nerveseg.settings import parse_settings, settings_to_json
 from nerveseg.tracking import TrainingLog, tensorboard_installed
 from nerveseg.training import (
@@ -42,6 +41,7 @@ from nerveseg.training import (
     automatic_batch_size,
     backward_in_micro_batches,
     micro_batch_size,
+    warmup_cosine,
 )
 from nerveseg.transforms import BatchAugment, load_transforms, network_input
 
@@ -97,13 +97,13 @@ globals().update(settings)
 process = distributed.start(DEVICE)
 print0 = print if process.is_main else (lambda *args, **kwargs: None)
 quiet = QUIET or not process.is_main
-run = open_run(settings)
+run = runs.open_run(settings)
 settings, state, run_dir = run.settings, run.state, run.folder
 globals().update(settings)
 if state is not None:
     print0(f"resuming {run_dir} after epoch {state['epoch']} of {MAX_EPOCHS} (its own settings are used)")
-check_settings(settings)
-check_output_folders(run_dir, settings)
+runs.check_settings(settings)
+runs.check_output_folders(run_dir, settings)
 image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)
 has_presence = PRESENCE_WEIGHT > 0  # the model's image-level output (see nerveseg/model.py)
 default_rule = default_postprocessing(has_presence=has_presence)
@@ -115,33 +115,10 @@ monai.data.set_track_meta(False)  # plain tensors: faster, and the metadata is n
 # %% Load data: the manifest of data_cleaning.py, split by subject
 items = read_manifest(DATA_DIR)
 train_items, val_items = split_by_subject(items, VAL_FRACTION, SEED)
-print0(
-    f"{len(items)} pairs from {len({i['subject'] for i in items})} subjects: {len(train_items)} for training, "
-    f"{len(val_items)} for validation ({len({i['subject'] for i in val_items})} subjects held out); "
-    f"empty masks {sum(i['empty'] for i in train_items) / len(train_items):.0%} / "
-    f"{sum(i['empty'] for i in val_items) / len(val_items):.0%}"
-)
+print0(describe_split(train_items, val_items))
 
-# %% Loaders and MONAI transforms: decode and resize once (cached), augment whole batches on the device
-augment = BatchAugment(ROTATE_DEGREES, SCALE, SHIFT, FLIP_PROB, INTENSITY_PROB)
-my_train_items = partition(train_items, process.rank, process.world_size, pad=True)  # cache only this share
-my_val_items = partition(val_items, process.rank, process.world_size, pad=False)
-# Small data sets get enough optimiser steps: a smaller automatic batch, and epochs of at least a set number
-# of steps (the competition's 4,500 training images: batch 128, 36 steps, one pass, as before).
-batch_size = BATCH_SIZE or automatic_batch_size(len(my_train_items), MIN_STEPS_PER_EPOCH)
-epoch_length = max(len(my_train_items), MIN_STEPS_PER_EPOCH * batch_size)
-show_progress = not quiet and sys.stderr.isatty()
-train_ds = CacheDataset(my_train_items, load_transforms(image_size, True), progress=show_progress, copy_cache=False)
-val_ds = CacheDataset(my_val_items, load_transforms(image_size, True, keep_full_label=True), progress=show_progress)
-# The sampler makes each epoch's order a function of (SEED, epoch): a resumed run sees the same batches.
-sampler = EpochSampler(len(train_ds), epoch_length, SEED)
-# ThreadDataLoader assembles the next batch in a background thread while the device works on this one.
-train_loader = ThreadDataLoader(
-    train_ds, batch_size=batch_size, sampler=sampler, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes
-)
-val_loader = DataLoader(val_ds, batch_size=VAL_BATCH_SIZE, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes)
-
-# %% Model, loss, optimiser and learning-rate schedule
+# %% The model: MONAI's UNet with an image-level presence output (nerveseg/model.py), its outputs starting at
+# the training set's shares of target pixels and of images with a target
 raw_model = build_model(config)  # the plain model: its weights are saved and loaded
 set_output_prior(
     raw_model,
@@ -153,35 +130,39 @@ if state is not None:
     raw_model.load_state_dict(state["model"])
 model = torch.compile(raw_model, dynamic=False) if COMPILE else raw_model
 model = DistributedDataParallel(model) if process.world_size > 1 else model  # what trains
+
+# %% Loaders and MONAI transforms: decode and resize once (cached), augment whole batches on the device
+augment = BatchAugment(
+    rotate_degrees=ROTATE_DEGREES, scale=SCALE, shift=SHIFT, flip_prob=FLIP_PROB, intensity_prob=INTENSITY_PROB
+)
+my_train_items = partition(train_items, process.rank, process.world_size, pad=True)  # cache only this share
+my_val_items = partition(val_items, process.rank, process.world_size, pad=False)
+# Small data sets get enough optimiser steps: a smaller automatic batch, and epochs of at least a set number
+# of steps (the competition's 4,500 training images: batch 128, 36 steps, one pass, as before).
+batch_size = BATCH_SIZE or automatic_batch_size(len(my_train_items), MIN_STEPS_PER_EPOCH)
+epoch_length = max(len(my_train_items), MIN_STEPS_PER_EPOCH * batch_size)
+show_progress = not quiet and sys.stderr.isatty()
+train_ds = CacheDataset(my_train_items, load_transforms(image_size, with_label=True), progress=show_progress,
+                        copy_cache=False)
+val_ds = CacheDataset(my_val_items, load_transforms(image_size, with_label=True, keep_full_label=True),
+                      progress=show_progress)
+# The sampler makes each epoch's order a function of (SEED, epoch): a resumed run sees the same batches.
+sampler = EpochSampler(len(train_ds), epoch_length, SEED)
+# ThreadDataLoader assembles the next batch in a background thread while the device works on this one.
+train_loader = ThreadDataLoader(
+    train_ds, batch_size=batch_size, sampler=sampler, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes
+)
+val_loader = DataLoader(val_ds, batch_size=VAL_BATCH_SIZE, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes)
+
+# %% Loss, optimiser and learning-rate schedule
 # Dice over the whole batch plus cross-entropy (it does not collapse on the many empty masks), plus presence.
 loss_function = SegmentationLoss(PRESENCE_WEIGHT)
 optimizer = torch.optim.Adam(raw_model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 steps_per_epoch = len(train_loader)
 micro_batch = micro_batch_size(MICRO_BATCH_SIZE, batch_size, process.device)
-METRICS_COLUMNS = [
-    "epoch",
-    "train_loss",
-    "val_loss",
-    "val_dice",
-    "val_dice_empty",
-    "val_dice_nonempty",
-    "val_presence_accuracy",
-    "all_empty_baseline",
-    "lr",
-    "train_seconds",
-    "seconds",
-]
-
-
-def learning_rate_factor(step: int) -> float:
-    """Linear warm-up, then cosine decay to zero at the last step."""
-    warmup, total = WARMUP_EPOCHS * steps_per_epoch, MAX_EPOCHS * steps_per_epoch
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-
-scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
+schedule = functools.partial(warmup_cosine, warmup_steps=WARMUP_EPOCHS * steps_per_epoch,
+                             total_steps=MAX_EPOCHS * steps_per_epoch)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 use_scaler = AMP and process.device.type == "cuda" and not torch.cuda.is_bf16_supported()
 scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)  # only float16 needs loss scaling
 start_epoch, best, history = 0, None, []
@@ -195,42 +176,10 @@ if state is not None:
 preprocessing = {"image_size": list(image_size), "intensity": "0..255 scaled to 0..1", "reader": "PIL, grayscale"}
 saved_settings = settings_to_json(settings)
 if process.is_main:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot make the run folder {run_dir}: {error.strerror}; choose another --runs-dir") from None
-    write_json(run_dir / "settings.json", saved_settings)
-    if state is not None:
-        write_csv(run_dir / "metrics.csv", history, METRICS_COLUMNS)  # it may lag last.pt after a kill
-        model_path = Path(MODEL_PATH)  # a checkpoint write cut short by a kill leaves .NAME.*.tmp (atomic_write)
-        for stale in [*run_dir.glob(".*.tmp"), *model_path.parent.glob(f".{model_path.name}.*.tmp")]:
-            stale.unlink(missing_ok=True)
+    runs.prepare_run_folder(run, settings_json=saved_settings, history=history, model_path=Path(MODEL_PATH))
 
 
-def save_last_state(epoch: int) -> None:
-    """Everything --resume needs to continue after `epoch` as if never stopped (rank 0 writes)."""
-    if process.is_main:
-        save_torch(
-            run_dir / "last.pt",
-            {
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "history": history,
-                "settings": saved_settings,
-                "rng": {"torch": torch.get_rng_state()},
-            },
-        )
-
-
-def stop_on_sigterm(signum: int, frame: object) -> None:
-    """Treat SIGTERM (a job scheduler's stop) like Ctrl-C."""
-    raise KeyboardInterrupt
-
-
-signal.signal(signal.SIGTERM, stop_on_sigterm)
+signal.signal(signal.SIGTERM, signal.default_int_handler)  # a job scheduler's stop is handled like Ctrl-C
 log = TrainingLog(run_dir, enabled=TENSORBOARD and process.is_main and tensorboard_installed())
 picture_batch = collate_keep_sizes([val_ds[index] for index in range(min(4, len(val_ds)))]) if log.enabled else None
 
@@ -271,15 +220,7 @@ try:
         )
         train_loss = float(totals[0] / totals[1])
         if not math.isfinite(train_loss):
-            kept = (
-                f"the last good state is {run_dir / 'last.pt'} (epoch {epoch - 1})"
-                if epoch > 1
-                else "no epoch was completed, so nothing was saved"
-            )
-            raise UserError(
-                f"the training loss became {train_loss} in epoch {epoch}; {kept}. Start a new run with a lower "
-                f"--learning-rate (now {LEARNING_RATE:g}), or turn off --amp"
-            )
+            raise runs.diverged(train_loss, epoch, run_dir, LEARNING_RATE)
         row = {
             "epoch": epoch,
             "train_loss": round(train_loss, 5),
@@ -288,57 +229,32 @@ try:
         }
         if epoch % VAL_INTERVAL == 0 or epoch == MAX_EPOCHS:
             metrics, _ = evaluate(raw_model, val_loader, loss_function, process, amp=AMP, quiet=quiet)
-            row |= {  # blank where the validation subjects have no such images
-                f"val_{key}" if key != "all_empty_baseline" else key: "" if value is None else round(value, 5)
-                for key, value in metrics.items()
-                if key in ("loss", "dice", "dice_empty", "dice_nonempty", "presence_accuracy", "all_empty_baseline")
-            }
+            row |= runs.validation_row(metrics)
             if best is None or metrics["dice"] > best["metrics"]["dice"]:  # every process keeps the best in memory
-                best = make_checkpoint(
-                    raw_model,
-                    model_config=config,
-                    preprocessing=preprocessing,
-                    postprocessing=default_rule.as_dict(),
-                    settings=saved_settings,
-                    epoch=epoch,
-                    metrics=metrics,
-                )
+                best = make_checkpoint(raw_model, model_config=config, preprocessing=preprocessing,
+                                       postprocessing=default_rule.as_dict(), settings=saved_settings, epoch=epoch,
+                                       metrics=metrics)
                 if process.is_main:
                     save_torch(run_dir / "best.pt", best)
         row["seconds"] = round(time.perf_counter() - started, 2)
         history.append(row)
-        save_last_state(epoch)
-        if process.is_main:
-            write_csv(run_dir / "metrics.csv", history, METRICS_COLUMNS)
+        if process.is_main:  # everything --resume needs to go on after this epoch as if never stopped
+            save_torch(run_dir / "last.pt", runs.last_state(raw_model, optimizer, scheduler, scaler, epoch=epoch,
+                                                            history=history, settings=saved_settings))
+            write_csv(run_dir / "metrics.csv", history, runs.METRICS_COLUMNS)
             plot_training_curves(history, run_dir / "curves.png")
         log.epoch(row, images_per_second=epoch_length * process.world_size / train_seconds)
         if log.wants_pictures(epoch, MAX_EPOCHS):
             log.pictures(raw_model, picture_batch, epoch)  # not the compiled model: it would compile again
-        dice_text = (
-            f", val loss {row['val_loss']:.4f}, {describe_scores(metrics)}; all-empty baseline "
-            f"{row['all_empty_baseline']:.3f}"
-            if "val_dice" in row
-            else ""
-        )
-        print0(f"epoch {epoch:3d}/{MAX_EPOCHS}: train loss {train_loss:.4f}{dice_text}, {row['seconds']:.1f} s")
+        print0(runs.epoch_line(row, MAX_EPOCHS, metrics if "val_dice" in row else None))
 except KeyboardInterrupt:
-    print0(
-        f"\ninterrupted in epoch {epoch}; the last completed epoch is saved in {run_dir / 'last.pt'}. "
-        f"Continue with: python train.py --resume --run-name {run_dir.name}"
-        if (run_dir / "last.pt").exists()
-        else f"\ninterrupted in epoch {epoch}, before any epoch was completed: nothing to resume. "
-        f"Start again with: python train.py --run-name {run_dir.name}"
-    )
+    print0(runs.interrupted(epoch, run_dir))
     log.close()
     distributed.stop()
     sys.exit(130)
 except torch.cuda.OutOfMemoryError:
-    raise UserError(
-        f"the GPU ran out of memory in epoch {epoch}; start a new run with a smaller --micro-batch-size (now "
-        f"{micro_batch}; the same steps in slices), --batch-size (now {batch_size}) or image size (now "
-        f"{IMAGE_HEIGHT}x{IMAGE_WIDTH})"
-        + (f"; {run_dir / 'last.pt'} keeps epoch {epoch - 1}" if epoch > 1 else "")
-    ) from None
+    raise runs.out_of_memory(epoch, run_dir, micro_batch=micro_batch, batch_size=batch_size,
+                             image_size=image_size) from None
 
 # %% Choose the post-processing on the validation subjects, and publish the best model
 checkpoint = best
@@ -370,18 +286,7 @@ if process.is_main:
             "model_path": MODEL_PATH,
         },
     )
-presence_rule = f"presence below {post.presence_threshold} means empty, " if post.presence_threshold else ""
-kept_default = "the default: no other rule gained clearly more than the noise of these images; "
-kept_default = kept_default if post == default_rule else ""
-print0(
-    f"best epoch {checkpoint['epoch']}, on the {default_metrics['images']} validation images:\n"
-    f"  default rule (threshold 0.5{', presence 0.5' if has_presence else ''}): "
-    f"{describe_scores(default_metrics)}\n"
-    f"  chosen post-processing ({kept_default}{presence_rule}threshold {post.threshold}, largest component "
-    f"{'on' if post.keep_largest else 'off'}, minimum area {post.min_area_fraction:.2%} of the image): "
-    f"{describe_scores(tuned_metrics)}\n"
-    f"  all-empty baseline {tuned_metrics['all_empty_baseline']:.4f}.\n"
-    f"Saved {MODEL_PATH}; curves and metrics in {run_dir}"
-)
+print0(runs.result_summary(checkpoint["epoch"], default_metrics, tuned_metrics, post, default_rule=default_rule))
+print0(f"Saved {MODEL_PATH}; curves and metrics in {run_dir}")
 log.close()
 distributed.stop()

@@ -344,7 +344,7 @@ def run_job(function: Callable, job: tuple, name: str) -> Any:
         ) from None
 
 
-def run_parallel(function: Callable, jobs: list, names: list[str], workers: int, description: str,
+def run_parallel(function: Callable, jobs: list, names: list[str], workers: int, description: str, *,
                  quiet: bool) -> list:
     """Map `function` over `jobs` (each about the file in `names`) in worker processes, in order, with a bar.
 
@@ -445,7 +445,7 @@ def clean_download(download: Download, output: Path, options: CleaningOptions, *
     def verify(building: Path, workers: int) -> tuple[list[PairResult], list[dict]]:
         jobs, results = pair_jobs(download, rle_rows, building)
         names = [(job[2] or job[3])[0].describe() for job in jobs]
-        results += run_parallel(verify_pair, jobs, names, workers, "training pairs", options.quiet)
+        results += run_parallel(verify_pair, jobs, names, workers, "training pairs", quiet=options.quiet)
         test_jobs = []
         for name, locators in sorted(download.test.items(), key=lambda item: natural_key(item[0])):
             match = TEST_NAME.match(name)
@@ -455,7 +455,7 @@ def clean_download(download: Download, output: Path, options: CleaningOptions, *
                 reason = f"{locators[0].describe()}: test image name is not <n>.tif"
                 results.append(PairResult(name, "", "", reason=reason))
         names = [job[1][0].describe() for job in test_jobs]
-        tests = run_parallel(verify_test_image, test_jobs, names, workers, "test images", options.quiet)
+        tests = run_parallel(verify_test_image, test_jobs, names, workers, "test images", quiet=options.quiet)
         if rle_rows is not None:
             found_ids = {r.id for r in results}
             for missing in sorted(rle_rows.keys() - found_ids, key=natural_key):
@@ -495,7 +495,7 @@ def clean_own_data(
             jobs.append(OwnPairJob(pair.id, subject, list(map(str, pair.images)), list(map(str, pair.masks)),
                                    options.mask_values, str(building)))
         names = [(job.images or job.masks)[0] for job in jobs]
-        return results + run_parallel(verify_own_pair, jobs, names, workers, "pairs", options.quiet), []
+        return results + run_parallel(verify_own_pair, jobs, names, workers, "pairs", quiet=options.quiet), []
 
     expected = "expected pairs of images and masks of the same size (PNG, JPEG, TIFF or BMP)"
     suggestion = "" if subjects is not None else suggest_subject_pattern([pair.id for pair in own.pairs])

@@ -74,6 +74,16 @@ def split_by_subject(
     return train, val
 
 
+def describe_split(train: list[dict], val: list[dict]) -> str:
+    """The split in a line: pairs and subjects on each side, and the share of empty masks."""
+    subjects = len({item["subject"] for item in train + val})
+    return (
+        f"{len(train) + len(val)} pairs from {subjects} subjects: {len(train)} for training, {len(val)} for validation "
+        f"({len({item['subject'] for item in val})} subjects held out); empty masks "
+        f"{sum(item['empty'] for item in train) / len(train):.0%} / {sum(item['empty'] for item in val) / len(val):.0%}"
+    )
+
+
 def partition(items: list[dict], rank: int, world_size: int, pad: bool) -> list[dict]:
     """This process's share of the items. pad=True repeats a few so that every share has the same length
     (training steps must match across processes); pad=False keeps each item exactly once (validation)."""

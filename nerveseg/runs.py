@@ -9,8 +9,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from nerveseg.checkpoint import read_torch_file
 from nerveseg.errors import UserError
+from nerveseg.files import write_csv, write_json
+from nerveseg.metrics import describe_scores
+from nerveseg.postprocess import PostProcessing
 
 LAST_STATE_KEYS = {"model", "optimizer", "epoch", "history", "settings"}  # what last.pt holds
 SYSTEM_SETTINGS = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME", "PICTURES", "TENSORBOARD"}  # a resume takes them anew
@@ -95,3 +101,90 @@ def open_run(settings: dict) -> Run:
         **{key: settings[key] for key in SYSTEM_SETTINGS},
     }
     return Run(last_paths[-1].parent, resumed, state)
+
+
+# The run's files and messages ----------------------------------------------------------------------------------
+METRICS_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_dice_empty", "val_dice_nonempty",
+                   "val_presence_accuracy", "all_empty_baseline", "lr", "train_seconds", "seconds"]
+VALIDATION_COLUMNS = ("loss", "dice", "dice_empty", "dice_nonempty", "presence_accuracy", "all_empty_baseline")
+
+
+def prepare_run_folder(run: Run, *, settings_json: dict, history: list[dict], model_path: Path) -> None:
+    """Make the run's folder and write its settings.json; for a resumed run, bring metrics.csv in line with
+    last.pt (a kill may leave it a row ahead) and remove what a write cut short by a kill left (.NAME.*.tmp)."""
+    try:
+        run.folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"cannot make the run folder {run.folder}: {error.strerror}; choose another --runs-dir"
+        ) from None
+    write_json(run.folder / "settings.json", settings_json)
+    if run.state is not None:
+        write_csv(run.folder / "metrics.csv", history, METRICS_COLUMNS)
+        for stale in [*run.folder.glob(".*.tmp"), *model_path.parent.glob(f".{model_path.name}.*.tmp")]:
+            stale.unlink(missing_ok=True)
+
+
+def validation_row(metrics: dict) -> dict:
+    """The validation figures of a metrics.csv row (blank where the validation subjects have no such images)."""
+    return {f"val_{key}" if key != "all_empty_baseline" else key: "" if metrics[key] is None else round(metrics[key], 5)
+            for key in VALIDATION_COLUMNS}
+
+
+def last_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object, scaler: object, *, epoch: int,
+               history: list[dict], settings: dict) -> dict:
+    """last.pt: everything --resume needs to go on after `epoch` as if the run had never stopped."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "history": history, "settings": settings,
+            "rng": {"torch": torch.get_rng_state()}}
+
+
+def epoch_line(row: dict, max_epochs: int, metrics: dict | None) -> str:
+    """One epoch in a line: the training loss, the validation figures where it was validated, the time."""
+    validation = (f", val loss {row['val_loss']:.4f}, {describe_scores(metrics)}; all-empty baseline "
+                  f"{row['all_empty_baseline']:.3f}" if metrics is not None else "")
+    seconds = f"{row['seconds']:.1f} s"
+    return f"epoch {row['epoch']:3d}/{max_epochs}: train loss {row['train_loss']:.4f}{validation}, {seconds}"
+
+
+def diverged(train_loss: float, epoch: int, run_dir: Path, learning_rate: float) -> UserError:
+    """The error for a loss that is no longer a number."""
+    kept = (f"the last good state is {run_dir / 'last.pt'} (epoch {epoch - 1})" if epoch > 1
+            else "no epoch was completed, so nothing was saved")
+    return UserError(f"the training loss became {train_loss} in epoch {epoch}; {kept}. Start a new run with a lower "
+                     f"--learning-rate (now {learning_rate:g}), or turn off --amp")
+
+
+def out_of_memory(epoch: int, run_dir: Path, *, micro_batch: int, batch_size: int, image_size: tuple) -> UserError:
+    """The error for a GPU that ran out of memory."""
+    return UserError(
+        f"the GPU ran out of memory in epoch {epoch}; start a new run with a smaller --micro-batch-size (now "
+        f"{micro_batch}; the same steps in slices), --batch-size (now {batch_size}) or image size (now "
+        f"{image_size[0]}x{image_size[1]})" + (f"; {run_dir / 'last.pt'} keeps epoch {epoch - 1}" if epoch > 1 else "")
+    )
+
+
+def interrupted(epoch: int, run_dir: Path) -> str:
+    """What to do after Ctrl-C (or SIGTERM) in `epoch`."""
+    if (run_dir / "last.pt").exists():
+        return (f"\ninterrupted in epoch {epoch}; the last completed epoch is saved in {run_dir / 'last.pt'}. "
+                f"Continue with: python train.py --resume --run-name {run_dir.name}")
+    return (f"\ninterrupted in epoch {epoch}, before any epoch was completed: nothing to resume. "
+            f"Start again with: python train.py --run-name {run_dir.name}")
+
+
+def result_summary(best_epoch: int, default_metrics: dict, tuned_metrics: dict, post: PostProcessing, *,
+                   default_rule: PostProcessing) -> str:
+    """The end of training in words: the best epoch's validation Dice with the default and the chosen rule."""
+    presence_rule = f"presence below {post.presence_threshold} means empty, " if post.presence_threshold else ""
+    kept_default = ("the default: no other rule gained clearly more than the noise of these images; "
+                    if post == default_rule else "")
+    default_presence = f", presence {default_rule.presence_threshold}" if default_rule.presence_threshold else ""
+    return (
+        f"best epoch {best_epoch}, on the {default_metrics['images']} validation images:\n"
+        f"  default rule (threshold {default_rule.threshold}{default_presence}): {describe_scores(default_metrics)}\n"
+        f"  chosen post-processing ({kept_default}{presence_rule}threshold {post.threshold}, largest component "
+        f"{'on' if post.keep_largest else 'off'}, minimum area {post.min_area_fraction:.2%} of the image): "
+        f"{describe_scores(tuned_metrics)}\n"
+        f"  all-empty baseline {tuned_metrics['all_empty_baseline']:.4f}."
+    )

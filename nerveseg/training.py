@@ -110,3 +110,10 @@ def backward_in_micro_batches(
             scaler.scale(loss).backward()
         total += loss.detach()
     return total
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate's factor at `step`: a linear warm-up, then a cosine decay to zero at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(total_steps - warmup_steps, 1)))

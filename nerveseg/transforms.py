@@ -60,7 +60,7 @@ class ToUint8d(MapTransform):
         return d
 
 
-def load_transforms(image_size: Sequence[int], with_label: bool, keep_full_label: bool = False) -> Compose:
+def load_transforms(image_size: Sequence[int], *, with_label: bool, keep_full_label: bool = False) -> Compose:
     """Read and resize whole images (area) and masks (nearest neighbour) to the network's size: done once.
 
     keep_full_label also keeps the mask at its original size, packed (see PackFullMaskd).
@@ -97,6 +97,7 @@ class BatchAugment:
 
     def __init__(
         self,
+        *,
         rotate_degrees: float,
         scale: float,
         shift: float,

@@ -83,7 +83,7 @@ def test_two_processes_train_validate_exactly_and_only_rank_0_writes(train_clean
         _, val_items = split_by_subject(read_manifest(train_clean), settings["val_fraction"], settings["seed"])
         monai.data.set_track_meta(False)
         size = (settings["image_height"], settings["image_width"])
-        dataset = monai.data.Dataset(val_items, load_transforms(size, True, keep_full_label=True))
+        dataset = monai.data.Dataset(val_items, load_transforms(size, with_label=True, keep_full_label=True))
         loader = torch.utils.data.DataLoader(dataset, batch_size=5, collate_fn=collate_keep_sizes)
         loss = SegmentationLoss(settings["presence_weight"])
         metrics, _ = evaluate(model, loader, loss, Process(0, 1, torch.device("cpu")), amp=False)

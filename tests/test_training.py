@@ -169,13 +169,13 @@ def test_interrupted_and_resumed_equals_uninterrupted_and_seeded_runs_agree(trai
 
 def test_batch_augmentation_is_seeded_keeps_masks_binary_and_can_be_switched_off():
     images, labels = torch.rand(6, 1, 32, 48), (torch.rand(6, 1, 32, 48) > 0.7).float()
-    off = BatchAugment(10, 0.1, 0.05, flip_prob=0.0, intensity_prob=0.0, affine_prob=0.0)
+    off = BatchAugment(rotate_degrees=10, scale=0.1, shift=0.05, flip_prob=0.0, intensity_prob=0.0, affine_prob=0.0)
     same_images, same_labels = off(images, labels, torch.Generator().manual_seed(0))
     assert torch.allclose(same_images, images, atol=1e-5) and torch.equal(same_labels, labels)
-    flip = BatchAugment(0, 0, 0, flip_prob=1.0, intensity_prob=0.0, affine_prob=0.0)
+    flip = BatchAugment(rotate_degrees=0, scale=0, shift=0, flip_prob=1.0, intensity_prob=0.0, affine_prob=0.0)
     flipped_images, flipped_labels = flip(images, labels, torch.Generator().manual_seed(0))
     assert torch.allclose(flipped_images, images.flip(-1), atol=1e-5) and torch.equal(flipped_labels, labels.flip(-1))
-    on = BatchAugment(10, 0.1, 0.05, flip_prob=0.0, intensity_prob=0.5)
+    on = BatchAugment(rotate_degrees=10, scale=0.1, shift=0.05, flip_prob=0.0, intensity_prob=0.5)
     first = on(images, labels, torch.Generator().manual_seed(3))
     second = on(images, labels, torch.Generator().manual_seed(3))
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
