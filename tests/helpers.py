@@ -1,10 +1,13 @@
 """What the tests share besides fixtures: paths, the real data's whereabouts, a script runner, hashes."""
 
 import csv
+import errno
 import hashlib
+import io
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -59,3 +62,53 @@ FAST_TRAINING = (
     "1",  # an epoch is one pass over the few training images (the rule for small sets is tested on its own)
     "--quiet",
 )
+
+
+# Faults: what an expected error looks like, and a disk that fills up -------------------------------------
+NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
+
+
+def sys_is_unwritable() -> bool:
+    """Tests run as root, for whom permissions do not stop a write; /sys refuses new folders even to root."""
+    try:
+        os.rmdir(tempfile.mkdtemp(dir="/sys"))
+    except OSError:
+        return Path("/sys").is_dir()
+    return False
+
+
+SYS_IS_UNWRITABLE = sys_is_unwritable()
+needs_unwritable_sys = pytest.mark.skipif(not SYS_IS_UNWRITABLE, reason="/sys is absent or writable here")
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit status 1, `script: error: ...` naming each fragment, and no traceback."""
+    assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert ": error: " in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr[-2000:])
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with `room` bytes free: writes past that fail with ENOSPC, as a full disk does."""
+
+    def __init__(self, fd: int, room: int) -> None:
+        super().__init__(fd, "w")
+        self.room = room
+
+    def write(self, data) -> int:
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, NO_SPACE)
+        data = memoryview(data).cast("B")[: self.room]
+        self.room -= len(data)
+        return super().write(data)
+
+
+def full_disk_opener(room: int):
+    """A replacement for os.fdopen (as atomic_write calls it) whose files sit on a full disk."""
+
+    def fdopen(fd: int, mode: str = "r", **kwargs) -> io.IOBase:
+        buffered = io.BufferedWriter(FullDisk(fd, room))
+        return buffered if "b" in mode else io.TextIOWrapper(buffered, **kwargs)
+
+    return fdopen

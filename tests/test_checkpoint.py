@@ -1,0 +1,142 @@
+"""Checkpoint readers (predict.py, train.py --resume): old formats still load, a checkpoint of another
+architecture or image size is refused, one that would run code is refused and runs nothing."""
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nerveseg.checkpoint import load_checkpoint, make_checkpoint, read_torch_file, save_torch
+from nerveseg.errors import UserError
+from nerveseg.model import build_model, model_config
+from nerveseg.postprocess import PostProcessing
+from tests.helpers import assert_user_error, run_script, tree_hashes
+
+# %% Checkpoint readers (predict.py, train.py --resume)
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path) -> Path:
+    """A valid (untrained) checkpoint of a small network: enough for what is tested here."""
+    config = model_config((4, 8), (2,), 0, 0.0)
+    checkpoint = make_checkpoint(
+        build_model(config),
+        model_config=config,
+        preprocessing={"image_size": [32, 48]},
+        postprocessing=PostProcessing(presence_threshold=0.5).as_dict(),
+        settings={},
+        epoch=1,
+        metrics={"dice": 0.5},
+    )
+    path = tmp_path / "model.pt"
+    save_torch(path, checkpoint)
+    load_checkpoint(path)
+    return path
+
+
+def test_a_checkpoint_from_before_the_presence_output_still_predicts(tmp_path):
+    """Version 1 (a plain MONAI UNet, no presence rule) loads as a model without presence: nothing is emptied
+    by presence, and the masks are those of its own rule."""
+    from monai.networks.nets import UNet
+
+    config = {key: value for key, value in model_config((4, 8), (2,), 0, 0.0).items() if key != "presence"}
+    old_model = UNet(**config)
+    old = {
+        "format": "nerveseg-unet",
+        "version": 1,
+        "model_config": config,
+        "state_dict": old_model.state_dict(),
+        "preprocessing": {"image_size": [32, 48]},
+        "postprocessing": {"threshold": 0.5, "keep_largest": False, "min_area_fraction": 0.0},
+        "settings": {},
+        "epoch": 3,
+        "metrics": {"dice": 0.5},
+    }
+    save_torch(tmp_path / "v1.pt", old)
+    model, checkpoint = load_checkpoint(tmp_path / "v1.pt")
+    images = torch.rand(2, 1, 32, 48)
+    mask_logits, presence_logits = model(images)
+    assert presence_logits is None and model.presence_head is None
+    torch.testing.assert_close(mask_logits, old_model.eval()(images))
+    assert PostProcessing(**checkpoint["postprocessing"]).presence_threshold == 0.0
+
+
+def edit_checkpoint(path: Path, edit) -> Path:
+    checkpoint = torch.load(path, weights_only=True)
+    edit(checkpoint)
+    edited = path.with_name("edited.pt")
+    torch.save(checkpoint, edited)
+    return edited
+
+
+CHECKPOINT_EDITS = {
+    "other channels": (
+        lambda c: c["model_config"].update(channels=[8, 16]),
+        "does not match the model it describes (Error(s) in loading state_dict for PresenceUNet:; size mismatch for "
+        "model.0.conv.weight",
+    ),
+    "other depth": (lambda c: c["model_config"].update(channels=[4, 8, 16]), "the length of `strides` should equal"),
+    "other outputs": (lambda c: c["model_config"].update(out_channels=2), "size mismatch"),
+    "image size not a multiple": (
+        lambda c: c["preprocessing"].update(image_size=[33, 48]),
+        "its image size [33, 48] does not suit its network (height and width must be multiples of 2)",
+    ),
+    "image size zero": (lambda c: c["preprocessing"].update(image_size=[0, 48]), "must be multiples of 2"),
+    "no preprocessing": (lambda c: c.pop("preprocessing"), "lacks preprocessing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_EDITS))
+def test_a_checkpoint_of_another_architecture_or_image_size_is_refused(case, small_checkpoint):
+    edit, message = CHECKPOINT_EDITS[case]
+    edited = edit_checkpoint(small_checkpoint, edit)
+    before = edited.read_bytes()
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(edited)
+    assert message in str(caught.value) and str(edited) in str(caught.value)
+    assert "edited" in str(caught.value) and "train.py" in str(caught.value)
+    assert edited.read_bytes() == before
+
+
+class RunsCode:
+    """Unpickling this creates the file `marker`: what a malicious checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(small_checkpoint, tmp_path):
+    def malicious(marker: Path, name: str) -> Path:
+        return edit_checkpoint(small_checkpoint, lambda c: c.update(payload=RunsCode(marker))).rename(tmp_path / name)
+
+    control = malicious(tmp_path / "control-marker", "control.pt")
+    torch.load(control, weights_only=False)  # an unsafe load runs the payload: the test file is really malicious
+    assert (tmp_path / "control-marker").exists()
+    marker = tmp_path / "marker"
+    evil = malicious(marker, "evil.pt")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(images / "1.png")
+    before = tree_hashes(tmp_path)
+    refusal = "holds Python objects that safe loading refuses (weights_only=True, it refers to io.open), so it"
+    result = run_script(
+        "predict.py",
+        *("--checkpoint", str(evil), "--input", str(images), "--output", str(tmp_path / "out"), "--quiet"),
+        cwd=tmp_path,
+    )
+    assert_user_error(result, f"{evil} {refusal}", "nothing in it was run", "Only use checkpoints written by train.py")
+    run = tmp_path / "runs" / "evil"  # train.py --resume reads last.pt with the same reader
+    run.mkdir(parents=True)
+    shutil.copyfile(evil, run / "last.pt")
+    with pytest.raises(UserError, match=re.escape(refusal)):
+        read_torch_file(run / "last.pt")
+    shutil.rmtree(tmp_path / "runs")
+    assert not marker.exists(), "loading the checkpoint ran its code"
+    assert tree_hashes(tmp_path) == before and not (tmp_path / "out").exists()
