@@ -47,12 +47,12 @@ CHECKPOINT = "2D_Nerve_Segmentation.pt"  # the model written by train.py (or its
 INPUT = "data/clean/test"  # a folder of images to segment (subfolders too)
 OUTPUT = "predictions"  # masks/, images.csv and submission.csv are written here
 SUBMISSION = "auto"  # write submission.csv: auto (for a Kaggle test set, images named <n>.tif), true or false
+PICTURES = "Images"  # where the picture of example predictions goes
+NUM_PICTURES = 4  # how many images the picture shows
 # Truth masks
 MASKS = ""  # a folder of truth masks (<name>.png, <name>_mask.png, ...; may be INPUT itself): also report the Dice
 MASK_SUFFIX = "_mask"  # how a truth mask's name ends (<name>_mask.png); files so named in INPUT are not segmented
 MASK_VALUES = ""  # the target's values in truth masks that hold several (as data_cleaning.py --mask-values)
-PICTURES = "Images"  # where the picture of example predictions goes
-NUM_PICTURES = 4  # how many images the picture shows
 # System
 BATCH_SIZE = 64  # images per forward pass
 DEVICE = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N
