@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from nerveseg.distributed import choose_device
 from nerveseg.errors import UserError, exit_on_user_error
-from nerveseg.evaluation import collate_keep_sizes
 from nerveseg.files import write_csv
 from nerveseg.images import parse_mask_values, to_grayscale
 from nerveseg.inference import OutputFolder, ReadableDataset, find_truth, pick_examples
@@ -38,7 +37,7 @@ from nerveseg.postprocess import PostProcessing, to_mask, upsample
 from nerveseg.rle import rle_encode
 from nerveseg.runtime import load_predictor
 from nerveseg.settings import parse_settings
-from nerveseg.transforms import load_transforms
+from nerveseg.transforms import collate_keep_sizes, load_transforms
 
 # %% Settings
 # -----------------------------------------------------------------------------

@@ -27,12 +27,12 @@ from nerveseg import distributed, runs
 from nerveseg.checkpoint import make_checkpoint, read_torch_file, save_torch
 from nerveseg.data import describe_split, partition, read_manifest, split_by_subject
 from nerveseg.errors import exit_on_user_error
-from nerveseg.evaluation import collate_keep_sizes, evaluate
+from nerveseg.evaluation import evaluate
 from nerveseg.files import write_csv, write_json
 from nerveseg.memory import keep_freed_memory
 from nerveseg.model import build_model, model_config, set_output_prior
 from nerveseg.pictures import plot_training_curves
-from nerveseg.postprocess import choose, default_postprocessing
+from nerveseg.postprocess import choose_postprocessing, default_postprocessing
 from nerveseg.settings import parse_settings, settings_to_json
 from nerveseg.tracking import TrainingLog, tensorboard_installed
 from nerveseg.training import (
@@ -43,7 +43,7 @@ from nerveseg.training import (
     micro_batch_size,
     warmup_cosine,
 )
-from nerveseg.transforms import BatchAugment, load_transforms, network_input
+from nerveseg.transforms import BatchAugment, collate_keep_sizes, load_transforms, network_input
 
 # %% Settings
 # -----------------------------------------------------------------------------
@@ -260,7 +260,7 @@ except torch.cuda.OutOfMemoryError:
 checkpoint = best
 raw_model.load_state_dict(checkpoint["state_dict"])
 default_metrics, scores = evaluate(raw_model, val_loader, loss_function, process, amp=AMP, tune=True, quiet=quiet)
-post, _, _ = choose(scores, images=default_metrics["images"], has_presence=has_presence)
+post, _, _ = choose_postprocessing(scores, images=default_metrics["images"], has_presence=has_presence)
 tuned_metrics = (  # one more validation pass only where the tuning chose another rule
     default_metrics
     if post == default_rule

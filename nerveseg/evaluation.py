@@ -1,12 +1,11 @@
 """Validation: loss and the Kaggle Dice at each image's original size, exact across processes."""
 
-import contextlib
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from nerveseg.distributed import Process, all_reduce_sum
+from nerveseg.distributed import Process, all_reduce_sum, autocast
 from nerveseg.metrics import DiceTally, kaggle_dice
 from nerveseg.postprocess import (
     MIN_AREA_FRACTIONS,
@@ -19,21 +18,6 @@ from nerveseg.postprocess import (
     upsample,
 )
 from nerveseg.transforms import network_input, unpack_mask
-
-
-def collate_keep_sizes(batch: list[dict]) -> dict:
-    """Stack the network inputs; keep full-size masks and names as lists (their sizes may differ)."""
-    stacked = {key: torch.stack([item[key] for item in batch]) for key in ("image", "label") if key in batch[0]}
-    lists = {key: [item[key] for item in batch] for key in batch[0] if key not in stacked}
-    return stacked | lists
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bfloat16 where supported, else float16); a no-op elsewhere."""
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 @torch.no_grad()
@@ -51,7 +35,7 @@ def evaluate(
     """Validation loss and Kaggle Dice at original size, of the masks that `rule` makes (by default threshold
     0.5, and presence 0.5 where the model has a presence output), over every process's share.
 
-    With tune=True, also the summed Dice of every post-processing choice (see postprocess.choose).
+    With tune=True, also the summed Dice of every post-processing choice (see postprocess.choose_postprocessing).
     Every process runs this on its own share; the sums are reduced, so all get the same figures.
     """
     model.eval()

@@ -130,11 +130,11 @@ def pick_examples(items: list[dict], predicted: dict[str, str], count: int) -> l
     with_nerve = [item for item in items if predicted.get(item["id"])]
     without = [item for item in items if not predicted.get(item["id"])]
     wanted = min(count, len(items))
-    first = spread(with_nerve, max(wanted - len(without), (wanted + 1) // 2))
-    return sorted(first + spread(without, wanted - len(first)), key=items.index)
+    first = evenly_spaced(with_nerve, max(wanted - len(without), (wanted + 1) // 2))
+    return sorted(first + evenly_spaced(without, wanted - len(first)), key=items.index)
 
 
-def spread(items: list, count: int) -> list:
+def evenly_spaced(items: list, count: int) -> list:
     """`count` items evenly spaced through the list."""
     count = min(count, len(items))
     return [items[int(i * len(items) / count)] for i in range(count)] if count > 0 else []

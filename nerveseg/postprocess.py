@@ -113,7 +113,9 @@ def default_index(*, has_presence: bool) -> tuple[int, int, int, int]:
     )
 
 
-def choose(tuning: torch.Tensor, *, images: int, has_presence: bool) -> tuple[PostProcessing, float, float]:
+def choose_postprocessing(
+    tuning: torch.Tensor, *, images: int, has_presence: bool
+) -> tuple[PostProcessing, float, float]:
     """The rule to use, from the summed tuning scores of `images` images; with (its sum, the default rule's sum).
 
     The best rule replaces the default only where its mean gain per image is more than twice the gain's

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from nerveseg.checkpoint import FORMAT, VERSION, load_checkpoint
+from nerveseg.distributed import autocast
 from nerveseg.errors import UserError
-from nerveseg.evaluation import autocast, presence_probabilities
+from nerveseg.evaluation import presence_probabilities
 from nerveseg.transforms import network_input
 
 METADATA_KEY = "nerveseg"

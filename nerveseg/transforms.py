@@ -80,6 +80,13 @@ def load_transforms(image_size: Sequence[int], *, with_label: bool, keep_full_la
     return Compose(steps)
 
 
+def collate_keep_sizes(batch: list[dict]) -> dict:
+    """Stack the network inputs; keep full-size masks and names as lists (their sizes may differ)."""
+    stacked = {key: torch.stack([item[key] for item in batch]) for key in ("image", "label") if key in batch[0]}
+    lists = {key: [item[key] for item in batch] for key in batch[0] if key not in stacked}
+    return stacked | lists
+
+
 def network_input(images: torch.Tensor) -> torch.Tensor:
     """8-bit images (on any device) as the floats in [0, 1] that the network sees."""
     return images.float() / 255.0

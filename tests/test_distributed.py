@@ -13,9 +13,9 @@ import torch
 from nerveseg.checkpoint import load_checkpoint
 from nerveseg.data import read_manifest, split_by_subject
 from nerveseg.distributed import Process
-from nerveseg.evaluation import collate_keep_sizes, evaluate
+from nerveseg.evaluation import evaluate
 from nerveseg.training import SegmentationLoss
-from nerveseg.transforms import load_transforms
+from nerveseg.transforms import collate_keep_sizes, load_transforms
 from tests.helpers import FAST_TRAINING, ROOT
 
 # Python's audit hooks see every file opened for writing, renamed or created; rank 1 reports what it did.

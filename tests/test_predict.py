@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from nerveseg.files import current_umask
-from nerveseg.postprocess import THRESHOLDS, choose, to_mask, tuning_scores, upsample
+from nerveseg.postprocess import THRESHOLDS, choose_postprocessing, to_mask, tuning_scores, upsample
 from nerveseg.rle import rle_decode, rle_encode
 from tests.helpers import KAGGLE_SAMPLE, needs_kaggle_sample, run_script
 
@@ -115,7 +115,7 @@ def test_post_processing_never_lowers_the_validation_dice():
             full = upsample(probability.clamp(0, 1), [(42, 58)])[0]
             assert full.shape == truth.shape
             total = total + tuning_scores(full, 1.0, truth, has_presence=False)
-        chosen, best, raw = choose(total, images=6, has_presence=False)
+        chosen, best, raw = choose_postprocessing(total, images=6, has_presence=False)
         assert best >= raw
         assert chosen.threshold in THRESHOLDS
     assert best > raw, "on the last trial a higher threshold or a minimum area beats 0.5"
@@ -229,13 +229,13 @@ def test_the_presence_rule_empties_images_judged_empty_where_area_cannot():
     with_presence = sum(
         tuning_scores(p, q, t, has_presence=True) for p, q, t in zip(maps, presences, truths, strict=True)
     )
-    chosen, best, default = choose(with_presence, images=6, has_presence=True)
+    chosen, best, default = choose_postprocessing(with_presence, images=6, has_presence=True)
     assert best == pytest.approx(6.0) and default == pytest.approx(6.0)  # the default 0.5 already separates
     assert 0.15 < chosen.presence_threshold <= 0.8
     without = sum(tuning_scores(p, 1.0, t, has_presence=False) for p, t in zip(maps, truths, strict=True))
-    _, best_without, _ = choose(without, images=6, has_presence=False)
+    _, best_without, _ = choose_postprocessing(without, images=6, has_presence=False)
     assert best_without == pytest.approx(3.0)  # every choice of threshold and area: all blobs or none
-    assert choose(without, images=6, has_presence=False)[0].presence_threshold == 0.0
+    assert choose_postprocessing(without, images=6, has_presence=False)[0].presence_threshold == 0.0
     assert not to_mask(maps[0], 0.15, chosen).any() and to_mask(maps[1], 0.8, chosen).sum() == 15 * 20
 
 
@@ -271,6 +271,6 @@ def test_a_rule_replaces_the_default_only_when_its_gain_beats_the_noise(gains, a
         table[other] += gain
         tuning[0] += table
         tuning[1] += (table - table[default]) ** 2
-    chosen, best, default_sum = choose(tuning, images=len(gains), has_presence=True)
+    chosen, best, default_sum = choose_postprocessing(tuning, images=len(gains), has_presence=True)
     assert (chosen.presence_threshold == 0.7 and chosen.keep_largest) == adopted
     assert best >= default_sum
