@@ -213,7 +213,10 @@ def images_to_segment(folder: Path, suffix: str) -> list[dict]:
     images = [path for path, (identifier, is_mask) in zip(files, ids, strict=True)
               if not (is_mask and identifier in image_ids)]
     if not images:
-        raise UserError(f"{folder} holds no images (.tif, .png, .jpg or .bmp); pass --input with a folder of images")
+        held_out = folder.parent / "held-out" / "images"  # own data: test/ is empty, the test set is held-out/
+        hint = f" (to test on the held-out subjects: --input {held_out} --masks {held_out.parent / 'masks'})"
+        raise UserError(f"{folder} holds no images (.tif, .png, .jpg or .bmp); pass --input with a folder of images"
+                        + (hint if held_out.is_dir() else ""))
     by_id: dict[str, list[Path]] = {}
     for path in images:
         by_id.setdefault(relative_id(path, folder), []).append(path)

@@ -100,6 +100,8 @@ def test_a_clean_of_own_data_trains_and_predicts_the_held_out_subjects(own_pairs
     trained_run = run_script("train.py", "--data-dir", str(tmp_path / "clean"), "--max-epochs", "1", *FAST_TRAINING,
                              cwd=tmp_path)
     assert trained_run.returncode == 0, trained_run.stderr
+    no_test_set = run_script("predict.py", "--input", str(tmp_path / "clean" / "test"), cwd=tmp_path)
+    assert no_test_set.returncode == 1 and f"--input {held_out / 'images'} --masks" in no_test_set.stderr
     predicted = run_script("predict.py", "--input", str(held_out / "images"), "--masks", str(held_out / "masks"),
                            "--output", "out", "--quiet", cwd=tmp_path)
     assert predicted.returncode == 0, predicted.stderr
