@@ -161,9 +161,10 @@ def detect_layout(source: Path, suffix: str) -> str:
     if kaggle:
         found["kaggle"] = "the Kaggle download (a zip, its CSVs, or train/ with <subject>_<n>.tif names)"
     if source.is_dir():
-        if folder_pairs(source):
+        pairs = folder_pairs(source)
+        if pairs:
             found["images-masks"] = "images/ and masks/ folders"
-        skip = {folder for pair in folder_pairs(source) for folder in pair}
+        skip = {folder for pair in pairs for folder in pair}
         if kaggle:
             skip |= {source / "train", source / "test", source / "test_masks"}
         paired = [pair for pair in suffix_pairs(source, suffix, skip=skip).values() if pair.images and pair.masks]

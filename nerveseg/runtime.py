@@ -126,13 +126,12 @@ class TorchPredictor:
         return torch.sigmoid(mask_logits.float()), presence_probabilities(presence_logits, images.shape[0])
 
 
-def read_onnx_metadata(path: Path) -> tuple[bytes, dict]:
-    """The bytes of an exported .onnx file and its metadata (checked like a checkpoint's)."""
+def load_onnx(path: Path) -> tuple[OnnxPredictor, dict]:
+    """The predictor of an exported .onnx file and its metadata (checked like a checkpoint's)."""
     if not path.is_file():
         raise UserError(f"{path} does not exist; export a model first (python export.py) or pass --checkpoint PATH")
-    graph = path.read_bytes()
-    session = OnnxPredictor(graph, str(path)).session
-    text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    predictor = OnnxPredictor(path.read_bytes(), str(path))
+    text = predictor.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     try:
         metadata = json.loads(text) if text else None
     except json.JSONDecodeError:
@@ -144,7 +143,7 @@ def read_onnx_metadata(path: Path) -> tuple[bytes, dict]:
                         "post-processing); export the model with python export.py")
     if metadata.get("version", 0) > VERSION:
         raise UserError(f"{path} was written by a newer version of this project; update it to read the file")
-    return graph, metadata
+    return predictor, metadata
 
 
 def max_difference(first: "OnnxPredictor | TorchPredictor", second: "OnnxPredictor | TorchPredictor",
@@ -169,8 +168,8 @@ def load_predictor(path: str | Path, device: torch.device, *, engine: str, amp: 
         if engine == "torch" or device.type != "cpu":
             raise UserError(f"{path} is an ONNX model: it runs with ONNX Runtime on the CPU (--engine auto or "
                             "onnxruntime, --device cpu); for PyTorch or a GPU, predict with the .pt checkpoint")
-        graph, metadata = read_onnx_metadata(path)
-        return OnnxPredictor(graph, str(path)), metadata, "onnxruntime"
+        predictor, metadata = load_onnx(path)
+        return predictor, metadata, "onnxruntime"
     model, checkpoint = load_checkpoint(path, device)
     torch_predictor = TorchPredictor(model, device, amp=amp)
     if engine != "onnxruntime":

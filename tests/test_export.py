@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from nerveseg.checkpoint import load_checkpoint
 from nerveseg.errors import UserError
-from nerveseg.runtime import METADATA_KEY, OnnxPredictor, TorchPredictor, import_onnxruntime, read_onnx_metadata
+from nerveseg.runtime import METADATA_KEY, TorchPredictor, import_onnxruntime, load_onnx
 from tests.helpers import FAST_TRAINING, KAGGLE_SAMPLE, needs_kaggle_sample, run_script
 
 
@@ -30,13 +30,12 @@ def exported(trained_run, train_clean, tmp_path_factory) -> tuple:
 def test_export_writes_a_graph_with_its_metadata_that_matches_pytorch(exported, trained_run):
     path, result = exported
     assert "ONNX Runtime matches PyTorch within" in result.stdout and "on 6 images of" in result.stdout
-    graph, metadata = read_onnx_metadata(path)
+    onnx_predictor, metadata = load_onnx(path)
     model, checkpoint = load_checkpoint(trained_run / "2D_Nerve_Segmentation.pt")
     for field in ("preprocessing", "postprocessing", "model_config", "epoch"):
         assert metadata[field] == json.loads(json.dumps(checkpoint[field])), field
     assert metadata["preprocessing"]["image_size"] == [64, 96]
-    onnx_predictor, torch_predictor = OnnxPredictor(graph, str(path)), TorchPredictor(model, torch.device("cpu"),
-                                                                                       amp=False)
+    torch_predictor = TorchPredictor(model, torch.device("cpu"), amp=False)
     assert onnx_predictor.has_presence
     generator = torch.Generator().manual_seed(1)
     for batch in (1, 3):  # the batch size is free
