@@ -20,7 +20,7 @@ from pathlib import Path
 import monai
 import torch
 
-from nerveseg.checkpoint import FORMAT, VERSION, load_checkpoint
+from nerveseg.checkpoint import FORMAT, VERSION
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.files import atomic_write
 from nerveseg.layouts import images_to_segment
@@ -31,6 +31,7 @@ from nerveseg.runtime import (
     add_metadata,
     max_difference,
     onnx_graph,
+    prediction_model,
 )
 from nerveseg.settings import parse_settings
 from nerveseg.transforms import load_transforms
@@ -42,19 +43,23 @@ OUTPUT = ""  # the .onnx file to write ("": the checkpoint's name with .onnx)
 CHECK_INPUT = "data/clean/test"  # images to compare ONNX Runtime with PyTorch on (random images if absent)
 CHECK_IMAGES = 8  # how many of them
 TOLERANCE = 0.0001  # the largest difference of probabilities allowed between ONNX Runtime and PyTorch
+FOLD = 0  # with a cross-validated checkpoint: 0 exports the ensemble of all folds, k only fold k's model
+TTA = "auto"  # include test-time augmentation: auto (where validation chose it), true or false
 # -----------------------------------------------------------------------------
 exit_on_user_error("export.py")
 globals().update(parse_settings(globals()))
 output = Path(OUTPUT or Path(CHECKPOINT).with_suffix(".onnx"))
 if output.suffix.lower() != ".onnx" or output.resolve() == Path(CHECKPOINT).resolve():
     raise UserError(f"--output must be a .onnx file other than the checkpoint, not {output}")
+if TTA not in ("auto", "true", "false") or FOLD < 0:
+    raise UserError(f"--tta takes auto, true or false (not {TTA!r}), and --fold 0 or more (not {FOLD})")
 if CHECK_IMAGES < 1 or not 0 < TOLERANCE < 1:
     raise UserError(f"--check-images must be at least 1 and --tolerance between 0 and 1, not {CHECK_IMAGES} and "
                     f"{TOLERANCE}")
 monai.data.set_track_meta(False)
 
 # %% Load the model and the images to check it on
-model, checkpoint = load_checkpoint(CHECKPOINT, "cpu")
+model, checkpoint = prediction_model(CHECKPOINT, torch.device("cpu"), fold=FOLD, tta=TTA)
 image_size = tuple(checkpoint["preprocessing"]["image_size"])
 has_presence = checkpoint["model_config"].get("presence", False)
 if Path(CHECK_INPUT).is_dir():
@@ -68,7 +73,8 @@ else:
     checked_on = f"{CHECK_IMAGES} random images ({CHECK_INPUT} is absent)"
 
 # %% Export, check against PyTorch, write
-metadata = {"format": FORMAT, "version": VERSION, **{field: checkpoint.get(field) for field in CHECKPOINT_FIELDS}}
+fields = (*CHECKPOINT_FIELDS, "tta", "predicting_with")
+metadata = {"format": FORMAT, "version": VERSION, **{field: checkpoint.get(field) for field in fields}}
 graph = add_metadata(onnx_graph(model, image_size, has_presence=has_presence), metadata)
 difference = max_difference(OnnxPredictor(graph, str(output)), TorchPredictor(model, torch.device("cpu"), amp=False),
                             images)
@@ -77,6 +83,7 @@ if difference > TOLERANCE:
                     f"{TOLERANCE}) on {checked_on}; {output} was not written")
 with atomic_write(output, "wb") as file:
     file.write(graph)
-print(f"wrote {output} ({len(graph) / 1e6:.1f} MB; input {image_size[0]}x{image_size[1]}, any batch size"
+print(f"wrote {output} ({checkpoint['predicting_with']}; {len(graph) / 1e6:.1f} MB;"
+      f" input {image_size[0]}x{image_size[1]}, any batch size"
       f"{', with the presence output' if has_presence else ''}); ONNX Runtime matches PyTorch within "
       f"{difference:.1g} on {checked_on}. Predict with: python predict.py --checkpoint {output}")

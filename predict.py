@@ -52,6 +52,9 @@ NUM_PICTURES = 4  # how many images the picture shows
 MASKS = ""  # a folder of truth masks (<name>.png, <name>_mask.png, ...; may be INPUT itself): also report the Dice
 MASK_SUFFIX = "_mask"  # how a truth mask's name ends (<name>_mask.png); files so named in INPUT are not segmented
 MASK_VALUES = ""  # the target's values in truth masks that hold several (as data_cleaning.py --mask-values)
+# Model
+FOLD = 0  # for a cross-validated checkpoint (train.py --folds): 0 predicts with all folds' ensemble, k with fold k
+TTA = "auto"  # test-time augmentation: auto (where validation chose it: see train.py's summary), true or false
 # System
 BATCH_SIZE = 64  # images per forward pass
 DEVICE = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N
@@ -67,6 +70,8 @@ if BATCH_SIZE < 1 or NUM_WORKERS < -1:
     raise UserError(f"--batch-size must be at least 1 and --num-workers -1 or more, not {BATCH_SIZE} and {NUM_WORKERS}")
 if ENGINE not in ("auto", "torch", "onnxruntime"):
     raise UserError(f"--engine takes auto, torch or onnxruntime, not {ENGINE!r}")
+if TTA not in ("auto", "true", "false") or FOLD < 0:
+    raise UserError(f"--tta takes auto, true or false (not {TTA!r}), and --fold 0 or more (not {FOLD})")
 if SUBMISSION not in ("auto", "true", "false"):
     raise UserError(f"--submission takes auto, true or false, not {SUBMISSION!r}")
 mask_values = parse_mask_values(MASK_VALUES)
@@ -77,7 +82,7 @@ keep_freed_memory()  # big CPU tensors are reused, not handed back and faulted i
 # %% Load the model and the images
 started = time.perf_counter()
 device = choose_device(DEVICE, 0)
-predictor, checkpoint, engine = load_predictor(CHECKPOINT, device, engine=ENGINE, amp=AMP)
+predictor, checkpoint, engine = load_predictor(CHECKPOINT, device, engine=ENGINE, amp=AMP, fold=FOLD, tta=TTA)
 post = PostProcessing(**checkpoint["postprocessing"])
 image_size = tuple(checkpoint["preprocessing"]["image_size"])
 items = images_to_segment(Path(INPUT), MASK_SUFFIX)
@@ -89,7 +94,8 @@ loader = torch.utils.data.DataLoader(
     dataset, batch_size=BATCH_SIZE, num_workers=workers, collate_fn=collate_keep_sizes
 )
 output = OutputFolder(Path(OUTPUT))
-print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} (epoch {checkpoint['epoch']}) on {device} "
+predicting_with = checkpoint.get("predicting_with") or f"epoch {checkpoint['epoch']}"  # an older export: one model
+print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} ({predicting_with}) on {device} "
       f"({'ONNX Runtime' if engine == 'onnxruntime' else 'PyTorch'})")
 
 # %% Segment: network at its own size, then each mask back at its image's size

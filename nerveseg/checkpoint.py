@@ -8,6 +8,11 @@ Version 2 added the presence output (model_config["presence"]) and its rule
 (postprocessing["presence_threshold"]). A version 1 checkpoint still loads, as a model without presence:
 its config has no "presence" and its post-processing no presence threshold, so every image counts as
 possibly holding a target, exactly as that model was tuned.
+
+Version 3 added the ensemble of train.py --folds K: instead of "state_dict", "ensemble" lists the K fold models
+({"fold", "epoch", "state_dict", "metrics"}), whose probabilities are averaged; and "tta", the test-time
+augmentation and whether validation chose it ({"use", "zoom", "shift", "flip"}). A file without "tta" is
+predicted without it.
 """
 
 import pickle
@@ -19,13 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from nerveseg.ensemble import Ensemble
 from nerveseg.errors import UserError
 from nerveseg.files import atomic_write
 from nerveseg.model import build_model, size_multiple
 from nerveseg.postprocess import PostProcessing
 
 FORMAT = "nerveseg-unet"
-VERSION = 2
+VERSION = 3
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -69,6 +75,27 @@ def make_checkpoint(
     }
 
 
+def ensemble_checkpoint(members: list[dict], *, postprocessing: dict, tta: dict, metrics: dict) -> dict:
+    """The checkpoint of the fold models' ensemble, from each fold's best checkpoint (make_checkpoint): their
+    weights, epochs and validation figures, and what is shared (configuration, preprocessing, settings)."""
+    first = members[0]
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": first["model_config"],
+        "ensemble": [
+            {"fold": fold, "epoch": member["epoch"], "state_dict": member["state_dict"], "metrics": member["metrics"]}
+            for fold, member in enumerate(members, start=1)
+        ],
+        "preprocessing": first["preprocessing"],
+        "postprocessing": postprocessing,
+        "tta": tta,
+        "settings": first["settings"],
+        "epoch": None,  # each fold model has its own best epoch
+        "metrics": metrics,
+    }
+
+
 def read_torch_file(path: str | Path) -> Any:
     """torch.load with weights_only=True, and a clear message for each way it can fail."""
     path = Path(path)
@@ -90,20 +117,30 @@ def read_torch_file(path: str | Path) -> Any:
         ) from None
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """The model (in eval mode, on `device`) and the checkpoint dict."""
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *, fold: int = 0) -> tuple[nn.Module, dict]:
+    """The model (in eval mode, on `device`) and the checkpoint dict. For an ensemble checkpoint the model is the
+    Ensemble of its fold models, or with `fold` k only the model of fold k."""
     checkpoint = read_torch_file(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint written by train.py (no '{FORMAT}' format tag)")
     if checkpoint.get("version", 0) > VERSION:
         raise UserError(f"{path} was written by a newer version of this project; update it to read the file")
-    needed = ("model_config", "state_dict", "preprocessing", "postprocessing", "epoch")
+    weights = "ensemble" if "ensemble" in checkpoint else "state_dict"
+    needed = ("model_config", weights, "preprocessing", "postprocessing", "epoch")
     missing = [key for key in needed if key not in checkpoint]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; it was damaged or edited: use the file train.py wrote")
+    members = checkpoint["ensemble"] if weights == "ensemble" else [{"fold": 0, "state_dict": checkpoint["state_dict"]}]
+    if fold:
+        folds = [member["fold"] for member in members]
+        if fold not in folds:
+            held = f"the models of folds {', '.join(map(str, folds))}" if weights == "ensemble" else "one model"
+            raise UserError(f"{path} holds {held}, not fold {fold}; pass one of those to --fold, or 0 for all")
+        members = [member for member in members if member["fold"] == fold]
     try:
-        model = build_model(checkpoint["model_config"])
-        model.load_state_dict(checkpoint["state_dict"])
+        models = [build_model(checkpoint["model_config"]) for _ in members]
+        for model, member in zip(models, members, strict=True):
+            model.load_state_dict(member["state_dict"])
     except (RuntimeError, TypeError, KeyError, ValueError) as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise UserError(
@@ -122,4 +159,14 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
             f"{path}: its image size {size} does not suit its network (height and width must be multiples of "
             f"{multiple}); it was damaged or edited: use the file train.py wrote, or train again"
         )
+    model = models[0] if len(models) == 1 else Ensemble(models)
     return model.to(device).eval(), checkpoint
+
+
+def describe_model(checkpoint: dict, *, fold: int = 0) -> str:
+    """Which model predicts, in words: "epoch 12", "the ensemble of 5 fold models", "the model of fold 2"."""
+    if "ensemble" not in checkpoint:
+        return f"epoch {checkpoint['epoch']}"
+    if fold:
+        return f"the model of fold {fold}"
+    return f"the ensemble of {len(checkpoint['ensemble'])} fold models"

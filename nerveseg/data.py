@@ -58,13 +58,7 @@ def split_by_subject(
         )
     if not 0 < val_fraction < 1:
         raise UserError(f"{option} must be between 0 and 1, not {val_fraction}")
-    empty_share = {s: 0.0 for s in subjects}
-    counts = {s: 0 for s in subjects}
-    for item in items:
-        empty_share[item["subject"]] += item["empty"]
-        counts[item["subject"]] += 1
-    random.Random(seed).shuffle(subjects)
-    subjects.sort(key=lambda s: empty_share[s] / counts[s])  # stable: ties keep the shuffled order
+    subjects = subjects_by_empty_share(items, seed)
     n_val = min(max(1, round(val_fraction * len(subjects))), len(subjects) - 1)
     step = len(subjects) / n_val
     offset = random.Random(seed + 1).random() * step
@@ -72,6 +66,41 @@ def split_by_subject(
     train = [item for item in items if item["subject"] not in val_subjects]
     val = [item for item in items if item["subject"] in val_subjects]
     return train, val
+
+
+def subjects_by_empty_share(items: list[dict], seed: int) -> list[str]:
+    """The subjects shuffled with the seed, then ordered by their share of empty masks (ties keep the shuffled
+    order): taking every k-th of them gives groups with similar shares."""
+    subjects = sorted({item["subject"] for item in items}, key=natural_key)
+    empty_share = {s: 0.0 for s in subjects}
+    counts = {s: 0 for s in subjects}
+    for item in items:
+        empty_share[item["subject"]] += item["empty"]
+        counts[item["subject"]] += 1
+    random.Random(seed).shuffle(subjects)
+    return sorted(subjects, key=lambda s: empty_share[s] / counts[s])
+
+
+def split_into_folds(items: list[dict], folds: int, val_fraction: float, seed: int) -> list[tuple[list, list]]:
+    """(training items, validation items) of each fold: with folds=1 the one split of split_by_subject; with more,
+    every subject validates in exactly one fold. Each run of `folds` subjects of similar empty share (see
+    subjects_by_empty_share) is dealt out to the folds in a seeded order, so the folds stay balanced."""
+    if folds == 1:
+        return [split_by_subject(items, val_fraction, seed)]
+    subjects = subjects_by_empty_share(items, seed)
+    if len(subjects) < folds:
+        raise UserError(f"--folds {folds} needs at least {folds} subjects (one per fold), and the data has "
+                        f"{len(subjects)}; use --folds {len(subjects)} or fewer")
+    dealer, fold_of = random.Random(seed + 2), {}
+    for start in range(0, len(subjects), folds):
+        group = subjects[start : start + folds]
+        for subject, fold in zip(group, dealer.sample(range(folds), len(group)), strict=True):
+            fold_of[subject] = fold
+    return [
+        ([item for item in items if fold_of[item["subject"]] != fold],
+         [item for item in items if fold_of[item["subject"]] == fold])
+        for fold in range(folds)
+    ]
 
 
 def describe_split(train: list[dict], val: list[dict]) -> str:

@@ -11,6 +11,7 @@ from nerveseg.postprocess import (
     MIN_AREA_FRACTIONS,
     PRESENCE_THRESHOLDS,
     THRESHOLDS,
+    TUNING_PLANES,
     PostProcessing,
     default_postprocessing,
     to_mask,
@@ -42,7 +43,7 @@ def evaluate(
     tally, loss_sum, batches = DiceTally(), 0.0, 0
     scores = None
     if tune:
-        shape = (2, len(PRESENCE_THRESHOLDS), 2, len(THRESHOLDS), len(MIN_AREA_FRACTIONS))
+        shape = (len(TUNING_PLANES), len(PRESENCE_THRESHOLDS), 2, len(THRESHOLDS), len(MIN_AREA_FRACTIONS))
         scores = torch.zeros(shape, dtype=torch.float64)
     for batch in tqdm(loader, desc="validation", leave=False, disable=quiet or None):
         images = network_input(batch["image"].to(process.device))

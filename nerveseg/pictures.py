@@ -49,6 +49,32 @@ def plot_training_curves(rows: list[dict], path: str | Path) -> None:
     save_figure(figure, path)
 
 
+def plot_cross_validation(summary: dict, path: str | Path) -> None:
+    """Each fold's validation Dice (raw and post-processed; empty truths and targets apart), the mean ± sd over
+    the folds as a band, and the all-empty baseline, from crossval.cross_validation_summary."""
+    folds = summary["folds"]
+    positions = np.arange(len(folds))
+    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(folds) + 3), 4.5))
+    bars = (("raw", "Dice, threshold 0.5", "#b0b8c4"), ("postprocessed", "Dice, chosen rule", "#1f77b4"))
+    for offset, (kind, label, colour) in zip((-0.2, 0.2), bars, strict=True):
+        axis.bar(positions + offset, [fold[kind]["dice"] for fold in folds], width=0.4, color=colour, label=label)
+    for key, marker, label in (("dice_empty", "s", "empty truths"), ("dice_nonempty", "^", "with a target")):
+        values = [fold["postprocessed"][key] for fold in folds]
+        if any(value is not None for value in values):
+            axis.plot(positions + 0.2, [np.nan if v is None else v for v in values], marker, color="black",
+                      linestyle="none", label=f"chosen rule: {label}")
+    mean, sd = summary["mean"]["postprocessed"]["dice"], summary["sd"]["postprocessed"]["dice"]
+    axis.axhspan(mean - sd, mean + sd, color="#1f77b4", alpha=0.12)
+    axis.axhline(mean, color="#1f77b4", label=f"mean {mean:.3f} ± {sd:.3f}")
+    baseline = summary["pooled"]["postprocessed"]["all_empty_baseline"]
+    axis.axhline(baseline, color="grey", linestyle="--", label=f"baseline: every mask empty ({baseline:.3f})")
+    axis.set_xticks(positions, [f"fold {fold['fold']}\n{fold['raw']['images']} images" for fold in folds])
+    axis.set(ylabel="Kaggle Dice (validation subjects)", ylim=(0, 1.05),
+             title=f"Cross-validation: {len(folds)} folds, each validated on subjects its model never saw")
+    axis.legend(loc="lower left", fontsize=8, ncol=2)
+    save_figure(figure, path)
+
+
 def plot_predictions(examples: list[dict], path: str | Path, title: str) -> None:
     """One row per example: the ultrasound, and the same image with the predicted outline (and the truth's).
 

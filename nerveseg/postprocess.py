@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from monai.transforms.utils import get_largest_connected_component_mask
 
-from nerveseg.metrics import kaggle_dice
+from nerveseg.metrics import DiceTally, kaggle_dice
 
 THRESHOLDS = tuple(np.round(np.arange(0.3, 0.81, 0.05), 2).tolist())
 MIN_AREA_FRACTIONS = (0.0, 0.002, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03)
@@ -73,11 +73,13 @@ def to_mask(probability: torch.Tensor, presence: float, post: PostProcessing) ->
 
 
 def tuning_scores(full: torch.Tensor, presence: float, truth: torch.Tensor, *, has_presence: bool) -> torch.Tensor:
-    """Dice of one image for every (presence_threshold, keep_largest, threshold, min_area) choice, and the square
-    of its gain over the default rule: shape (2, P, 2, T, A).
+    """One image's tuning scores for every (presence_threshold, keep_largest, threshold, min_area) choice: shape
+    (4, P, 2, T, A), with TUNING_PLANES: its Dice, the square of its gain over the default rule, its Dice if its
+    truth is empty (else 0), and 1 where its truth has a target and its mask is not empty.
 
     `full` is the (1, H, W) probability map at the size of the (1, H, W) truth, `presence` the image's
-    presence probability. Summed over images (and ranks), this is what `choose` needs.
+    presence probability. Summed over images (and ranks and folds), this is what choose_postprocessing and
+    metrics_of_rule need.
     """
     masks = torch.stack(
         [
@@ -88,13 +90,20 @@ def tuning_scores(full: torch.Tensor, presence: float, truth: torch.Tensor, *, h
     )[:, None]  # (2 x T, 1, H, W): one Dice call for all of them
     dice = kaggle_dice(masks, truth[None].expand_as(masks)).double()
     limits = torch.tensor(MIN_AREA_FRACTIONS, dtype=torch.float64) * truth.shape[-2] * truth.shape[-1]
-    emptied = 0.0 if truth.any() else 1.0  # the score of a mask emptied by the minimum area
-    big_enough = torch.count_nonzero(masks.flatten(1), dim=1)[:, None] >= limits
+    truth_is_empty = not truth.any()
+    emptied = 1.0 if truth_is_empty else 0.0  # the score of a mask emptied by the minimum area
+    areas = torch.count_nonzero(masks.flatten(1), dim=1)[:, None]
+    big_enough = areas >= limits
     scores = torch.where(big_enough, dice[:, None], emptied).reshape(2, len(THRESHOLDS), len(MIN_AREA_FRACTIONS))
-    judged_empty = torch.tensor(PRESENCE_THRESHOLDS) > presence
-    table = torch.where(judged_empty[:, None, None, None], emptied, scores[None])
+    found = (big_enough & (areas > 0)).double().reshape(scores.shape)
+    judged_empty = (torch.tensor(PRESENCE_THRESHOLDS) > presence)[:, None, None, None]
+    table = torch.where(judged_empty, emptied, scores[None])
     gain = table - table[default_index(has_presence=has_presence)]
-    return torch.stack([table, gain**2])
+    found = torch.where(judged_empty, 0.0, found[None]) * (not truth_is_empty)
+    return torch.stack([table, gain**2, table * truth_is_empty, found])
+
+
+TUNING_PLANES = ("dice", "squared_gain", "dice_of_empty_truths", "target_found")
 
 
 def default_postprocessing(*, has_presence: bool) -> PostProcessing:
@@ -104,7 +113,11 @@ def default_postprocessing(*, has_presence: bool) -> PostProcessing:
 
 def default_index(*, has_presence: bool) -> tuple[int, int, int, int]:
     """Where the default rule is in the tuning grid."""
-    rule = default_postprocessing(has_presence=has_presence)
+    return rule_index(default_postprocessing(has_presence=has_presence))
+
+
+def rule_index(rule: PostProcessing) -> tuple[int, int, int, int]:
+    """Where a rule is in the tuning grid."""
     return (
         PRESENCE_THRESHOLDS.index(rule.presence_threshold),
         int(rule.keep_largest),
@@ -124,7 +137,7 @@ def choose_postprocessing(
     the chosen rule never scores below it. A model with a presence output keeps using it (presence thresholds
     0.3-0.7); one without has only presence threshold 0.
     """
-    sums, squared_gains = tuning
+    sums, squared_gains = tuning[0], tuning[1]
     default = default_index(has_presence=has_presence)
     best = default
     for index in np.ndindex(*sums.shape):
@@ -138,3 +151,11 @@ def choose_postprocessing(
     p, k, t, a = best
     chosen = PostProcessing(THRESHOLDS[t], bool(k), MIN_AREA_FRACTIONS[a], PRESENCE_THRESHOLDS[p])
     return chosen, float(sums[best]), float(sums[default])
+
+
+def metrics_of_rule(tuning: torch.Tensor, rule: PostProcessing, *, images: int, images_empty: int) -> dict:
+    """The validation figures of `rule` (as DiceTally.summary, and the all-empty baseline), read from the summed
+    tuning scores of `images` images, `images_empty` of them with an empty truth: no other pass over them."""
+    dice, _, dice_of_empty, found = (float(plane[rule_index(rule)]) for plane in tuning)
+    tally = DiceTally(dice_of_empty, images_empty, dice - dice_of_empty, images - images_empty, round(found))
+    return tally.summary() | {"all_empty_baseline": images_empty / max(images, 1)}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from nerveseg.checkpoint import read_torch_file
+from nerveseg.crossval import MIN_TTA_GAIN
 from nerveseg.errors import UserError
 from nerveseg.files import write_csv, write_json
 from nerveseg.metrics import describe_scores
@@ -20,12 +21,14 @@ from nerveseg.postprocess import PostProcessing
 
 LAST_STATE_KEYS = {"model", "optimizer", "epoch", "history", "settings"}  # what last.pt holds
 SYSTEM_SETTINGS = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME", "PICTURES", "TENSORBOARD"}  # a resume takes them anew
-ADDED_SETTINGS = {"PRESENCE_WEIGHT": 0.0, "MIN_STEPS_PER_EPOCH": 1}  # what a run started before they existed used
+ADDED_SETTINGS = {"PRESENCE_WEIGHT": 0.0, "MIN_STEPS_PER_EPOCH": 1, "FOLDS": 1}  # what runs made before them used
 
 
 def check_settings(settings: dict) -> None:
     """Refuse settings that cannot work, with a message that says what would (the UPPER_CASE settings of train.py)."""
     s = settings
+    if s["FOLDS"] < 1:
+        raise UserError(f"--folds must be 1 (one validation split) or more (cross-validation), not {s['FOLDS']}")
     if s["BATCH_SIZE"] < 0:
         raise UserError(f"--batch-size must be 0 (automatic) or more, not {s['BATCH_SIZE']}")
     if min(s["VAL_BATCH_SIZE"], s["MAX_EPOCHS"], s["VAL_INTERVAL"], s["MIN_STEPS_PER_EPOCH"]) < 1:
@@ -75,20 +78,22 @@ class Run:
 
 def open_run(settings: dict) -> Run:
     """A new run (RUNS_DIR/RUN_NAME, or the start time), or with RESUME the named (or latest) stopped run, which
-    continues with its own settings; only the SYSTEM_SETTINGS come from this command line."""
+    continues with its own settings; only the SYSTEM_SETTINGS come from this command line. The state is the
+    run's latest last.pt (of its latest fold, with --folds)."""
     runs = Path(settings["RUNS_DIR"])
     name = settings["RUN_NAME"]
     if not settings["RESUME"]:
         folder = runs / (name or time.strftime("%Y%m%d-%H%M%S"))
-        if (folder / "last.pt").exists():
+        if last_states(folder):
             raise UserError(f"{folder} already holds a run; use --resume to continue it or another --run-name")
         return Run(folder, settings)
-    candidates = [runs / name] if name else sorted(runs.glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
-    last_paths = [p if p.name == "last.pt" else p / "last.pt" for p in candidates]
-    if name and not last_paths[-1].is_file():
+    last_paths = last_states(runs / name) if name else sorted(
+        [*runs.glob("*/last.pt"), *runs.glob("*/fold-*/last.pt")], key=lambda p: p.stat().st_mtime
+    )
+    if name and not last_paths:
         raise UserError(
-            f"--resume: {last_paths[-1]} does not exist: run {name} stopped before its first epoch ended, or "
-            f"never started. Start it again without --resume: python train.py --run-name {name}"
+            f"--resume: {runs / name / 'last.pt'} does not exist: run {name} stopped before its first epoch ended, "
+            f"or never started. Start it again without --resume: python train.py --run-name {name}"
         )
     if not last_paths:
         raise UserError(f"--resume found no interrupted run in {runs} (no */last.pt); start a run without --resume")
@@ -100,7 +105,24 @@ def open_run(settings: dict) -> Run:
         **{key.upper(): tuple(value) if isinstance(value, list) else value for key, value in state["settings"].items()},
         **{key: settings[key] for key in SYSTEM_SETTINGS},
     }
-    return Run(last_paths[-1].parent, resumed, state)
+    folder = last_paths[-1].parent
+    return Run(folder.parent if folder.name.startswith("fold-") else folder, resumed, state)
+
+
+def last_states(run_dir: Path) -> list[Path]:
+    """The last.pt files of a run (one per fold that has completed an epoch, with --folds), oldest first."""
+    found = [*run_dir.glob("last.pt"), *run_dir.glob("fold-*/last.pt")]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def fold_folder(run_dir: Path, fold: int, folds: int) -> Path:
+    """Where a fold writes its checkpoints and metrics: the run's folder itself without --folds, else fold-<k>/."""
+    return run_dir if folds == 1 else run_dir / f"fold-{fold}"
+
+
+def fold_state(fold_dir: Path, *, resumed: bool) -> dict | None:
+    """The last.pt of a fold of a resumed run (None for a new run, or a fold that had not completed an epoch)."""
+    return read_torch_file(fold_dir / "last.pt") if resumed and (fold_dir / "last.pt").is_file() else None
 
 
 # The run's files and messages ----------------------------------------------------------------------------------
@@ -109,9 +131,9 @@ METRICS_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_dice_empt
 VALIDATION_COLUMNS = ("loss", "dice", "dice_empty", "dice_nonempty", "presence_accuracy", "all_empty_baseline")
 
 
-def prepare_run_folder(run: Run, *, settings_json: dict, history: list[dict], model_path: Path) -> None:
-    """Make the run's folder and write its settings.json; for a resumed run, bring metrics.csv in line with
-    last.pt (a kill may leave it a row ahead) and remove what a write cut short by a kill left (.NAME.*.tmp)."""
+def prepare_run_folder(run: Run, *, settings_json: dict, model_path: Path) -> None:
+    """Make the run's folder and write its settings.json; for a resumed run, remove what a write cut short by a
+    kill left (.NAME.*.tmp)."""
     try:
         run.folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -120,9 +142,16 @@ def prepare_run_folder(run: Run, *, settings_json: dict, history: list[dict], mo
         ) from None
     write_json(run.folder / "settings.json", settings_json)
     if run.state is not None:
-        write_csv(run.folder / "metrics.csv", history, METRICS_COLUMNS)
-        for stale in [*run.folder.glob(".*.tmp"), *model_path.parent.glob(f".{model_path.name}.*.tmp")]:
+        for stale in [*run.folder.rglob(".*.tmp"), *model_path.parent.glob(f".{model_path.name}.*.tmp")]:
             stale.unlink(missing_ok=True)
+
+
+def prepare_fold_folder(fold_dir: Path, *, history: list[dict]) -> None:
+    """Make a fold's folder; for a resumed fold, bring metrics.csv in line with last.pt (a kill may leave it a
+    row ahead)."""
+    fold_dir.mkdir(exist_ok=True)
+    if history:
+        write_csv(fold_dir / "metrics.csv", history, METRICS_COLUMNS)
 
 
 def validation_row(metrics: dict) -> dict:
@@ -164,18 +193,21 @@ def out_of_memory(epoch: int, run_dir: Path, *, micro_batch: int, batch_size: in
     )
 
 
-def interrupted(epoch: int, run_dir: Path) -> str:
-    """What to do after Ctrl-C (or SIGTERM) in `epoch`."""
-    if (run_dir / "last.pt").exists():
-        return (f"\ninterrupted in epoch {epoch}; the last completed epoch is saved in {run_dir / 'last.pt'}. "
-                f"Continue with: python train.py --resume --run-name {run_dir.name}")
-    return (f"\ninterrupted in epoch {epoch}, before any epoch was completed: nothing to resume. "
+def interrupted(epoch: int, run_dir: Path, *, fold: str = "") -> str:
+    """What to do after Ctrl-C (or SIGTERM) in `epoch` (of `fold`, with --folds: "fold 2 of 5, ")."""
+    if last_states(run_dir):
+        saved = f"each completed epoch and fold is saved in {run_dir}" if fold else (
+            f"the last completed epoch is saved in {run_dir / 'last.pt'}")
+        return (f"\ninterrupted in {fold}epoch {epoch}; {saved}. Continue with: python train.py --resume --run-name "
+                f"{run_dir.name}")
+    return (f"\ninterrupted in {fold}epoch {epoch}, before any epoch was completed: nothing to resume. "
             f"Start again with: python train.py --run-name {run_dir.name}")
 
 
 def result_summary(best_epoch: int, default_metrics: dict, tuned_metrics: dict, post: PostProcessing, *,
-                   default_rule: PostProcessing) -> str:
-    """The end of training in words: the best epoch's validation Dice with the default and the chosen rule."""
+                   default_rule: PostProcessing, tta_dice: dict, use_tta: bool) -> str:
+    """The end of training in words: the best epoch's validation Dice with the default and the chosen rule, and
+    whether test-time augmentation is used."""
     presence_rule = f"presence below {post.presence_threshold} means empty, " if post.presence_threshold else ""
     kept_default = ("the default: no other rule gained clearly more than the noise of these images; "
                     if post == default_rule else "")
@@ -184,7 +216,9 @@ def result_summary(best_epoch: int, default_metrics: dict, tuned_metrics: dict, 
         f"best epoch {best_epoch}, on the {default_metrics['images']} validation images:\n"
         f"  default rule (threshold {default_rule.threshold}{default_presence}): {describe_scores(default_metrics)}\n"
         f"  chosen post-processing ({kept_default}{presence_rule}threshold {post.threshold}, largest component "
-        f"{'on' if post.keep_largest else 'off'}, minimum area {post.min_area_fraction:.2%} of the image): "
-        f"{describe_scores(tuned_metrics)}\n"
-        f"  all-empty baseline {tuned_metrics['all_empty_baseline']:.4f}."
+        f"{'on' if post.keep_largest else 'off'}, minimum area {post.min_area_fraction:.2%} of the image"
+        f"{', with test-time augmentation' if use_tta else ''}): {describe_scores(tuned_metrics)}\n"
+        f"  test-time augmentation {'on' if use_tta else 'off'}: Dice {tta_dice['tta']:.4f} with it, "
+        f"{tta_dice['plain']:.4f} without (on only when it gains more than {MIN_TTA_GAIN}); "
+        f"all-empty baseline {tuned_metrics['all_empty_baseline']:.4f}."
     )

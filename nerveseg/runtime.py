@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nerveseg.checkpoint import FORMAT, VERSION, load_checkpoint
+from nerveseg.checkpoint import FORMAT, VERSION, describe_model, load_checkpoint
 from nerveseg.distributed import autocast
+from nerveseg.ensemble import TestTimeAugmentation, augmentation_for
 from nerveseg.errors import UserError
 from nerveseg.evaluation import presence_probabilities
 from nerveseg.transforms import network_input
@@ -155,10 +156,26 @@ def max_difference(first: "OnnxPredictor | TorchPredictor", second: "OnnxPredict
     return max(masks, presences)
 
 
-def load_predictor(path: str | Path, device: torch.device, *, engine: str, amp: bool
-                   ) -> tuple["OnnxPredictor | TorchPredictor", dict, str]:
-    """The predictor for a .pt checkpoint or an exported .onnx file, its checkpoint fields (preprocessing,
-    postprocessing, epoch, ...), and the engine chosen.
+def prediction_model(path: str | Path, device: torch.device, *, fold: int, tta: str) -> tuple[nn.Module, dict]:
+    """The model that predicts from a .pt checkpoint (its ensemble, or with `fold` k one fold's model), with
+    test-time augmentation where `tta` says so ("auto": where validation chose it, "true", "false"); and the
+    checkpoint, its "tta" saying whether augmentation is on and "predicting_with" what predicts, in words."""
+    model, checkpoint = load_checkpoint(path, device, fold=fold)
+    record = checkpoint.get("tta") or {"use": False, **augmentation_for(checkpoint.get("settings") or {})}
+    use_tta = record["use"] if tta == "auto" else tta == "true"
+    described = describe_model(checkpoint, fold=fold)
+    if use_tta:
+        size = tuple(checkpoint["preprocessing"]["image_size"])
+        model = TestTimeAugmentation(model, size=size, zoom=record["zoom"], shift=record["shift"], flip=record["flip"])
+        model = model.to(device).eval()
+        described += f", with test-time augmentation ({len(model.views)} views)"
+    return model, checkpoint | {"tta": record | {"use": use_tta}, "predicting_with": described}
+
+
+def load_predictor(path: str | Path, device: torch.device, *, engine: str, amp: bool, fold: int = 0,
+                   tta: str = "auto") -> tuple["OnnxPredictor | TorchPredictor", dict, str]:
+    """The predictor for a .pt checkpoint (see prediction_model) or an exported .onnx file, its checkpoint fields
+    (preprocessing, postprocessing, epoch, ...), and the engine chosen.
 
     engine "auto": ONNX Runtime for a .onnx file, PyTorch for a .pt. "onnxruntime" for a .pt exports the model
     in memory and checks it against PyTorch on a few images first.
@@ -168,9 +185,12 @@ def load_predictor(path: str | Path, device: torch.device, *, engine: str, amp: 
         if engine == "torch" or device.type != "cpu":
             raise UserError(f"{path} is an ONNX model: it runs with ONNX Runtime on the CPU (--engine auto or "
                             "onnxruntime, --device cpu); for PyTorch or a GPU, predict with the .pt checkpoint")
+        if fold or tta != "auto":
+            raise UserError(f"{path} is an ONNX model: its ensemble and test-time augmentation were fixed when it "
+                            "was exported; leave --fold 0 and --tta auto, or predict with the .pt checkpoint")
         predictor, metadata = load_onnx(path)
         return predictor, metadata, "onnxruntime"
-    model, checkpoint = load_checkpoint(path, device)
+    model, checkpoint = prediction_model(path, device, fold=fold, tta=tta)
     torch_predictor = TorchPredictor(model, device, amp=amp)
     if engine != "onnxruntime":
         return torch_predictor, checkpoint, "torch"
