@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nerveseg.checkpoint import load_checkpoint
-from nerveseg.data import read_manifest, split_by_subject
+from nerveseg.data import read_manifest, split_by_subject, split_into_folds
 from nerveseg.distributed import Process
 from nerveseg.evaluation import evaluate
 from nerveseg.training import SegmentationLoss
@@ -59,34 +59,49 @@ def torchrun(train_clean: Path, work: Path, hooks: Path, *extra: str) -> subproc
     )
 
 
+def validation_figures(model: torch.nn.Module, val_items: list[dict], settings: dict) -> dict:
+    """One process's validation of a model on val_items, as train.py validates."""
+    monai.data.set_track_meta(False)
+    size = (settings["image_height"], settings["image_width"])
+    dataset = monai.data.Dataset(val_items, load_transforms(size, with_label=True, keep_full_label=True))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, collate_fn=collate_keep_sizes)
+    loss = SegmentationLoss(settings["presence_weight"])
+    return evaluate(model, loader, loss, Process(0, 1, torch.device("cpu")), amp=False)[0]
+
+
 @pytest.mark.slow
 def test_two_processes_train_validate_exactly_and_only_rank_0_writes(train_clean, tmp_path):
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(WATCH_WRITES)
-    works = [tmp_path / "first", tmp_path / "second"]
-    for work in works:
+    single, folds = tmp_path / "single", tmp_path / "folds"
+    for work in (single, folds):
         work.mkdir()
-    # at once: torchrun picks free ports. The second accumulates slices of 3 of each batch of 8 (DDP's no_sync).
-    runs = [torchrun(train_clean, works[0], hooks), torchrun(train_clean, works[1], hooks, "--micro-batch-size", "3")]
+    # at once: torchrun picks free ports. The second accumulates slices of 3 of each batch of 8 (DDP's no_sync),
+    # in each of two cross-validation folds.
+    runs = [torchrun(train_clean, single, hooks),
+            torchrun(train_clean, folds, hooks, "--micro-batch-size", "3", "--folds", "2")]
     outputs = [run.communicate(timeout=600) for run in runs]
     for run, (stdout, stderr) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, stderr[-3000:]
         assert "training on cpu x 2" in stdout
         assert "RANK1-WRITES:[]" in stderr, [line for line in stderr.splitlines() if "RANK1" in line]
-    for work in works:  # one TensorBoard log, rank 0's
-        assert len(list((work / "runs").rglob("events.out.tfevents.*"))) == 1
-    for work in works:  # the Dice reduced over both ranks is rank 0's model's: the ranks stayed in step
-        model, checkpoint = load_checkpoint(work / "2D_Nerve_Segmentation.pt")
-        assert not any(key.startswith(("module.", "_orig_mod.")) for key in checkpoint["state_dict"])
-        settings = checkpoint["settings"]
-        _, val_items = split_by_subject(read_manifest(train_clean), settings["val_fraction"], settings["seed"])
-        monai.data.set_track_meta(False)
-        size = (settings["image_height"], settings["image_width"])
-        dataset = monai.data.Dataset(val_items, load_transforms(size, with_label=True, keep_full_label=True))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=5, collate_fn=collate_keep_sizes)
-        loss = SegmentationLoss(settings["presence_weight"])
-        metrics, _ = evaluate(model, loader, loss, Process(0, 1, torch.device("cpu")), amp=False)
-        assert metrics["images"] == len(val_items) == checkpoint["metrics"]["images"]
-        assert metrics["dice"] == pytest.approx(checkpoint["metrics"]["dice"], abs=1e-9)
-        assert metrics["dice_nonempty"] == pytest.approx(checkpoint["metrics"]["dice_nonempty"], abs=1e-9)
+    for work, logs in ((single, 1), (folds, 2)):  # one TensorBoard log per fold, rank 0's
+        assert len(list((work / "runs").rglob("events.out.tfevents.*"))) == logs
+    # The Dice reduced over both ranks is rank 0's model's: the ranks stayed in step.
+    model, checkpoint = load_checkpoint(single / "2D_Nerve_Segmentation.pt")
+    assert not any(key.startswith(("module.", "_orig_mod.")) for key in checkpoint["state_dict"])
+    settings = checkpoint["settings"]
+    _, val_items = split_by_subject(read_manifest(train_clean), settings["val_fraction"], settings["seed"])
+    metrics = validation_figures(model, val_items, settings)
+    assert metrics["images"] == len(val_items) == checkpoint["metrics"]["images"]
+    assert metrics["dice"] == pytest.approx(checkpoint["metrics"]["dice"], abs=1e-9)
+    assert metrics["dice_nonempty"] == pytest.approx(checkpoint["metrics"]["dice_nonempty"], abs=1e-9)
+    # Each fold model of the ensemble too, on its own validation subjects.
+    _, checkpoint = load_checkpoint(folds / "2D_Nerve_Segmentation.pt")
+    splits = split_into_folds(read_manifest(train_clean), 2, settings["val_fraction"], settings["seed"])
+    for member, (_, val_items) in zip(checkpoint["ensemble"], splits, strict=True):
+        model, _ = load_checkpoint(folds / "2D_Nerve_Segmentation.pt", fold=member["fold"])
+        metrics = validation_figures(model, val_items, settings)
+        assert metrics["images"] == len(val_items) == member["metrics"]["images"]
+        assert metrics["dice"] == pytest.approx(member["metrics"]["dice"], abs=1e-9)
