@@ -123,13 +123,13 @@ monai.data.set_track_meta(False)  # plain tensors: faster, and the metadata is n
 preprocessing = {"image_size": list(image_size), "intensity": "0..255 scaled to 0..1", "reader": "PIL, grayscale"}
 saved_settings = settings_to_json(settings)
 tta = augmentation_for(saved_settings)  # the test-time augmentation that validation will judge
-if process.is_main:
-    runs.prepare_run_folder(run, settings_json=saved_settings, model_path=Path(MODEL_PATH))
-signal.signal(signal.SIGTERM, signal.default_int_handler)  # a job scheduler's stop is handled like Ctrl-C
 
 # %% Load data: the manifest of data_cleaning.py, split by subject (into FOLDS folds, each validating on its share)
 items = read_manifest(DATA_DIR)
 folds = split_into_folds(items, FOLDS, VAL_FRACTION, SEED)
+if process.is_main:  # the data is readable: now the run's folder is made
+    runs.prepare_run_folder(run, settings_json=saved_settings, model_path=Path(MODEL_PATH))
+signal.signal(signal.SIGTERM, signal.default_int_handler)  # a job scheduler's stop is handled like Ctrl-C
 # Dice over the whole batch plus cross-entropy (it does not collapse on the many empty masks), plus presence.
 loss_function = SegmentationLoss(PRESENCE_WEIGHT)
 augment = BatchAugment(
