@@ -300,7 +300,7 @@ post, use_tta, tta_dice = choose_on_validation(validations, has_presence=has_pre
 summary = cross_validation_summary(validations, rule=post, use_tta=use_tta, default_rule=default_rule)
 pooled = summary["pooled"]
 tta_record = {"use": use_tta, **tta, "validation_dice": tta_dice}
-if FOLDS == 1:
+if FOLDS == 1:  # the best model of the split, with the chosen rule
     checkpoint = members[0] | {"postprocessing": post.as_dict(), "tta": tta_record}
     checkpoint["metrics"] = checkpoint["metrics"] | {
         "dice_raw": pooled["raw"]["dice"],
@@ -308,17 +308,20 @@ if FOLDS == 1:
         "default_rule": pooled["raw"],
         "postprocessed": pooled["postprocessed"],
     }
-else:
+    result = runs.result_summary(checkpoint["epoch"], pooled["raw"], pooled["postprocessed"], post,
+                                 default_rule=default_rule, tta_dice=tta_dice, use_tta=use_tta)
+else:  # the ensemble of the fold models
     checkpoint = ensemble_checkpoint(members, postprocessing=post.as_dict(), tta=tta_record,
                                      metrics={"cross_validation": summary})
+    result = describe_cross_validation(summary, tta_dice=tta_dice, use_tta=use_tta)
 if process.is_main:
+    save_torch(MODEL_PATH, checkpoint)
     if FOLDS == 1:
         save_torch(run_dir / "best.pt", checkpoint)
         plot_training_curves(read_torch_file(run_dir / "last.pt")["history"], Path(PICTURES, "training_curves.png"))
     else:
         plot_cross_validation(summary, run_dir / "cross_validation.png")
         plot_cross_validation(summary, Path(PICTURES, "cross_validation.png"))
-    save_torch(MODEL_PATH, checkpoint)
     write_json(run_dir / "summary.json", {
         "folds": FOLDS,
         "best_epochs": [member["epoch"] for member in members],
@@ -327,10 +330,6 @@ if process.is_main:
         "test_time_augmentation": tta_record,
         "model_path": MODEL_PATH,
     })
-if FOLDS == 1:
-    print0(runs.result_summary(checkpoint["epoch"], pooled["raw"], pooled["postprocessed"], post,
-                               default_rule=default_rule, tta_dice=tta_dice, use_tta=use_tta))
-else:
-    print0(describe_cross_validation(summary, tta_dice=tta_dice, use_tta=use_tta))
+print0(result)
 print0(f"Saved {MODEL_PATH}; curves and metrics in {run_dir}")
 distributed.stop()

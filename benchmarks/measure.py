@@ -28,6 +28,7 @@ from report import GB, Row, Watch, flag_busy, say, spread
 from nerveseg import synthetic
 from nerveseg.checkpoint import load_checkpoint, read_torch_file, save_torch
 from nerveseg.data import read_manifest, split_by_subject
+from nerveseg.ensemble import Ensemble, TestTimeAugmentation, augmentation_for
 from nerveseg.model import build_model, model_config
 from nerveseg.postprocess import PostProcessing
 from nerveseg.runtime import OnnxPredictor, TorchPredictor, max_difference, onnx_graph
@@ -482,6 +483,35 @@ def measure_forward_engines(profile: Profile, work: Path) -> list[Row]:
              value=rates["onnxruntime"] / rates["torch"], unit="x", note=f"probabilities within {difference:.1g}")]
 
 
+def measure_ensemble_forward(profile: Profile, device: torch.device, work: Path) -> list[Row]:
+    """What prediction costs with K fold models and with test-time augmentation: the forward pass of one model,
+    of one with augmentation, of a 5-model ensemble and of both, in images a second (batch 64)."""
+    model, checkpoint = load_checkpoint(work / "model.pt", device)
+    image_size = tuple(checkpoint["preprocessing"]["image_size"])
+    views = augmentation_for(checkpoint["settings"])
+    ensemble = Ensemble([model] * 5)  # the same weights five times: the cost of five models
+    models = {
+        "one model": model,
+        "one model, test-time augmentation": TestTimeAugmentation(model, size=image_size, **views),
+        "5-model ensemble": ensemble,
+        "5-model ensemble, test-time augmentation": TestTimeAugmentation(ensemble, size=image_size, **views),
+    }
+    images = torch.randint(0, 256, (64, 1, *image_size), dtype=torch.uint8)
+    rows = []
+    for name, candidate in models.items():
+        predictor = TorchPredictor(candidate.to(device).eval(), device, amp=True)
+        predictor(images)  # warm-up
+        times = []
+        for _ in range(max(profile.runs, 2)):
+            started = time.perf_counter()
+            predictor(images)[0].cpu()  # the result on the host: the GPU has finished
+            times.append(time.perf_counter() - started)
+        key = "forward_" + name.replace("-model", "").replace(", test-time augmentation", "_tta").replace(" ", "_")
+        rows.append(Row(section=5, key=key, benchmark=f"Forward pass, batch 64: {name}", value=64 / statistics.median(
+            times), unit="images/s", note=f"{image_size[0]}x{image_size[1]} on {device.type}"))
+    return rows
+
+
 # %% GPU only: full-set epochs, mixed precision and torch.compile
 def gpu_rows(profile: Profile, device: torch.device, limit: float, pipeline: float, n_train: int) -> list[Row]:
     """Full-set epoch times, and the speed-ups of AMP (bf16 autocast vs fp32) and torch.compile (compute limit)."""
@@ -629,6 +659,7 @@ def measure(profile: Profile, device: torch.device, work: Path) -> list[Row]:
     if device.type == "cpu":
         rows += flag_busy(measure_prediction(clean, quarter / "test", profile, device, work, engine="torch"), watch)
         rows += flag_busy(measure_forward_engines(profile, work), watch)
+    rows += flag_busy(measure_ensemble_forward(profile, device, work), watch)
     for height, width in profile.scaling_sizes:
         same = (height, width) == profile.image_size
         if not same:
