@@ -11,6 +11,7 @@ from tests.helpers import ROOT
 DEFAULTS = script_defaults(ROOT / "train.py")
 
 REFUSED = [  # (settings changed from the defaults, the message)
+    ({"FOLDS": 0}, "--folds must be 1 (one validation split) or more (cross-validation), not 0"),
     ({"BATCH_SIZE": -1}, "--batch-size must be 0 (automatic) or more, not -1"),
     ({"MAX_EPOCHS": 0}, "--val-batch-size, --max-epochs, --val-interval and --min-steps-per-epoch must be at least 1"),
     ({"VAL_INTERVAL": 0}, "must be at least 1"),
@@ -77,6 +78,20 @@ def test_resume_takes_the_runs_own_settings_but_the_system_ones_from_now(tmp_pat
     assert run.settings["QUIET"] is True and run.settings["DEVICE"] == "cpu"
     assert run.settings["PRESENCE_WEIGHT"] == 0.0 and run.settings["MIN_STEPS_PER_EPOCH"] == 1
     assert open_run({**now, "RUN_NAME": "first"}).folder == runs / "first"
+
+
+def test_a_cross_validation_resumes_from_its_latest_fold_and_is_never_taken_over(tmp_path):
+    runs = tmp_path / "runs"
+    settings = {key.lower(): list(value) if isinstance(value, tuple) else value for key, value in DEFAULTS.items()}
+    for fold, epoch in ((1, 4), (2, 1)):
+        (runs / "cv" / f"fold-{fold}").mkdir(parents=True)
+        torch.save({"model": {}, "optimizer": {}, "epoch": epoch, "history": [], "settings": settings | {"folds": 3}},
+                   runs / "cv" / f"fold-{fold}" / "last.pt")
+    now = {**DEFAULTS, "RUNS_DIR": str(runs), "RESUME": True}
+    for run in (open_run(now), open_run({**now, "RUN_NAME": "cv"})):
+        assert run.folder == runs / "cv" and run.settings["FOLDS"] == 3 and run.state["epoch"] == 1
+    with pytest.raises(UserError, match="already holds a run; use --resume"):
+        open_run({**DEFAULTS, "RUNS_DIR": str(runs), "RUN_NAME": "cv"})
 
 
 @pytest.mark.parametrize(("prepare", "name", "message"), [
