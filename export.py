@@ -7,7 +7,9 @@
 The graph takes images (N, 1, height, width) as floats in [0, 1] (the 8-bit pixels divided by 255), any
 batch size, and gives the mask's probabilities and, for a model with a presence output, each image's
 presence probability. Its metadata ("nerveseg", JSON) holds the image size, the intensity scaling, the
-post-processing and presence rule, and the model's record, so the file is all that prediction needs.
+post-processing and presence rule, and the model's record, so the file is all that prediction needs. A
+cross-validated checkpoint exports its ensemble as one graph (--fold k: one fold's model), with test-time
+augmentation inside where validation chose it (--tta).
 
 Before writing, ONNX Runtime's probabilities are compared with PyTorch's on CHECK_IMAGES images of
 CHECK_INPUT (random images where that folder is absent); a model that differs by more than TOLERANCE is

@@ -7,9 +7,11 @@
 Writes OUTPUT/masks/<name>.png (0/255, each image's own size and name, in its subfolder), OUTPUT/submission.csv
 (Kaggle format, for a Kaggle test set or with --submission true), OUTPUT/images.csv (per image: the presence
 probability, the mask's area, the Dice where a truth is given, or why the file was skipped) and a picture of
-a few predictions in PICTURES. The rule chosen on the
-validation subjects at the end of training (presence threshold, threshold, largest component, minimum
-area) is read from the checkpoint. An unreadable file is skipped and named, unless --strict.
+a few predictions in PICTURES. The rule chosen on the validation subjects at the end of training (presence
+threshold, threshold, largest component, minimum area) is read from the checkpoint. A cross-validated
+checkpoint (train.py --folds) predicts with the mean of its fold models (--fold k: fold k alone), and
+test-time augmentation is used where validation chose it (--tta).
+An unreadable file is skipped and named, unless --strict.
 """
 
 # %% Import useful libraries
