@@ -62,7 +62,7 @@ def plot_cross_validation(summary: dict, path: str | Path) -> None:
         values = [fold["postprocessed"][key] for fold in folds]
         if any(value is not None for value in values):
             axis.plot(positions + 0.2, [np.nan if v is None else v for v in values], marker, color="black",
-                      linestyle="none", label=f"chosen rule: {label}")
+                      markeredgecolor="white", linestyle="none", label=f"chosen rule: {label}")
     mean, sd = summary["mean"]["postprocessed"]["dice"], summary["sd"]["postprocessed"]["dice"]
     axis.axhspan(mean - sd, mean + sd, color="#1f77b4", alpha=0.12)
     axis.axhline(mean, color="#1f77b4", label=f"mean {mean:.3f} ± {sd:.3f}")
@@ -71,7 +71,7 @@ def plot_cross_validation(summary: dict, path: str | Path) -> None:
     axis.set_xticks(positions, [f"fold {fold['fold']}\n{fold['raw']['images']} images" for fold in folds])
     axis.set(ylabel="Kaggle Dice (validation subjects)", ylim=(0, 1.05),
              title=f"Cross-validation: {len(folds)} folds, each validated on subjects its model never saw")
-    axis.legend(loc="lower left", fontsize=8, ncol=2)
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=3, frameon=False)
     save_figure(figure, path)
 
 
