@@ -51,17 +51,13 @@ def cross_validation_summary(validations: list[dict], *, rule: PostProcessing, u
     """Each fold's validation figures with the default rule ("raw") and the chosen one ("postprocessed"), their
     mean and standard deviation over the folds, and the figures of all folds' images pooled."""
     view = "tta" if use_tta else "plain"
-
-    def figures(tuning: torch.Tensor, chosen: PostProcessing, images: int, empty: int) -> dict:
-        return metrics_of_rule(tuning, chosen, images=images, images_empty=empty)
-
     folds = [
         {
             "fold": v["fold"],
             "best_epoch": v["best_epoch"],
             "subjects": v["subjects"],
-            "raw": figures(v["plain"], default_rule, v["images"], v["images_empty"]),
-            "postprocessed": figures(v[view], rule, v["images"], v["images_empty"]),
+            "raw": metrics_of_rule(v["plain"], default_rule, images=v["images"], images_empty=v["images_empty"]),
+            "postprocessed": metrics_of_rule(v[view], rule, images=v["images"], images_empty=v["images_empty"]),
         }
         for v in validations
     ]
@@ -75,8 +71,8 @@ def cross_validation_summary(validations: list[dict], *, rule: PostProcessing, u
                 for key in FIGURES
             }
     summary["pooled"] = {
-        "raw": figures(sum(v["plain"] for v in validations), default_rule, images, empty),
-        "postprocessed": figures(sum(v[view] for v in validations), rule, images, empty),
+        "raw": metrics_of_rule(sum(v["plain"] for v in validations), default_rule, images=images, images_empty=empty),
+        "postprocessed": metrics_of_rule(sum(v[view] for v in validations), rule, images=images, images_empty=empty),
     }
     return summary
 

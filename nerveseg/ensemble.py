@@ -68,22 +68,24 @@ class TestTimeAugmentation(nn.Module):
         super().__init__()
         self.model = model
         self.views = augmentation_views(zoom=zoom, shift=shift, flip=flip)
-        # The sampling grid of each view but the first (the image itself), the grid back, and how much of the
-        # image each point of the back-mapped view saw: constants, so that the ONNX export holds them as such.
-        thetas = torch.cat([affine_theta(*view) for view in self.views[1:]]) if len(self.views) > 1 else None
-        grids = F.affine_grid(thetas, [len(thetas), 1, *size], align_corners=False) if thetas is not None else None
-        self.register_buffer("grids", grids, persistent=False)
-        coverage = (F.grid_sample(torch.ones(len(thetas) // 2, 1, *size), grids[1::2], align_corners=False).sum(0)
-                    + 1 if grids is not None else torch.ones(1, *size))
-        self.register_buffer("coverage", coverage[None], persistent=False)
+        # Each view but the first (the image itself): its sampling grid, the grid back, and over all of them how
+        # many views saw each point of the image. Constants, so that the ONNX export holds them as such.
+        shifted = self.views[1:]
+        grids = torch.zeros(0, *size, 2)
+        if shifted:  # (forward, back) of each view
+            thetas = torch.cat([affine_theta(*view) for view in shifted])
+            grids = F.affine_grid(thetas, [len(thetas), 1, *size], align_corners=False)
+        self.register_buffer("view_grids", grids[0::2], persistent=False)
+        self.register_buffer("back_grids", grids[1::2], persistent=False)
+        seen = F.grid_sample(torch.ones(len(shifted), 1, *size), grids[1::2], align_corners=False)
+        self.register_buffer("coverage", 1 + seen.sum(0, keepdim=True), persistent=False)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         count = images.shape[0]
         mask_logits, presence_logits = self.model(images)
         mask_sum = torch.sigmoid(mask_logits.float())
         presence_sum = None if presence_logits is None else torch.sigmoid(presence_logits.float())
-        for view in range(len(self.views) - 1):
-            grid, back = self.grids[2 * view : 2 * view + 1], self.grids[2 * view + 1 : 2 * view + 2]
+        for grid, back in zip(self.view_grids, self.back_grids, strict=True):
             shown = F.grid_sample(images, grid.expand(count, -1, -1, -1).to(images.dtype), mode="bilinear",
                                   padding_mode="zeros", align_corners=False)
             mask_logits, presence_logits = self.model(shown)
