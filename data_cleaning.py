@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 from nerveseg import synthetic
-from nerveseg.cleaning import DUPLICATE_POLICIES, CleaningOptions, clean_download, clean_own_data
+from nerveseg.clean_copy import CleaningOptions
+from nerveseg.cleaning import clean_download, clean_own_data
+from nerveseg.duplicates import DUPLICATE_POLICIES
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.images import parse_mask_values
 from nerveseg.layouts import LAYOUTS, detect_layout, find_own_data, subject_lookup

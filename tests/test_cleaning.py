@@ -344,7 +344,8 @@ def zip_in_order(download: Path, archive: Path, order: tuple[str, ...]) -> None:
 
 def clean_in_process(source: Path, output: Path, workers: int) -> dict[str, str]:
     """Clean `source` with `workers` processes (0: the default, one per core); the clean copy's hashes."""
-    from nerveseg.cleaning import CleaningOptions, clean_download
+    from nerveseg.clean_copy import CleaningOptions
+    from nerveseg.cleaning import clean_download
     from nerveseg.sources import find_download, scratch_folder
 
     with scratch_folder() as scratch:
@@ -443,13 +444,14 @@ def test_an_archive_opened_before_a_fork_is_not_used_by_the_child(tmp_path):
 
 
 def test_an_unforeseen_failure_in_a_worker_is_one_line_naming_the_file(tiny_download, tmp_path, monkeypatch):
-    from nerveseg import cleaning
+    from nerveseg import kaggle_checks
+    from nerveseg.errors import UserError
 
     def broken(pixels):
         raise MemoryError("simulated")
 
-    monkeypatch.setattr(cleaning, "thumbnail_feature", broken)  # forked workers inherit the patch
-    with pytest.raises(cleaning.UserError) as caught:
+    monkeypatch.setattr(kaggle_checks, "thumbnail_feature", broken)  # forked workers inherit the patch
+    with pytest.raises(UserError) as caught:
         clean_in_process(tiny_download[0], tmp_path / "clean", workers=2)
     message = str(caught.value)
     assert "verifying" in message and "_mask.tif" not in message.split(" failed")[0]

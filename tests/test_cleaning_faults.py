@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from nerveseg.cleaning import CleaningOptions, clean_download
+from nerveseg.clean_copy import CleaningOptions
+from nerveseg.cleaning import clean_download
 from nerveseg.errors import UserError
 from nerveseg.sources import find_download
 from tests.helpers import NO_SPACE, SYS_IS_UNWRITABLE, assert_user_error, run_script, tree_hashes
