@@ -8,8 +8,8 @@ clean, verified copy.
                                             # your own data: images/ + masks/, or <name>.png + <name>_mask.png
 
 The originals are only read. The clean copy (images/, masks/, test/, manifest.csv) is built aside and
-swapped in when complete; see nerveseg/cleaning.py for what is checked and nerveseg/layouts.py for the
-layouts of own data.
+swapped in when complete; see nerveseg/kaggle_checks.py and nerveseg/own_data_checks.py for what is checked,
+nerveseg/layouts.py for the layouts of own data.
 """
 
 # %% Imports

@@ -17,12 +17,13 @@ The clean folder (``data/clean`` by default) holds::
 It is built in a temporary folder beside the target and swapped in only when complete.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,45 +33,10 @@ from nerveseg.errors import UserError
 from nerveseg.files import building_folder, swap_into_place, write_csv, write_json
 from nerveseg.images import MASK_VALUES_FORMS, MaskValues, describe_label
 from nerveseg.layouts import natural_key
-from nerveseg.pairs import MANIFEST_COLUMNS, PairResult
+from nerveseg.pairs import MANIFEST_COLUMNS, PairResult, PairStatus
 
 TEST_COLUMNS = ["id", "image", "kept", "reason"]
 FORMAT_VERSION = 2  # 2: subjects are names, own-data layouts, the split and original files in the manifest
-
-
-def source_fingerprint(paths: set[str], options: dict) -> str:
-    """A hash of the source files' names, sizes and times and of the options: equal means nothing to redo."""
-    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    digest.update(str(FORMAT_VERSION).encode())
-    for path in sorted(paths):
-        info = os.stat(path)
-        digest.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def summarize(results: list[PairResult], tests: list[dict], found: list, options: "CleaningOptions") -> dict:
-    """The figures printed at the end and stored in cleaning.json."""
-    kept = [r for r in results if r.kept]
-    reasons = Counter(r.reason.split(" (")[0] if "near-duplicate" in r.reason else "skipped" for r in results
-                      if not r.kept)
-    sizes = sorted({(r.width, r.height) for r in kept}, key=lambda size: size[0] * size[1])
-    return {
-        "ids_found": len(results),
-        "pairs_kept": len(kept),
-        "pairs_skipped": len(results) - len(kept),
-        "skipped_by_reason": dict(reasons),
-        "contradictory_duplicates_found": len(found),
-        "duplicate_policy": options.duplicates,
-        "dropped_as_duplicates": sum("near-duplicate" in r.reason for r in results if not r.kept),
-        "empty_mask_fraction": round(sum(r.mask_area == 0 for r in kept) / max(len(kept), 1), 4),
-        "subjects": len({r.subject for r in kept}),
-        "held_out_pairs": sum(r.split == "held-out" for r in kept),
-        "held_out_subjects": len({r.subject for r in kept if r.split == "held-out"}),
-        "converted_to_grayscale": dict(Counter(r.converted_from for r in kept if r.converted_from)),
-        "image_sizes": [f"{width}x{height}" for width, height in (sizes[:1] + sizes[1:][-1:])],
-        "test_images_kept": sum(row["kept"] for row in tests),
-        "test_images_skipped": sum(not row["kept"] for row in tests),
-    }
 
 
 @dataclass
@@ -92,16 +58,37 @@ class CleaningOptions:
                 "mask_values": self.mask_values.text, "hold_out": self.hold_out, "seed": self.seed}
 
 
-def check_output(output: Path, origin: str, fingerprint: str, *, overwrite: bool) -> dict:
+@dataclass
+class Source:
+    """What the clean copy records of the source it is made from."""
+
+    origin: str  # the source as the user named it
+    fingerprint: str  # of its files and of the options (source_fingerprint): equal means nothing to redo
+    expected: str  # what a usable pair is, said when none is found
+    about: dict  # how the source was read (its layout, whether subjects were given), stored with the summary
+    within_subjects: bool = True  # near-duplicates among the frames of each subject (False: among all images)
+
+
+def source_fingerprint(paths: set[str], options: dict) -> str:
+    """A hash of the source files' names, sizes and times and of the options: equal means nothing to redo."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    digest.update(str(FORMAT_VERSION).encode())
+    for path in sorted(paths):
+        info = os.stat(path)
+        digest.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def check_output(output: Path, source: Source, *, overwrite: bool) -> dict:
     """{} when `output` may be (re)built; the earlier summary when it already holds this very clean. A clean of
     the same source by an older version of this code is rebuilt without asking."""
     if output.exists() and not output.is_dir():
         raise UserError(f"{output} is a file, not a folder; choose another --output")
     if output.exists() and any(output.iterdir()):
         previous = read_previous_record(output / "cleaning.json")
-        if previous.get("fingerprint") == fingerprint:
+        if previous.get("fingerprint") == source.fingerprint:
             return {**previous["summary"], "unchanged": True}
-        upgrade = previous.get("source") == origin and previous.get("format_version") != FORMAT_VERSION
+        upgrade = previous.get("source") == source.origin and previous.get("format_version") != FORMAT_VERSION
         if not overwrite and not upgrade:
             what = f"a clean of {previous['source']}" if previous else "files that data_cleaning.py did not write"
             raise UserError(
@@ -109,6 +96,63 @@ def check_output(output: Path, origin: str, fingerprint: str, *, overwrite: bool
                 "to replace it, or --output OTHER_FOLDER to keep both."
             )
     return {}
+
+
+@contextlib.contextmanager
+def clean_copy_aside(output: Path) -> Iterator[Path]:
+    """A new folder beside `output` (with images/, masks/ and test/) to build the clean copy in, swapped into
+    place when the block completes. A problem in the block, or a full disk, leaves `output` as it was."""
+    try:
+        building = building_folder(output)
+    except OSError as error:
+        raise UserError(
+            f"cannot write into {output.parent}: {error.strerror}; choose --output in a writable folder"
+        ) from None
+    try:
+        for folder in ("images", "masks", "test"):
+            (building / folder).mkdir()
+        yield building
+        swap_into_place(building, output)
+    except OSError as error:  # a full disk, a file that vanished: the partial copy goes, the output stays as it was
+        where = f" ({error.filename})" if error.filename else ""
+        raise UserError(
+            f"cleaning stopped: {error.strerror}{where}; {output} was left as it was. Free some space or choose "
+            "another --output, then run again"
+        ) from None
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+
+
+def finish_clean_copy(
+    building: Path, source: Source, results: list[PairResult], tests: list[dict], options: CleaningOptions
+) -> dict:
+    """Complete the clean copy in `building` from the verified pairs and test images: the near-duplicates, the
+    held-out subjects, the manifest and the summary (returned, with the problems)."""
+    several = [r for r in results if r.several_values]
+    if several:
+        raise UserError(several_values_message(several, source.origin))
+    found = find_contradictions(results, options.similarity, within_subjects=source.within_subjects)
+    apply_duplicate_policy(found, options.duplicates)
+    results.sort(key=lambda r: (natural_key(r.subject), natural_key(r.id)))
+    problems = [r.reason for r in results if r.status is PairStatus.SKIPPED]
+    problems += [row["reason"] for row in tests if not row["kept"]]
+    if options.strict and problems:
+        listing = "\n  ".join(problems[:20])
+        raise UserError(f"--strict: {len(problems)} problem(s) in {source.origin}:\n  {listing}")
+    if not any(r.kept for r in results):
+        raise UserError(f"no usable training pair in {source.origin}: {source.expected}. First problems:\n  "
+                        + "\n  ".join(r.reason for r in results[:5]))
+    for result in results:
+        result.split = "train" if result.kept else ""
+    if options.hold_out:
+        hold_out_subjects(results, building, options.hold_out, options.seed)
+    summary = {**source.about, **summarize(results, tests, found, options)}
+    write_csv(building / "manifest.csv", [r.row() for r in results], MANIFEST_COLUMNS)
+    write_csv(building / "test.csv", tests, TEST_COLUMNS)
+    write_json(building / "cleaning.json", {"source": source.origin, "fingerprint": source.fingerprint,
+                                            "format_version": FORMAT_VERSION, "summary": summary,
+                                            "problems": problems})
+    return {**summary, "problems": problems}
 
 
 def several_values_message(results: list[PairResult], origin: str) -> str:
@@ -136,58 +180,29 @@ def hold_out_subjects(results: list[PairResult], building: Path, share: float, s
         result.split = "held-out"
 
 
-def build_clean_copy(
-    origin: str, fingerprint: str, output: Path, options: CleaningOptions,
-    verify: Callable[[Path, int], tuple[list[PairResult], list[dict]]], *, expected: str, about: dict,
-    within_subjects: bool = True,
-) -> dict:
-    """Build the clean copy aside: `verify` writes the pairs; then near-duplicates, the held-out subjects, the
-    manifest and the summary (with `about`: how the source was read); then swap it in. A problem leaves
-    `output` as it was. `expected` says what a usable pair is, for when none is found."""
-    try:
-        building = building_folder(output)
-    except OSError as error:
-        raise UserError(
-            f"cannot write into {output.parent}: {error.strerror}; choose --output in a writable folder"
-        ) from None
-    try:
-        for folder in ("images", "masks", "test"):
-            (building / folder).mkdir()
-        results, tests = verify(building, options.workers or os.cpu_count() or 1)
-        several = [r for r in results if r.several_values]
-        if several:
-            raise UserError(several_values_message(several, origin))
-        found = find_contradictions(results, options.similarity, within_subjects=within_subjects)
-        apply_duplicate_policy(found, options.duplicates)
-        results.sort(key=lambda r: (natural_key(r.subject), natural_key(r.id)))
-        problems = [r for r in results if not r.kept and "near-duplicate" not in r.reason]
-        problems += [PairResult(row["id"], "", "", reason=row["reason"]) for row in tests if not row["kept"]]
-        if options.strict and problems:
-            listing = "\n  ".join(p.reason for p in problems[:20])
-            raise UserError(f"--strict: {len(problems)} problem(s) in {origin}:\n  {listing}")
-        if not any(r.kept for r in results):
-            raise UserError(f"no usable training pair in {origin}: {expected}. First problems:\n  "
-                            + "\n  ".join(r.reason for r in results[:5]))
-        for result in results:
-            result.split = "train" if result.kept else ""
-        if options.hold_out:
-            hold_out_subjects(results, building, options.hold_out, options.seed)
-        summary = {**about, **summarize(results, tests, found, options)}
-        write_csv(building / "manifest.csv", [r.row() for r in results], MANIFEST_COLUMNS)
-        write_csv(building / "test.csv", tests, TEST_COLUMNS)
-        write_json(building / "cleaning.json", {"source": origin, "fingerprint": fingerprint,
-                                                "format_version": FORMAT_VERSION, "summary": summary,
-                                                "problems": [p.reason for p in problems]})
-        swap_into_place(building, output)
-    except OSError as error:  # a full disk, a file that vanished: the partial copy goes, the output stays as it was
-        where = f" ({error.filename})" if error.filename else ""
-        raise UserError(
-            f"cleaning stopped: {error.strerror}{where}; {output} was left as it was. Free some space or choose "
-            "another --output, then run again"
-        ) from None
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    return {**summary, "problems": [p.reason for p in problems]}
+def summarize(results: list[PairResult], tests: list[dict], found: list, options: CleaningOptions) -> dict:
+    """The figures printed at the end and stored in cleaning.json."""
+    kept = [r for r in results if r.kept]
+    reasons = Counter(r.reason.split(" (")[0] if r.status is PairStatus.DUPLICATE else "skipped" for r in results
+                      if not r.kept)
+    sizes = sorted({(r.width, r.height) for r in kept}, key=lambda size: size[0] * size[1])
+    return {
+        "ids_found": len(results),
+        "pairs_kept": len(kept),
+        "pairs_skipped": len(results) - len(kept),
+        "skipped_by_reason": dict(reasons),
+        "contradictory_duplicates_found": len(found),
+        "duplicate_policy": options.duplicates,
+        "dropped_as_duplicates": sum(r.status is PairStatus.DUPLICATE for r in results),
+        "empty_mask_fraction": round(sum(r.mask_area == 0 for r in kept) / max(len(kept), 1), 4),
+        "subjects": len({r.subject for r in kept}),
+        "held_out_pairs": sum(r.split == "held-out" for r in kept),
+        "held_out_subjects": len({r.subject for r in kept if r.split == "held-out"}),
+        "converted_to_grayscale": dict(Counter(r.converted_from for r in kept if r.converted_from)),
+        "image_sizes": [f"{width}x{height}" for width, height in (sizes[:1] + sizes[1:][-1:])],
+        "test_images_kept": sum(row["kept"] for row in tests),
+        "test_images_skipped": sum(not row["kept"] for row in tests),
+    }
 
 
 def read_previous_record(path: Path) -> dict:

@@ -1,58 +1,41 @@
-"""Stage 1: verify a Kaggle download (nerveseg/kaggle_checks.py), or a user's own image/mask folders
-(nerveseg/own_data_checks.py), in worker processes (nerveseg/parallel.py), and write a clean copy with a
-manifest (nerveseg/clean_copy.py)."""
+"""Stage 1: verify a Kaggle download, or a user's own image/mask folders, and write a clean copy with a manifest.
+
+Each source is cleaned the same way: a fingerprint of its files and the options says whether the output
+already holds this clean; the pairs are verified in worker processes (nerveseg/parallel.py) by the checks of
+the source (nerveseg/kaggle_checks.py, nerveseg/own_data_checks.py) and written into a folder beside the
+output; the near-duplicates (nerveseg/duplicates.py), the held-out subjects and the manifest complete it, and
+it is swapped in (nerveseg/clean_copy.py, which also describes the clean folder).
+"""
 
 from collections.abc import Callable
 from pathlib import Path
 
-from nerveseg.clean_copy import CleaningOptions, build_clean_copy, check_output, source_fingerprint
-from nerveseg.kaggle_checks import TEST_NAME, pair_jobs, parse_train_masks_csv, verify_pair, verify_test_image
-from nerveseg.layouts import OwnData, natural_key, suggest_subject_pattern
-from nerveseg.own_data_checks import OwnPairJob, verify_own_pair
-from nerveseg.pairs import PairResult
-from nerveseg.parallel import run_parallel
-from nerveseg.sources import ArchiveCache, Download, read_csv_text
+from nerveseg import kaggle_checks, own_data_checks
+from nerveseg.clean_copy import (
+    CleaningOptions,
+    Source,
+    check_output,
+    clean_copy_aside,
+    finish_clean_copy,
+    source_fingerprint,
+)
+from nerveseg.layouts import OwnData, suggest_subject_pattern
+from nerveseg.sources import Download
 
 
 def clean_download(download: Download, output: Path, options: CleaningOptions, *, overwrite: bool = False) -> dict:
     """Verify and copy a Kaggle download into `output`; return the summary (or {"unchanged": True, ...})."""
     paths = {loc.path for group in (download.train, download.test) for locs in group.values() for loc in locs}
     paths |= {loc.path for loc in (download.train_masks_csv, download.sample_submission_csv) if loc}
-    fingerprint = source_fingerprint(paths, options.affecting_the_result())
-    previous = check_output(output, download.origin, fingerprint, overwrite=overwrite)
+    source = Source(download.origin, source_fingerprint(paths, options.affecting_the_result()),
+                    kaggle_checks.EXPECTED, about={"layout": "kaggle", "subjects_given": True})
+    previous = check_output(output, source, overwrite=overwrite)
     if previous:
         return previous
-    rle_rows = None
-    if download.train_masks_csv is not None:
-        with ArchiveCache() as cache:  # closed before any worker starts: no open archive crosses a fork
-            text = read_csv_text(download.train_masks_csv, cache)
-        rle_rows = parse_train_masks_csv(text, download.train_masks_csv.describe())
-
-    def verify(building: Path, workers: int) -> tuple[list[PairResult], list[dict]]:
-        jobs, results = pair_jobs(download, rle_rows, building)
-        names = [(job[2] or job[3])[0].describe() for job in jobs]
-        results += run_parallel(verify_pair, jobs, names, workers, "training pairs", quiet=options.quiet)
-        test_jobs = []
-        for name, locators in sorted(download.test.items(), key=lambda item: natural_key(item[0])):
-            match = TEST_NAME.match(name)
-            if match:
-                test_jobs.append((int(match[1]), locators, str(building)))
-            else:
-                reason = f"{locators[0].describe()}: test image name is not <n>.tif"
-                results.append(PairResult(name, "", "", reason=reason))
-        names = [job[1][0].describe() for job in test_jobs]
-        tests = run_parallel(verify_test_image, test_jobs, names, workers, "test images", quiet=options.quiet)
-        if rle_rows is not None:
-            found_ids = {r.id for r in results}
-            for missing in sorted(rle_rows.keys() - found_ids, key=natural_key):
-                results.append(PairResult(missing, *missing.split("_"),
-                                          reason="listed in train_masks.csv but no image or mask file was found"))
-        return results, tests
-
-    expected = ("expected 8-bit grayscale TIFFs train/<subject>_<n>.tif with masks train/<subject>_<n>_mask.tif of "
-                "the same size, values 0/255")
-    return build_clean_copy(download.origin, fingerprint, output, options, verify, expected=expected,
-                            about={"layout": "kaggle", "subjects_given": True})
+    rle_rows = kaggle_checks.read_train_masks_csv(download)
+    with clean_copy_aside(output) as building:
+        results, tests = kaggle_checks.verify_download(download, rle_rows, building, options)
+        return finish_clean_copy(building, source, results, tests, options)
 
 
 def clean_own_data(
@@ -67,24 +50,12 @@ def clean_own_data(
     paths = {str(path) for pair in own.pairs for path in pair.images + pair.masks}
     fingerprint = source_fingerprint(paths, {**options.affecting_the_result(), "layout": own.layout,
                                              "subjects": subjects is not None})
-    previous = check_output(output, own.origin, fingerprint, overwrite=overwrite)
-    if previous:
-        return previous
-
-    def verify(building: Path, workers: int) -> tuple[list[PairResult], list[dict]]:
-        jobs, results = [], []
-        for pair in own.pairs:
-            subject = pair.id if subjects is None else subjects(pair.id)
-            if subject is None:
-                results.append(PairResult(pair.id, "", "", reason=f"{pair.id}: no subject found for it by --subjects"))
-                continue
-            jobs.append(OwnPairJob(pair.id, subject, list(map(str, pair.images)), list(map(str, pair.masks)),
-                                   options.mask_values, str(building)))
-        names = [(job.images or job.masks)[0] for job in jobs]
-        return results + run_parallel(verify_own_pair, jobs, names, workers, "pairs", quiet=options.quiet), []
-
-    expected = "expected pairs of images and masks of the same size (PNG, JPEG, TIFF or BMP)"
     suggestion = "" if subjects is not None else suggest_subject_pattern([pair.id for pair in own.pairs])
     about = {"layout": own.layout, "subjects_given": subjects is not None, "suggested_subject_pattern": suggestion}
-    return build_clean_copy(own.origin, fingerprint, output, options, verify, expected=expected,
-                            within_subjects=subjects is not None, about=about)
+    source = Source(own.origin, fingerprint, own_data_checks.EXPECTED, about, within_subjects=subjects is not None)
+    previous = check_output(output, source, overwrite=overwrite)
+    if previous:
+        return previous
+    with clean_copy_aside(output) as building:
+        results = own_data_checks.verify_own_data(own, subjects, building, options)
+        return finish_clean_copy(building, source, results, [], options)

@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from nerveseg.pairs import PairResult
+from nerveseg.pairs import PairResult, PairStatus
 
 FEATURE_SIZE = (64, 48)  # width, height of the thumbnail compared to find near-duplicates
 DUPLICATE_POLICIES = ("drop-empty", "drop-both", "keep")
@@ -46,5 +46,5 @@ def apply_duplicate_policy(found: list[tuple[PairResult, PairResult, float]], po
             this.similarity = " ".join(filter(None, [this.similarity, f"{r:.4f}"]))
         dropped = {"drop-empty": [empty], "drop-both": [with_mask, empty], "keep": []}[policy]
         for result in dropped:
-            result.kept = False
+            result.status = PairStatus.DUPLICATE
             result.reason = f"contradictory near-duplicate of {result.duplicate_of} (--duplicates {policy})"

@@ -1,26 +1,71 @@
-"""Stage 1's checks of a Kaggle download: the training pairs, the test images, train_masks.csv."""
+"""Stage 1's checks of a Kaggle download: every training pair and test image verified and copied byte for byte,
+each mask compared with its train_masks.csv row."""
 
 import csv
 import io
 import re
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from nerveseg.clean_copy import CleaningOptions
 from nerveseg.duplicates import thumbnail_feature
 from nerveseg.errors import UserError
-from nerveseg.pairs import PairResult
+from nerveseg.layouts import natural_key
+from nerveseg.pairs import PairJob, PairResult, PairStatus
+from nerveseg.parallel import run_parallel
 from nerveseg.rle import rle_encode
-from nerveseg.sources import ArchiveCache, Download, Locator
+from nerveseg.sources import ArchiveCache, Download, Locator, read_csv_text
 
-KAGGLE_SIZE = (420, 580)  # height, width of every competition image
 TRAIN_NAME = re.compile(r"^(\d+)_(\d+)(_mask)?\.tiff?$", re.IGNORECASE)
 TEST_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
+EXPECTED = ("expected 8-bit grayscale TIFFs train/<subject>_<n>.tif with masks train/<subject>_<n>_mask.tif of the "
+            "same size, values 0/255")  # said when no usable pair is found
 
 _cache = ArchiveCache()  # the archives this process reads from (each process opens its own)
+
+
+def read_train_masks_csv(download: Download) -> dict[str, str] | None:
+    """train_masks.csv as id -> run-length text (None: the download has none). Read in this process with an
+    archive cache closed before any worker starts: no open archive crosses a fork."""
+    if download.train_masks_csv is None:
+        return None
+    with ArchiveCache() as cache:
+        text = read_csv_text(download.train_masks_csv, cache)
+    return parse_train_masks_csv(text, download.train_masks_csv.describe())
+
+
+def verify_download(
+    download: Download, rle_rows: dict[str, str] | None, building: Path, options: CleaningOptions
+) -> tuple[list[PairResult], list[dict]]:
+    """Verify every training pair and test image in worker processes and copy the usable ones into `building`:
+    the training ids' results (ids refused by their names alone, or listed in train_masks.csv but not found,
+    included) and the test images' rows."""
+    jobs, results = pair_jobs(download, rle_rows, building)
+    results += verify_in_workers(verify_pair, jobs, options, "training pairs")
+    test_jobs, refused = test_image_jobs(download, building)
+    results += refused
+    tests = verify_in_workers(verify_test_image, test_jobs, options, "test images")
+    if rle_rows is not None:
+        found_ids = {r.id for r in results}
+        for missing in sorted(rle_rows.keys() - found_ids, key=natural_key):
+            results.append(PairResult(missing, *missing.split("_"),
+                                      reason="listed in train_masks.csv but no image or mask file was found"))
+    return results, tests
+
+
+def verify_in_workers(function: Callable[[PairJob], Any], jobs: list[PairJob], options: CleaningOptions,
+               description: str) -> list:
+    """run_parallel; then this process closes the archives it opened where it did the work itself, so that none
+    crosses the next fork."""
+    results = run_parallel(function, jobs, options.workers, description, quiet=options.quiet)
+    _cache.close()
+    return results
 
 
 def decode_gray8(data: bytes, name: str) -> tuple[np.ndarray, str]:
@@ -68,21 +113,20 @@ def normalize_mask(mask: np.ndarray) -> tuple[np.ndarray, str, str]:
     return mask, "", f"mask is not binary (values {shown}{'...' if len(values) > 6 else ''}), expected 0/255"
 
 
-def verify_pair(job: tuple) -> PairResult:
+def verify_pair(job: PairJob) -> PairResult:
     """Verify one training id and copy its files into the output folder (runs in a worker process)."""
-    (subject, frame, image_locators, mask_locators, rle_text, output) = job
-    result = PairResult(f"{subject}_{frame}", str(subject), str(frame))
-    image_name = image_locators[0].describe() if image_locators else ""
-    mask_name = mask_locators[0].describe() if mask_locators else ""
+    result = PairResult(job.id, job.subject, job.frame)
+    image_name = job.images[0].describe() if job.images else ""
+    mask_name = job.masks[0].describe() if job.masks else ""
     result.original_image, result.original_mask = image_name, mask_name
-    if not image_locators:
+    if not job.images:
         result.reason = f"mask {mask_name} has no image"
         return result
-    if not mask_locators:
+    if not job.masks:
         result.reason = f"image {image_name} has no mask"
         return result
-    image_bytes, problem = read_unique(image_locators, image_name)
-    mask_bytes, mask_duplicate = read_unique(mask_locators, mask_name)
+    image_bytes, problem = read_unique(job.images, image_name)
+    mask_bytes, mask_duplicate = read_unique(job.masks, mask_name)
     problem = problem or mask_duplicate
     image = mask = np.zeros(0)
     if not problem:
@@ -95,34 +139,33 @@ def verify_pair(job: tuple) -> PairResult:
     if not problem:
         mask, note, refused = normalize_mask(mask)
         problem = f"{mask_name}: {refused}" if refused else ""
+    rle_text = job.train_masks_row
     if not problem and rle_text is not None and rle_encode(mask) != " ".join(rle_text.split()):
         problem = f"{mask_name} differs from its train_masks.csv row"
     if problem:
         result.reason = problem
         return result
     result.image, result.mask = f"images/{result.id}.tif", f"masks/{result.id}.tif"
-    Path(output, result.image).write_bytes(image_bytes)
+    Path(job.output, result.image).write_bytes(image_bytes)
     if note:
-        Image.fromarray(mask).save(Path(output, result.mask), compression="tiff_lzw")
+        Image.fromarray(mask).save(Path(job.output, result.mask), compression="tiff_lzw")
     else:
-        Path(output, result.mask).write_bytes(mask_bytes)
+        Path(job.output, result.mask).write_bytes(mask_bytes)
     result.height, result.width = mask.shape
     result.mask_area = int(np.count_nonzero(mask))
-    result.kept, result.reason, result.feature = True, note, thumbnail_feature(image)
+    result.status, result.reason, result.feature = PairStatus.KEPT, note, thumbnail_feature(image)
     return result
 
 
-def verify_test_image(job: tuple) -> dict:
-    """Verify one test image and copy it into the output folder (runs in a worker process)."""
-    number, locators, output = job
-    name = locators[0].describe()
-    data, problem = read_unique(locators, name)
+def verify_test_image(job: PairJob) -> dict:
+    """Verify one test image and copy it into the output folder (runs in a worker process): its test.csv row."""
+    data, problem = read_unique(job.images, job.name)
     if not problem:
-        _, problem = decode_gray8(data, name)
-    row = {"id": str(number), "image": "", "kept": 0, "reason": problem}
+        _, problem = decode_gray8(data, job.name)
+    row = {"id": job.id, "image": "", "kept": 0, "reason": problem}
     if not problem:
-        row["image"], row["kept"] = f"test/{number}.tif", 1
-        Path(output, row["image"]).write_bytes(data)
+        row["image"], row["kept"] = f"test/{job.id}.tif", 1
+        Path(job.output, row["image"]).write_bytes(data)
     return row
 
 
@@ -136,7 +179,7 @@ def parse_train_masks_csv(text: str, where: str) -> dict[str, str]:
 
 def pair_jobs(
     download: Download, rle_rows: dict[str, str] | None, output: Path
-) -> tuple[list[tuple], list[PairResult]]:
+) -> tuple[list[PairJob], list[PairResult]]:
     """Group the training files by id; names that do not follow <subject>_<n> become results at once."""
     images: dict[tuple[int, int], list[Locator]] = {}
     masks: dict[tuple[int, int], list[Locator]] = {}
@@ -149,7 +192,21 @@ def pair_jobs(
         key = (int(match[1]), int(match[2]))
         (masks if match[3] else images).setdefault(key, []).extend(locators)
     jobs = []
-    for key in sorted(images.keys() | masks.keys()):
-        rle_text = None if rle_rows is None else rle_rows.get(f"{key[0]}_{key[1]}")
-        jobs.append((key[0], key[1], images.get(key, []), masks.get(key, []), rle_text, str(output)))
+    for subject, frame in sorted(images.keys() | masks.keys()):
+        pair_id = f"{subject}_{frame}"
+        jobs.append(PairJob(pair_id, str(subject), str(frame), images.get((subject, frame), []),
+                            masks.get((subject, frame), []), str(output),
+                            train_masks_row=None if rle_rows is None else rle_rows.get(pair_id)))
+    return jobs, unnamed
+
+
+def test_image_jobs(download: Download, output: Path) -> tuple[list[PairJob], list[PairResult]]:
+    """The test images in natural order; names that do not follow <n>.tif become results at once."""
+    jobs, unnamed = [], []
+    for name, locators in sorted(download.test.items(), key=lambda item: natural_key(item[0])):
+        match = TEST_NAME.match(name)
+        if match:
+            jobs.append(PairJob(str(int(match[1])), "", "", locators, [], str(output)))
+        else:
+            unnamed.append(PairResult(name, "", "", reason=f"{locators[0].describe()}: test image name is not <n>.tif"))
     return jobs, unnamed

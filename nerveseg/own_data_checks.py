@@ -1,26 +1,44 @@
-"""Stage 1's checks of a user's own data: one image and its masks, in any format, written as PNG."""
+"""Stage 1's checks of a user's own data: each image and its masks, in any format, verified and written as PNG."""
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from nerveseg.clean_copy import CleaningOptions
 from nerveseg.duplicates import thumbnail_feature
 from nerveseg.images import MaskValues, describe_label, mask_labels, target_pixels, to_grayscale
-from nerveseg.pairs import PairResult
+from nerveseg.layouts import OwnData
+from nerveseg.pairs import PairJob, PairResult, PairStatus
+from nerveseg.parallel import run_parallel
+from nerveseg.sources import Locator
+
+EXPECTED = "expected pairs of images and masks of the same size (PNG, JPEG, TIFF or BMP)"  # when none is usable
 
 
-@dataclass
-class OwnPairJob:
-    """What a worker needs to verify one pair of a user's own data."""
+def verify_own_data(
+    own: OwnData, subjects: Callable[[str], str | None] | None, building: Path, options: CleaningOptions
+) -> list[PairResult]:
+    """Verify every pair in worker processes and write the usable ones into `building`: the results, ids without
+    a subject included. `subjects` gives each id its subject (None: each image is its own subject)."""
+    jobs, results = own_pair_jobs(own, subjects, building, options.mask_values)
+    return results + run_parallel(verify_own_pair, jobs, options.workers, "pairs", quiet=options.quiet)
 
-    id: str
-    subject: str
-    images: list[str]
-    masks: list[str]
-    mask_values: MaskValues
-    output: str
+
+def own_pair_jobs(
+    own: OwnData, subjects: Callable[[str], str | None] | None, output: Path, mask_values: MaskValues
+) -> tuple[list[PairJob], list[PairResult]]:
+    """A job for each pair; ids that `subjects` gives no subject become results at once."""
+    jobs, unassigned = [], []
+    for pair in own.pairs:
+        subject = pair.id if subjects is None else subjects(pair.id)
+        if subject is None:
+            unassigned.append(PairResult(pair.id, "", "", reason=f"{pair.id}: no subject found for it by --subjects"))
+            continue
+        jobs.append(PairJob(pair.id, subject, "", [Locator(str(path)) for path in pair.images],
+                            [Locator(str(path)) for path in pair.masks], str(output), mask_values=mask_values))
+    return jobs, unassigned
 
 
 def read_own_image(path: str) -> tuple[np.ndarray, str, str]:
@@ -34,23 +52,24 @@ def read_own_image(path: str) -> tuple[np.ndarray, str, str]:
     return pixels, "" if mode == "L" else mode, ""
 
 
-def verify_own_pair(job: OwnPairJob) -> PairResult:
+def verify_own_pair(job: PairJob) -> PairResult:
     """Verify one pair of own data and write it into the output folder as 8-bit grayscale PNG and a 0/255 PNG
     mask (runs in a worker process). Several mask files of one image are merged."""
-    result = PairResult(job.id, job.subject, "", original_image=" + ".join(job.images),
-                        original_mask=" + ".join(job.masks))
-    if not job.images:
-        result.reason = f"mask {job.masks[0]} has no image"
+    images, masks = [image.path for image in job.images], [mask.path for mask in job.masks]  # plain files
+    result = PairResult(job.id, job.subject, job.frame, original_image=" + ".join(images),
+                        original_mask=" + ".join(masks))
+    if not images:
+        result.reason = f"mask {masks[0]} has no image"
         return result
-    if len(job.images) > 1:
-        result.reason = f"image {job.id} was found {len(job.images)} times ({', '.join(job.images)}); keep only one"
+    if len(images) > 1:
+        result.reason = f"image {job.id} was found {len(images)} times ({', '.join(images)}); keep only one"
         return result
-    if not job.masks:
-        result.reason = f"image {job.images[0]} has no mask"
+    if not masks:
+        result.reason = f"image {images[0]} has no mask"
         return result
-    image, result.converted_from, problem = read_own_image(job.images[0])
+    image, result.converted_from, problem = read_own_image(images[0])
     target = np.zeros(image.shape, dtype=bool)
-    for path in job.masks if not problem else []:
+    for path in masks if not problem else []:
         try:
             with Image.open(path) as mask_image:
                 labels = mask_labels(mask_image)
@@ -76,8 +95,9 @@ def verify_own_pair(job: OwnPairJob) -> PairResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(path, compress_level=3)
     notes = [f"converted from {result.converted_from}" if result.converted_from else "",
-             f"{len(job.masks)} mask files merged" if len(job.masks) > 1 else ""]
+             f"{len(masks)} mask files merged" if len(masks) > 1 else ""]
     result.height, result.width = image.shape
     result.mask_area = int(np.count_nonzero(target))
-    result.kept, result.reason, result.feature = True, "; ".join(filter(None, notes)), thumbnail_feature(image)
+    result.status, result.reason = PairStatus.KEPT, "; ".join(filter(None, notes))
+    result.feature = thumbnail_feature(image)
     return result

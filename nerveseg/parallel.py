@@ -1,17 +1,18 @@
-"""Running stage 1's checks in worker processes, one job per file, with a bar."""
+"""Running stage 1's checks in worker processes, one job per id, in order, with a bar."""
 
 import concurrent.futures
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
 from tqdm import tqdm
 
 from nerveseg.errors import UserError
-from nerveseg.kaggle_checks import _cache
+from nerveseg.pairs import PairJob
 
 
-def run_job(function: Callable, job: tuple, name: str) -> Any:
+def run_job(function: Callable[[PairJob], Any], job: PairJob) -> Any:
     """`function(job)`, with an unforeseen failure turned into one line that names the file and what to do."""
     try:
         return function(job)
@@ -19,30 +20,30 @@ def run_job(function: Callable, job: tuple, name: str) -> Any:
         raise
     except Exception as error:
         raise UserError(
-            f"verifying {name} failed unexpectedly ({type(error).__name__}: {str(error)[:200]}). Run again with "
+            f"verifying {job.name} failed unexpectedly ({type(error).__name__}: {str(error)[:200]}). Run again with "
             "--workers 1; if it fails again, the file is damaged (re-download it) or this is a bug (report this line)"
         ) from None
 
 
-def run_parallel(function: Callable, jobs: list, names: list[str], workers: int, description: str, *,
+def run_parallel(function: Callable[[PairJob], Any], jobs: list[PairJob], workers: int, description: str, *,
                  quiet: bool) -> list:
-    """Map `function` over `jobs` (each about the file in `names`) in worker processes, in order, with a bar.
+    """Map `function` over `jobs` in `workers` processes (0: one per core), in order, with a bar.
 
     Workers are forked: they get the jobs by pickling, and open their own archives (see ArchiveCache).
     Chunks are small enough that every worker gets some of the jobs, even with a few dozen.
     """
+    workers = workers or os.cpu_count() or 1
     bar = tqdm(total=len(jobs), desc=description, unit="file", disable=quiet or None, leave=False)
     results = []
     if workers <= 1 or len(jobs) <= 1:
-        for job, name in zip(jobs, names, strict=True):
-            results.append(run_job(function, job, name))
+        for job in jobs:
+            results.append(run_job(function, job))
             bar.update()
-        _cache.close()
     else:
         chunk = max(1, min(64, len(jobs) // (4 * workers)))
         try:
             with concurrent.futures.ProcessPoolExecutor(workers) as pool:
-                for result in pool.map(functools.partial(run_job, function), jobs, names, chunksize=chunk):
+                for result in pool.map(functools.partial(run_job, function), jobs, chunksize=chunk):
                     results.append(result)
                     bar.update()
         except concurrent.futures.process.BrokenProcessPool:

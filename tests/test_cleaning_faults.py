@@ -123,6 +123,22 @@ def test_strict_stops_on_these_problems_and_writes_nothing(damaged_clean):
     assert damaged_clean.unchanged
 
 
+def test_a_problem_is_counted_as_one_whatever_its_message_says(tiny_download, tmp_path):
+    """A skipped file whose reason happens to hold the words "near-duplicate" (here in its name) is a problem:
+    reported, counted as skipped and fatal under --strict, never counted as a dropped near-duplicate."""
+    download, planted = tiny_download
+    source = tmp_path / "download"
+    shutil.copytree(download, source)
+    shutil.copyfile(source / "train" / "1_1.tif", source / "train" / "near-duplicate.tif")
+    found = find_download(source, tmp_path)
+    summary = clean_download(found, tmp_path / "clean", CleaningOptions(workers=1, quiet=True))
+    assert summary["dropped_as_duplicates"] == len(planted) and summary["pairs_skipped"] == len(planted) + 1
+    assert summary["skipped_by_reason"]["skipped"] == 1
+    assert summary["problems"] == [f"{source / 'train' / 'near-duplicate.tif'}: name is not <subject>_<n>.tif"]
+    with pytest.raises(UserError, match="--strict: 1 problem"):
+        clean_download(found, tmp_path / "strict", CleaningOptions(strict=True, workers=1, quiet=True))
+
+
 def test_an_output_that_cannot_be_a_folder_is_refused(tiny_download, tmp_path):
     source = tiny_download[0]
     before = tree_hashes(source)
