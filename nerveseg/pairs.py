@@ -64,6 +64,7 @@ class PairResult:
 
     @property
     def kept(self) -> bool:
+        """Whether the pair is in the clean copy."""
         return self.status is PairStatus.KEPT
 
     def row(self) -> dict:
