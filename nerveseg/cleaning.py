@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from nerveseg.data import split_by_subject
 from nerveseg.errors import UserError
-from nerveseg.files import building_folder, swap_into_place, write_csv, write_json
+from nerveseg.files import FolderLock, building_folder, check_replaceable, swap_into_place, write_csv, write_json
 from nerveseg.images import MASK_VALUES_FORMS, MaskValues, describe_label, mask_labels, target_pixels, to_grayscale
 from nerveseg.layouts import OwnData, natural_key, suggest_subject_pattern
 from nerveseg.rle import rle_encode
@@ -433,7 +433,7 @@ def clean_download(download: Download, output: Path, options: CleaningOptions, *
     paths = {loc.path for group in (download.train, download.test) for locs in group.values() for loc in locs}
     paths |= {loc.path for loc in (download.train_masks_csv, download.sample_submission_csv) if loc}
     fingerprint = source_fingerprint(paths, options.affecting_the_result())
-    previous = check_output(output, download.origin, fingerprint, overwrite=overwrite)
+    previous = check_output(output, download.origin, fingerprint, overwrite=overwrite, reads=paths)
     if previous:
         return previous
     rle_rows = None
@@ -481,7 +481,7 @@ def clean_own_data(
     paths = {str(path) for pair in own.pairs for path in pair.images + pair.masks}
     fingerprint = source_fingerprint(paths, {**options.affecting_the_result(), "layout": own.layout,
                                              "subjects": subjects is not None})
-    previous = check_output(output, own.origin, fingerprint, overwrite=overwrite)
+    previous = check_output(output, own.origin, fingerprint, overwrite=overwrite, reads=paths)
     if previous:
         return previous
 
@@ -504,21 +504,23 @@ def clean_own_data(
                             within_subjects=subjects is not None, about=about)
 
 
-def check_output(output: Path, origin: str, fingerprint: str, *, overwrite: bool) -> dict:
+def check_output(output: Path, origin: str, fingerprint: str, *, overwrite: bool, reads: set[str]) -> dict:
     """{} when `output` may be (re)built; the earlier summary when it already holds this very clean. A clean of
-    the same source by an older version of this code is rebuilt without asking."""
-    if output.exists() and not output.is_dir():
-        raise UserError(f"{output} is a file, not a folder; choose another --output")
+    the same source by an older version of this code is rebuilt without asking. Only a clean copy (its own
+    cleaning.json) is ever replaced, and never a folder that is or holds the source or the files read."""
+    check_replaceable(output, marker="cleaning.json", reads=[origin, *reads], script="data_cleaning.py")
     if output.exists() and any(output.iterdir()):
         previous = read_previous_record(output / "cleaning.json")
+        if "fingerprint" not in previous:
+            raise UserError(f"{output / 'cleaning.json'} was not written by data_cleaning.py, so {output} is not a "
+                            "clean copy and is never replaced; choose another --output (a new or empty folder)")
         if previous.get("fingerprint") == fingerprint:
             return {**previous["summary"], "unchanged": True}
         upgrade = previous.get("source") == origin and previous.get("format_version") != FORMAT_VERSION
         if not overwrite and not upgrade:
-            what = f"a clean of {previous['source']}" if previous else "files that data_cleaning.py did not write"
             raise UserError(
-                f"{output} already holds {what}, made from other files or options. Pass --overwrite true "
-                "to replace it, or --output OTHER_FOLDER to keep both."
+                f"{output} already holds a clean of {previous['source']}, made from other files or options. Pass "
+                "--overwrite true to replace it, or --output OTHER_FOLDER to keep both."
             )
     return {}
 
@@ -557,6 +559,7 @@ def build_clean_copy(
     manifest and the summary (with `about`: how the source was read); then swap it in. A problem leaves
     `output` as it was. `expected` says what a usable pair is, for when none is found."""
     try:
+        lock = FolderLock(output, script="data_cleaning.py")  # one run at a time writes it
         building = building_folder(output)
     except OSError as error:
         raise UserError(
@@ -599,6 +602,7 @@ def build_clean_copy(
         ) from None
     finally:
         shutil.rmtree(building, ignore_errors=True)
+        lock.release()
     return {**summary, "problems": [p.reason for p in problems]}
 
 
