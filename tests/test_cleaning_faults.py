@@ -5,13 +5,8 @@ where the stage cannot go on, no traceback, and leaves the originals byte-identi
 import csv
 import errno
 import io
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
-import time
 import types
 import zipfile
 from pathlib import Path
@@ -24,7 +19,14 @@ from nerveseg.cleaning import CleaningOptions, clean_download, clean_own_data
 from nerveseg.errors import UserError
 from nerveseg.layouts import find_own_data
 from nerveseg.sources import find_download
-from tests.helpers import NO_SPACE, ROOT, SYS_IS_UNWRITABLE, assert_user_error, run_script, tree_hashes
+from tests.helpers import (
+    NO_SPACE,
+    SYS_IS_UNWRITABLE,
+    assert_user_error,
+    run_script,
+    stop_when_building,
+    tree_hashes,
+)
 
 # %% Stage 1: data_cleaning.py
 
@@ -239,39 +241,6 @@ def test_a_file_named_cleaning_json_does_not_make_a_folder_ours(tmp_path):
     with pytest.raises(UserError, match="theirs/cleaning.json was not written by data_cleaning.py"):
         clean_own(tmp_path / "mine", tmp_path / "theirs")
     assert (tmp_path / "theirs" / "cleaning.json").read_text() == '{"my": "settings"}'
-
-
-SLOW_READS = textwrap.dedent("""
-    # Loaded by Python at start-up (PYTHONPATH): every image opened takes a while, so a signal lands mid-run.
-    import time
-    import PIL.Image
-
-    real_open = PIL.Image.open
-
-    def slow_open(*args, **kwargs):
-        time.sleep(0.1)
-        return real_open(*args, **kwargs)
-
-    PIL.Image.open = slow_open
-""")
-
-
-def stop_when_building(script: str, args: list[str], where: Path, building: str, stop: int) -> tuple[str, list]:
-    """Run a script with slow image reads, send it `stop` (SIGTERM or SIGINT) once its hidden building folder
-    exists; return its stderr and what it left beside the output."""
-    (where / "slow").mkdir()
-    (where / "slow" / "sitecustomize.py").write_text(SLOW_READS)
-    environment = {**os.environ, "PYTHONPATH": f"{where / 'slow'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=where, env=environment,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list(where.glob(building)) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, process.communicate()
-    time.sleep(0.3)
-    process.send_signal(stop)
-    _, stderr = process.communicate(timeout=120)
-    return stderr, sorted(p.name for p in where.iterdir() if p.name.startswith("."))
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
