@@ -122,10 +122,12 @@ def check_replaceable(target: Path, *, marker: str, reads: Iterable[str | Path],
     resolved = target.resolve()
     for path in reads:
         read = Path(path).resolve()
-        if read == resolved or resolved in read.parents:
-            what = f"is {path}, which" if read == resolved else f"holds {path}, which"
-            raise UserError(f"{target} {what} {script} reads: replacing {target} would delete it. Choose another "
-                            f"{option} (a new or empty folder, outside what {script} reads)")
+        if read == resolved:
+            raise UserError(f"{option} {target} is what {script} reads, and replacing it would delete your files; "
+                            f"choose another {option}: a new or empty folder outside it")
+        if resolved in read.parents:
+            raise UserError(f"{option} {target} holds {path}, which {script} reads, and replacing it would delete "
+                            f"your files; choose another {option}: a new or empty folder outside it")
     if target.is_symlink():
         raise UserError(f"{target} is a symbolic link to {resolved}; pass {option} {resolved} itself")
     if target.exists() and not target.is_dir():

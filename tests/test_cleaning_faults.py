@@ -197,9 +197,9 @@ def clean_own(source: Path, output: Path) -> dict:
 
 
 REPLACING = {  # (the --output, relative to a folder that holds mine/ and the user's other.txt; the message)
-    "the source itself": ("mine", "mine is {tmp}/mine, which data_cleaning.py reads: replacing"),
-    "a folder above the source": (".", "{tmp} holds {tmp}/mine, which data_cleaning.py reads"),
-    "a link to the source": ("alias", "alias is {tmp}/mine, which data_cleaning.py reads"),
+    "the source itself": ("mine", "--output {tmp}/mine is what data_cleaning.py reads, and replacing it would delete"),
+    "a folder above the source": (".", "--output {tmp} holds {tmp}/mine, which data_cleaning.py reads, and replacing"),
+    "a link to the source": ("alias", "--output {tmp}/alias is what data_cleaning.py reads"),
     "a folder of the user's": ("theirs", "theirs already holds files that data_cleaning.py did not write"),
 }
 
@@ -228,7 +228,7 @@ def test_a_clean_read_through_a_link_is_never_replaced_by_its_own_clean(tmp_path
     clean_own(tmp_path / "mine", tmp_path / "clean")
     (tmp_path / "link").symlink_to(tmp_path / "clean")
     before = tree_hashes(tmp_path / "clean")
-    with pytest.raises(UserError, match="clean is .*link, which data_cleaning.py reads"):
+    with pytest.raises(UserError, match="clean is what data_cleaning.py reads, and replacing it would delete"):
         clean_own(tmp_path / "link", tmp_path / "clean")
     assert tree_hashes(tmp_path / "clean") == before
     assert clean_own(tmp_path / "mine", tmp_path / "clean")["unchanged"]  # a clean of ours: rebuilt as before
