@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from nerveseg.distributed import choose_device
 from nerveseg.errors import UserError, exit_on_user_error
-from nerveseg.files import write_csv
+from nerveseg.files import check_can_be_folder, write_csv
 from nerveseg.images import parse_mask_values, to_grayscale
 from nerveseg.inference import OutputFolder, ReadableDataset, find_truth, pick_examples
 from nerveseg.layouts import images_to_segment
@@ -76,6 +76,7 @@ if TTA not in ("auto", "true", "false") or FOLD < 0:
     raise UserError(f"--tta takes auto, true or false (not {TTA!r}), and --fold 0 or more (not {FOLD})")
 if SUBMISSION not in ("auto", "true", "false"):
     raise UserError(f"--submission takes auto, true or false, not {SUBMISSION!r}")
+check_can_be_folder(Path(PICTURES), "--pictures")  # now, not after all the masks are written
 mask_values = parse_mask_values(MASK_VALUES)
 workers = NUM_WORKERS if NUM_WORKERS >= 0 else min(4, (os.cpu_count() or 1) - 1)  # the model keeps one core
 monai.data.set_track_meta(False)
@@ -95,7 +96,7 @@ dataset = ReadableDataset(items, load_transforms(image_size, with_label=False), 
 loader = torch.utils.data.DataLoader(
     dataset, batch_size=BATCH_SIZE, num_workers=workers, collate_fn=collate_keep_sizes
 )
-output = OutputFolder(Path(OUTPUT))
+output = OutputFolder(Path(OUTPUT), reads=[INPUT, *filter(None, [MASKS]), *(item["image"] for item in items)])
 predicting_with = checkpoint.get("predicting_with") or f"epoch {checkpoint['epoch']}"  # an older export: one model
 print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} ({predicting_with}) on {device} "
       f"({'ONNX Runtime' if engine == 'onnxruntime' else 'PyTorch'})")
@@ -159,8 +160,9 @@ if examples:
     plot_predictions(examples, picture, f"Predicted outlines ({Path(CHECKPOINT).name}, {INPUT})")
 seconds = time.perf_counter() - started
 submission = f", {OUTPUT}/submission.csv" if write_submission else ""
+pictured = f" and {picture}" if examples else ""
 print(
-    f"wrote {len(rows)} masks to {OUTPUT}/masks, {OUTPUT}/images.csv{submission} and {picture} in {seconds:.1f} s "
+    f"wrote {len(rows)} masks to {OUTPUT}/masks, {OUTPUT}/images.csv{submission}{pictured} in {seconds:.1f} s "
     f"({len(rows) / seconds:.1f} images/s)"
 )
 skipped = [row for row in image_rows if row.get("skipped_because")]

@@ -128,7 +128,7 @@ tta = augmentation_for(saved_settings)  # the test-time augmentation that valida
 items = read_manifest(DATA_DIR)
 folds = split_into_folds(items, FOLDS, VAL_FRACTION, SEED)
 if process.is_main:  # the data is readable: now the run's folder is made
-    runs.prepare_run_folder(run, settings_json=saved_settings, model_path=Path(MODEL_PATH))
+    run_dir = runs.prepare_run_folder(run, settings_json=saved_settings, model_path=Path(MODEL_PATH))
 signal.signal(signal.SIGTERM, signal.default_int_handler)  # a job scheduler's stop is handled like Ctrl-C
 # Dice over the whole batch plus cross-entropy (it does not collapse on the many empty masks), plus presence.
 loss_function = SegmentationLoss(PRESENCE_WEIGHT)

@@ -99,8 +99,15 @@ def ensemble_checkpoint(members: list[dict], *, postprocessing: dict, tta: dict,
 def read_torch_file(path: str | Path) -> Any:
     """torch.load with weights_only=True, and a clear message for each way it can fail."""
     path = Path(path)
+    if path.is_dir():
+        inside = [path / name for name in ("best.pt", "2D_Nerve_Segmentation.pt") if (path / name).is_file()]
+        raise UserError(f"{path} is a folder, not a checkpoint; pass the file"
+                        + (f": {inside[0]}" if inside else " (a run's model is RUN_FOLDER/best.pt)"))
     if not path.is_file():
         raise UserError(f"{path} does not exist; train a model first (python train.py) or pass --checkpoint PATH")
+    if path.suffix.lower() == ".onnx":
+        raise UserError(f"{path} is already an ONNX model (export.py wrote it): predict with it (python predict.py "
+                        f"--checkpoint {path}); to export again, pass the .pt checkpoint it was exported from")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -117,10 +124,35 @@ def read_torch_file(path: str | Path) -> Any:
         ) from None
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` holds a checkpoint of ours (read safely), which a new model may replace."""
+    try:
+        checkpoint = read_torch_file(path)
+    except UserError:
+        return False
+    return isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT
+
+
+def check_postprocessing(values: object, path: str | Path) -> None:
+    """Refuse a stored post-processing rule that is unusable (see PostProcessing.from_dict), naming the file."""
+    try:
+        PostProcessing.from_dict(values)
+    except ValueError as error:
+        raise UserError(f"{path} has an unusable post-processing rule ({error}); it was damaged or edited: use the "
+                        "file train.py wrote, or train again") from None
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *, fold: int = 0) -> tuple[nn.Module, dict]:
     """The model (in eval mode, on `device`) and the checkpoint dict. For an ensemble checkpoint the model is the
     Ensemble of its fold models, or with `fold` k only the model of fold k."""
     checkpoint = read_torch_file(path)
+    if isinstance(checkpoint, dict) and {"optimizer", "history", "settings"} <= checkpoint.keys():
+        best = Path(path).parent / "best.pt"
+        settings = checkpoint["settings"] if isinstance(checkpoint["settings"], dict) else {}
+        published = settings.get("model_path")
+        raise UserError(f"{path} is a training run's state for --resume (last.pt), not a model; predict with the "
+                        f"run's best model{f' {best}' if best.is_file() else ' (best.pt, written at its end)'}"
+                        + (f" or the published {published}" if published else ""))
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint written by train.py (no '{FORMAT}' format tag)")
     if checkpoint.get("version", 0) > VERSION:
@@ -147,10 +179,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *, fol
             f"{path} does not match the model it describes ({'; '.join(lines[:2])}); it was damaged or edited: "
             "use the file train.py wrote, or train again"
         ) from None
-    try:
-        PostProcessing(**checkpoint["postprocessing"])
-    except TypeError as error:
-        raise UserError(f"{path} has an unknown post-processing rule ({error}); use the file train.py wrote") from None
+    check_postprocessing(checkpoint["postprocessing"], path)
     preprocessing, multiple = checkpoint["preprocessing"], size_multiple(checkpoint["model_config"])
     size = preprocessing.get("image_size") if isinstance(preprocessing, dict) else None
     sides = size if isinstance(size, list | tuple) and len(size) == 2 else [0]

@@ -30,7 +30,7 @@ from pathlib import Path
 from nerveseg.data import split_by_subject
 from nerveseg.duplicates import apply_duplicate_policy, find_contradictions
 from nerveseg.errors import UserError
-from nerveseg.files import building_folder, swap_into_place, write_csv, write_json
+from nerveseg.files import FolderLock, building_folder, check_replaceable, swap_into_place, write_csv, write_json
 from nerveseg.images import MASK_VALUES_FORMS, MaskValues, describe_label
 from nerveseg.layouts import natural_key
 from nerveseg.pairs import MANIFEST_COLUMNS, PairResult, PairStatus
@@ -79,21 +79,23 @@ def source_fingerprint(paths: set[str], options: dict) -> str:
     return digest.hexdigest()
 
 
-def check_output(output: Path, source: Source, *, overwrite: bool) -> dict:
+def check_output(output: Path, source: Source, *, overwrite: bool, reads: set[str]) -> dict:
     """{} when `output` may be (re)built; the earlier summary when it already holds this very clean. A clean of
-    the same source by an older version of this code is rebuilt without asking."""
-    if output.exists() and not output.is_dir():
-        raise UserError(f"{output} is a file, not a folder; choose another --output")
+    the same source by an older version of this code is rebuilt without asking. Only a clean copy (its own
+    cleaning.json) is ever replaced, and never a folder that is or holds the source or the files read."""
+    check_replaceable(output, marker="cleaning.json", reads=[source.origin, *reads], script="data_cleaning.py")
     if output.exists() and any(output.iterdir()):
         previous = read_previous_record(output / "cleaning.json")
+        if "fingerprint" not in previous:
+            raise UserError(f"{output / 'cleaning.json'} was not written by data_cleaning.py, so {output} is not a "
+                            "clean copy and is never replaced; choose another --output (a new or empty folder)")
         if previous.get("fingerprint") == source.fingerprint:
             return {**previous["summary"], "unchanged": True}
         upgrade = previous.get("source") == source.origin and previous.get("format_version") != FORMAT_VERSION
         if not overwrite and not upgrade:
-            what = f"a clean of {previous['source']}" if previous else "files that data_cleaning.py did not write"
             raise UserError(
-                f"{output} already holds {what}, made from other files or options. Pass --overwrite true "
-                "to replace it, or --output OTHER_FOLDER to keep both."
+                f"{output} already holds a clean of {previous['source']}, made from other files or options. Pass "
+                "--overwrite true to replace it, or --output OTHER_FOLDER to keep both."
             )
     return {}
 
@@ -103,6 +105,7 @@ def clean_copy_aside(output: Path) -> Iterator[Path]:
     """A new folder beside `output` (with images/, masks/ and test/) to build the clean copy in, swapped into
     place when the block completes. A problem in the block, or a full disk, leaves `output` as it was."""
     try:
+        lock = FolderLock(output, script="data_cleaning.py")  # one run at a time writes it
         building = building_folder(output)
     except OSError as error:
         raise UserError(
@@ -121,6 +124,7 @@ def clean_copy_aside(output: Path) -> Iterator[Path]:
         ) from None
     finally:
         shutil.rmtree(building, ignore_errors=True)
+        lock.release()
 
 
 def finish_clean_copy(

@@ -29,7 +29,7 @@ def clean_download(download: Download, output: Path, options: CleaningOptions, *
     paths |= {loc.path for loc in (download.train_masks_csv, download.sample_submission_csv) if loc}
     source = Source(download.origin, source_fingerprint(paths, options.affecting_the_result()),
                     kaggle_checks.EXPECTED, about={"layout": "kaggle", "subjects_given": True})
-    previous = check_output(output, source, overwrite=overwrite)
+    previous = check_output(output, source, overwrite=overwrite, reads=paths)
     if previous:
         return previous
     rle_rows = kaggle_checks.read_train_masks_csv(download)
@@ -53,7 +53,7 @@ def clean_own_data(
     suggestion = "" if subjects is not None else suggest_subject_pattern([pair.id for pair in own.pairs])
     about = {"layout": own.layout, "subjects_given": subjects is not None, "suggested_subject_pattern": suggestion}
     source = Source(own.origin, fingerprint, own_data_checks.EXPECTED, about, within_subjects=subjects is not None)
-    previous = check_output(output, source, overwrite=overwrite)
+    previous = check_output(output, source, overwrite=overwrite, reads=paths)
     if previous:
         return previous
     with clean_copy_aside(output) as building:

@@ -10,7 +10,7 @@ from nerveseg.layouts import natural_key
 
 def read_manifest(data_dir: str | Path) -> list[dict]:
     """The kept training pairs of a clean folder, as MONAI data dicts (image, label, id, subject, empty); the
-    held-out subjects (data_cleaning.py --hold-out) are left out."""
+    held-out subjects (data_cleaning.py --hold-out) are left out. Refused: none, or none with a target."""
     data_dir = Path(data_dir)
     manifest = data_dir / "manifest.csv"
     if not manifest.is_file():
@@ -38,6 +38,10 @@ def read_manifest(data_dir: str | Path) -> list[dict]:
         )
     if not items:
         raise UserError(f"{manifest} lists no kept training pair; see its 'reason' column")
+    if all(item["empty"] for item in items):
+        raise UserError(f"{manifest}: all {len(items)} training masks are empty, so a model would learn to find "
+                        "nothing (and score Dice 1.0 on such images). Check that the masks hold the target (own data: "
+                        "--mask-values, --mask-suffix) and run data_cleaning.py again")
     return items
 
 

@@ -1,6 +1,8 @@
 """Expected errors: a clear message that names the file and the fix, and no traceback."""
 
+import signal
 import sys
+import threading
 from types import TracebackType
 
 
@@ -11,8 +13,9 @@ class UserError(Exception):
 def exit_on_user_error(script: str) -> None:
     """Make an uncaught UserError print `script: error: message` (no traceback); the exit status is 1.
 
-    A KeyboardInterrupt (Ctrl-C, or SIGTERM where a script turns it into one) prints `script: interrupted`:
-    a stop that was asked for, not a bug (files are written whole, so nothing is left half-written).
+    A KeyboardInterrupt (Ctrl-C, or SIGTERM: a job scheduler's stop, `kill`, `timeout`, turned into one here so
+    that cleanup runs: no half-built folder is left) prints `script: interrupted`: a stop that was asked for, not
+    a bug (files are written whole, so nothing is left half-written).
     Other exceptions keep their traceback: they are bugs, and the traceback is what a bug report needs.
     """
     previous_hook = sys.excepthook
@@ -26,3 +29,5 @@ def exit_on_user_error(script: str) -> None:
             previous_hook(kind, error, traceback)
 
     sys.excepthook = hook
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set a signal handler
+        signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -1,9 +1,10 @@
 """Helpers of predict.py: reading images with clear errors, the output folder, truth masks, examples."""
 
+import os
 import shutil
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,11 @@ from monai.data import Dataset
 from PIL import Image, UnidentifiedImageError
 
 from nerveseg.errors import UserError
-from nerveseg.files import building_folder, swap_into_place
+from nerveseg.files import FolderLock, atomic_write, building_folder, check_replaceable, swap_into_place
 from nerveseg.images import MaskValues, read_mask
 from nerveseg.layouts import truth_files
 
-MARKER = ".nerveseg-predictions"  # tells a folder of ours from a user's folder
+MARKER = ".nerveseg-predictions"  # tells a folder of ours from a user's folder, and lists what we wrote
 IMAGE_SIGNATURES = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"BM": "BMP"}
 
 
@@ -74,21 +75,21 @@ def read_error_reason(path: str, error: BaseException) -> str:
 class OutputFolder:
     """Predictions are written into a folder beside OUTPUT and swapped in when complete.
 
-    An existing OUTPUT is replaced only if an earlier predict.py run wrote it (it holds the marker
-    file); a folder of anything else is refused, so no user file is overwritten.
+    An existing OUTPUT is replaced only if an earlier predict.py run wrote it: it holds the marker file, which
+    lists the files that run wrote. A file you added to it since is carried over untouched into the new folder
+    (a hard link: the same file, not a copy). A folder of anything else is refused, and so is a folder that is or
+    holds what the run reads (`reads`: the input, the truth masks). One run at a time writes OUTPUT (a lock
+    beside it); an unfinished run, stopped by an error, Ctrl-C or SIGTERM, leaves nothing behind.
     """
 
-    def __init__(self, target: Path) -> None:
-        if target.exists() and not target.is_dir():
-            raise UserError(f"{target} is a file, not a folder; choose another --output")
-        if target.exists() and any(target.iterdir()) and not (target / MARKER).exists():
-            raise UserError(f"{target} already holds files that predict.py did not write; choose another --output")
+    def __init__(self, target: Path, *, reads: Iterable[str | Path] = ()) -> None:
+        check_replaceable(target, marker=MARKER, reads=reads, script="predict.py")
         try:
+            self.lock = FolderLock(target, script="predict.py")
             self.building = building_folder(target)
         except OSError as error:
             raise UserError(f"cannot write into {target.parent}: {error.strerror}; choose another --output") from None
         (self.building / "masks").mkdir()
-        (self.building / MARKER).touch()
         self.target = target
         weakref.finalize(self, shutil.rmtree, self.building, ignore_errors=True)  # an unfinished run leaves nothing
 
@@ -103,8 +104,43 @@ class OutputFolder:
             raise UserError(f"cannot write {path}: {error.strerror}; nothing was changed in {self.target}") from None
 
     def finish(self) -> None:
-        """Swap the complete results in."""
+        """List what this run wrote in the marker, carry the files of others over, and swap the results in."""
+        written = sorted(path.relative_to(self.building).as_posix() for path in files_below(self.building))
+        with atomic_write(self.building / MARKER) as file:
+            file.write("".join(f"{name}\n" for name in [MARKER, *written]))
+        for name in files_of_others(self.target):
+            carried = self.building / name
+            if os.path.lexists(carried):
+                raise UserError(f"{self.target / name} was not written by predict.py, and this run wrote a file of "
+                                f"that name; move it out of {self.target} and run again ({self.target} was left as "
+                                "it was)")
+            try:
+                carried.parent.mkdir(parents=True, exist_ok=True)
+                os.link(self.target / name, carried, follow_symlinks=False)
+            except OSError as error:
+                raise UserError(f"cannot carry {self.target / name} over into the new predictions "
+                                f"({error.strerror}); move it out of {self.target} and run again ({self.target} was "
+                                "left as it was)") from None
         swap_into_place(self.building, self.target)
+        self.lock.release()
+
+
+def files_below(folder: Path) -> list[Path]:
+    """The files (and symbolic links) below a folder, at any depth."""
+    return [path for path in folder.rglob("*") if path.is_symlink() or path.is_file()]
+
+
+def files_of_others(target: Path) -> list[str]:
+    """The files in an earlier predictions folder that predict.py did not write, as paths below it: all that its
+    marker does not list (a marker left by an older version is empty: its files were these names)."""
+    if not (target / MARKER).is_file():
+        return []  # a new or empty folder
+    listed = set((target / MARKER).read_text(encoding="utf-8", errors="replace").splitlines())
+    names = [path.relative_to(target).as_posix() for path in files_below(target)]
+    if not listed:
+        return [name for name in names if name not in (MARKER, "images.csv", "submission.csv")
+                and not (name.startswith("masks/") and name.endswith(".png"))]
+    return [name for name in names if name not in listed]
 
 
 def find_truth(items: list[dict], folder: str, suffix: str, rule: MaskValues) -> dict[str, Callable[[], np.ndarray]]:

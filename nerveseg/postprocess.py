@@ -38,6 +38,20 @@ class PostProcessing:
         """For the checkpoint."""
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: object) -> "PostProcessing":
+        """The rule stored in a checkpoint or an ONNX file's metadata; ValueError says which field is unusable (a
+        NaN threshold would empty every mask, a text one fail mid-run)."""
+        if not isinstance(values, dict) or not values.keys() <= set(asdict(cls())):
+            raise ValueError(f"expected the fields {', '.join(asdict(cls()))}, found {values!r}")
+        for name, value in values.items():
+            if name == "keep_largest" and not isinstance(value, bool):
+                raise ValueError(f"keep_largest must be true or false, not {value!r}")
+            if name != "keep_largest" and (isinstance(value, bool) or not isinstance(value, int | float)
+                                           or not 0 <= value <= 1):
+                raise ValueError(f"{name} must be a number from 0 to 1, not {value!r}")
+        return cls(**values)
+
 
 def upsample(probabilities: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
     """Each (1, h, w) map of a batch resized (bilinear) to its image's (height, width), on the batch's device.

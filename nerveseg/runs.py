@@ -5,6 +5,7 @@ of the settings, tested with a table of cases (tests/test_runs.py).
 """
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,16 +13,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nerveseg.checkpoint import read_torch_file
+from nerveseg.checkpoint import is_checkpoint, read_torch_file
 from nerveseg.crossval import MIN_TTA_GAIN
 from nerveseg.errors import UserError
-from nerveseg.files import write_csv, write_json
+from nerveseg.files import FolderLock, check_can_be_folder, write_csv, write_json
 from nerveseg.metrics import describe_scores
 from nerveseg.postprocess import PostProcessing
 
 LAST_STATE_KEYS = {"model", "optimizer", "epoch", "history", "settings"}  # what last.pt holds
 SYSTEM_SETTINGS = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME", "PICTURES", "TENSORBOARD"}  # a resume takes them anew
 ADDED_SETTINGS = {"PRESENCE_WEIGHT": 0.0, "MIN_STEPS_PER_EPOCH": 1, "FOLDS": 1}  # what runs made before them used
+RESUME_CAN_CHANGE = {"MAX_EPOCHS"}  # a resume takes them from its command line where given there (recorded)
 
 
 def check_settings(settings: dict) -> None:
@@ -58,22 +60,41 @@ def check_settings(settings: dict) -> None:
 
 
 def check_output_folders(run_dir: Path, settings: dict) -> None:
-    """Refuse now, not after hours of caching and training, an output folder that is a file."""
-    folders = (("--runs-dir", run_dir), ("--model-path", Path(settings["MODEL_PATH"]).parent),
-               ("--pictures", Path(settings["PICTURES"])))
+    """Refuse now, not after hours of caching and training, an output folder that is a file, and a --model-path
+    that is something other than a model of ours: a folder, or a file that the published model would replace."""
+    model_path = Path(settings["MODEL_PATH"])
+    folders = (("--runs-dir", run_dir), ("--model-path", model_path.parent), ("--pictures", Path(settings["PICTURES"])))
     for option, folder in folders:
-        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            raise UserError(f"{folder} cannot be a folder: {blocker} is a file; choose another {option}")
+        check_can_be_folder(folder, option)
+    if model_path.is_dir():
+        raise UserError(f"--model-path {model_path} is a folder; name the file to write, for example "
+                        f"{model_path / '2D_Nerve_Segmentation.pt'}")
+    if model_path.exists() and not is_checkpoint(model_path):
+        raise UserError(f"--model-path {model_path} is a file that train.py did not write, and the model would replace "
+                        "it; choose another --model-path (a new file, or a model of an earlier run)")
 
 
 @dataclass
 class Run:
-    """A training run: its folder, its settings, and (when resumed) the state of its last completed epoch."""
+    """A training run: its folder, its settings, (when resumed) the state of its last completed epoch, and the lock
+    on its folder while this process writes it (see prepare_run_folder)."""
 
     folder: Path
     settings: dict
     state: dict | None = None
+    lock: FolderLock | None = None
+
+
+def check_run_name(name: str, runs: Path) -> None:
+    """A run's name is a plain folder name, made in --runs-dir: no path, no "..", that would write elsewhere."""
+    if name and (Path(name).name != name or name in (".", "..")):
+        raise UserError(f"--run-name must be a plain folder name (no / and not . or ..), not {name!r}: the run's "
+                        f"folder is made in --runs-dir ({runs}); to write elsewhere, choose --runs-dir")
+
+
+def given_on_command_line(option: str, argv: list[str] | None = None) -> bool:
+    """Whether the command line (sys.argv) names `option` ("--max-epochs 5" or "--max-epochs=5")."""
+    return any(arg == option or arg.startswith(f"{option}=") for arg in (sys.argv[1:] if argv is None else argv))
 
 
 def open_run(settings: dict) -> Run:
@@ -82,9 +103,10 @@ def open_run(settings: dict) -> Run:
     run's latest last.pt (of its latest fold, with --folds)."""
     runs = Path(settings["RUNS_DIR"])
     name = settings["RUN_NAME"]
+    check_run_name(name, runs)
     if not settings["RESUME"]:
-        folder = runs / (name or time.strftime("%Y%m%d-%H%M%S"))
-        if last_states(folder):
+        folder = runs / (name or time.strftime("%Y%m%d-%H%M%S"))  # a default name taken: see prepare_run_folder
+        if name and last_states(folder):
             raise UserError(f"{folder} already holds a run; use --resume to continue it or another --run-name")
         return Run(folder, settings)
     last_paths = last_states(runs / name) if name else sorted(
@@ -106,6 +128,12 @@ def open_run(settings: dict) -> Run:
         **{key: settings[key] for key in SYSTEM_SETTINGS},
     }
     folder = last_paths[-1].parent
+    for key in RESUME_CAN_CHANGE:
+        if given_on_command_line(f"--{key.lower().replace('_', '-')}"):
+            resumed[key] = settings[key]
+    if resumed["MAX_EPOCHS"] < state["epoch"]:
+        raise UserError(f"--max-epochs {resumed['MAX_EPOCHS']}: {folder} has completed {state['epoch']} epochs "
+                        f"already; give at least {state['epoch']}, or leave --max-epochs out to end as the run planned")
     return Run(folder.parent if folder.name.startswith("fold-") else folder, resumed, state)
 
 
@@ -131,19 +159,43 @@ METRICS_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_dice_empt
 VALIDATION_COLUMNS = ("loss", "dice", "dice_empty", "dice_nonempty", "presence_accuracy", "all_empty_baseline")
 
 
-def prepare_run_folder(run: Run, *, settings_json: dict, model_path: Path) -> None:
-    """Make the run's folder and write its settings.json; for a resumed run, remove what a write cut short by a
-    kill left (.NAME.*.tmp)."""
+def prepare_run_folder(run: Run, *, settings_json: dict, model_path: Path) -> Path:
+    """Make the run's folder, lock it while this process writes it, write its settings.json, and return it.
+
+    A new run's folder is its own: one with a default (time-stamped) name is made exclusively, a suffix added where
+    another run took the name (-2, -3, ...); a named one that another run is writing now, or that holds a run, is
+    refused (a named folder left by a run stopped before its first epoch ended is started again). A second
+    --resume of a run being trained is refused too. For a resumed run, remove what a write cut short by a kill
+    left (.NAME.*.tmp).
+    """
     try:
+        if run.state is None and not run.settings["RUN_NAME"]:
+            run.folder = unique_folder(run.folder)
+        run.lock = FolderLock(run.folder, script="train.py", option="--run-name")
         run.folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(
             f"cannot make the run folder {run.folder}: {error.strerror}; choose another --runs-dir"
         ) from None
+    if run.state is None and last_states(run.folder):  # another run made it since open_run looked
+        raise UserError(f"{run.folder} already holds a run; use --resume to continue it or another --run-name")
     write_json(run.folder / "settings.json", settings_json)
     if run.state is not None:
         for stale in [*run.folder.rglob(".*.tmp"), *model_path.parent.glob(f".{model_path.name}.*.tmp")]:
             stale.unlink(missing_ok=True)
+    return run.folder
+
+
+def unique_folder(folder: Path) -> Path:
+    """Make `folder`, or where it exists `folder`-2, -3, ...: a new folder that no other process can also get."""
+    candidate, number = folder, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = folder.with_name(f"{folder.name}-{number}")
 
 
 def prepare_fold_folder(fold_dir: Path, *, history: list[dict]) -> None:

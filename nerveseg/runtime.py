@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nerveseg.checkpoint import FORMAT, VERSION, describe_model, load_checkpoint
+from nerveseg.checkpoint import FORMAT, VERSION, check_postprocessing, describe_model, load_checkpoint
 from nerveseg.distributed import autocast
 from nerveseg.ensemble import TestTimeAugmentation, augmentation_for
 from nerveseg.errors import UserError
@@ -128,7 +128,10 @@ class TorchPredictor:
 
 
 def load_onnx(path: Path) -> tuple[OnnxPredictor, dict]:
-    """The predictor of an exported .onnx file and its metadata (checked like a checkpoint's)."""
+    """The predictor of an exported .onnx file and its metadata (checked like a checkpoint's, and against the graph:
+    metadata copied from another model would fail mid-run)."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not an ONNX model; pass the .onnx file that export.py wrote")
     if not path.is_file():
         raise UserError(f"{path} does not exist; export a model first (python export.py) or pass --checkpoint PATH")
     predictor = OnnxPredictor(path.read_bytes(), str(path))
@@ -144,7 +147,22 @@ def load_onnx(path: Path) -> tuple[OnnxPredictor, dict]:
                         "post-processing); export the model with python export.py")
     if metadata.get("version", 0) > VERSION:
         raise UserError(f"{path} was written by a newer version of this project; update it to read the file")
+    check_postprocessing(metadata["postprocessing"], path)
+    check_graph_against_metadata(predictor, metadata, path)
     return predictor, metadata
+
+
+def check_graph_against_metadata(predictor: OnnxPredictor, metadata: dict, path: Path) -> None:
+    """Refuse a graph whose image size or presence output is not the one its metadata describes."""
+    preprocessing, config = metadata["preprocessing"], metadata["model_config"]
+    size = preprocessing.get("image_size") if isinstance(preprocessing, dict) else None
+    presence = bool(config.get("presence")) if isinstance(config, dict) else False
+    shapes = [item.shape[1:] for item in (predictor.session.get_inputs()[0], predictor.session.get_outputs()[0])]
+    if any(shape != [1, *(size or [])] for shape in shapes) or predictor.has_presence != presence:
+        graph = f"images {'x'.join(map(str, shapes[0]))}, {'with' if predictor.has_presence else 'without'} a presence"
+        described = f"images {'x'.join(map(str, [1, *(size or [])]))}, {'with' if presence else 'without'} a presence"
+        raise UserError(f"{path}: its graph takes {graph} output, but its metadata describes {described} output: the "
+                        "metadata was copied from another model. Export the model again with python export.py")
 
 
 def max_difference(first: "OnnxPredictor | TorchPredictor", second: "OnnxPredictor | TorchPredictor",

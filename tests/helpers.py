@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,37 @@ def full_disk_opener(room: int):
         return buffered if "b" in mode else io.TextIOWrapper(buffered, **kwargs)
 
     return fdopen
+
+
+# A run stopped by a signal mid-way ------------------------------------------------------------------------
+SLOW_READS = textwrap.dedent("""
+    # Loaded by Python at start-up (PYTHONPATH): every image opened takes a while, so a signal lands mid-run.
+    import time
+    import PIL.Image
+
+    real_open = PIL.Image.open
+
+    def slow_open(*args, **kwargs):
+        time.sleep(0.1)
+        return real_open(*args, **kwargs)
+
+    PIL.Image.open = slow_open
+""")
+
+
+def stop_when_building(script: str, args: list[str], where: Path, building: str, stop: int) -> tuple[str, list]:
+    """Run a script with slow image reads, send it `stop` (SIGTERM or SIGINT) once its hidden building folder
+    exists; return its stderr and what it left beside the output."""
+    (where / "slow").mkdir()
+    (where / "slow" / "sitecustomize.py").write_text(SLOW_READS)
+    environment = {**os.environ, "PYTHONPATH": f"{where / 'slow'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=where, env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(where.glob(building)) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, process.communicate()
+    time.sleep(0.3)
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=120)
+    return stderr, sorted(p.name for p in where.iterdir() if p.name.startswith("."))

@@ -87,6 +87,14 @@ CHECKPOINT_EDITS = {
     ),
     "image size zero": (lambda c: c["preprocessing"].update(image_size=[0, 48]), "must be multiples of 2"),
     "no preprocessing": (lambda c: c.pop("preprocessing"), "lacks preprocessing"),
+    "a NaN threshold": (lambda c: c["postprocessing"].update(threshold=float("nan")),
+                        "has an unusable post-processing rule (threshold must be a number from 0 to 1, not nan)"),
+    "a text threshold": (lambda c: c["postprocessing"].update(presence_threshold="0.5"),
+                         "(presence_threshold must be a number from 0 to 1, not '0.5')"),
+    "a minimum area above 1": (lambda c: c["postprocessing"].update(min_area_fraction=2.0), "not 2.0"),
+    "keep largest not a boolean": (lambda c: c["postprocessing"].update(keep_largest="no"),
+                                   "keep_largest must be true or false, not 'no'"),
+    "an unknown rule": (lambda c: c["postprocessing"].update(dilate=3), "expected the fields threshold, keep_largest"),
 }
 
 
@@ -140,3 +148,24 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(small_chec
     shutil.rmtree(tmp_path / "runs")
     assert not marker.exists(), "loading the checkpoint ran its code"
     assert tree_hashes(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_path_that_is_a_folder_an_onnx_model_or_a_resume_state_says_what_to_pass(small_checkpoint,
+                                                                                                tmp_path):
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    with pytest.raises(UserError, match=f"{re.escape(str(run))} is a folder, not a checkpoint; pass the file .a run's"):
+        load_checkpoint(run)
+    shutil.copyfile(small_checkpoint, run / "best.pt")
+    with pytest.raises(UserError, match=f"is a folder, not a checkpoint; pass the file: {re.escape(str(run))}/best.pt"):
+        load_checkpoint(run)
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"\x08\x07 an ONNX protobuf")
+    with pytest.raises(UserError, match="model.onnx is already an ONNX model .export.py wrote it.: predict with it"):
+        load_checkpoint(onnx_file)
+    torch.save({"model": {}, "optimizer": {}, "epoch": 2, "history": [], "settings": {"model_path": "published.pt"}},
+               run / "last.pt")
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(run / "last.pt")
+    assert str(caught.value) == (f"{run / 'last.pt'} is a training run's state for --resume (last.pt), not a model; "
+                                 f"predict with the run's best model {run / 'best.pt'} or the published published.pt")

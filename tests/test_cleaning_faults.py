@@ -6,6 +6,7 @@ import csv
 import errno
 import io
 import shutil
+import signal
 import types
 import zipfile
 from pathlib import Path
@@ -15,10 +16,18 @@ import pytest
 from PIL import Image, ImageFilter
 
 from nerveseg.clean_copy import CleaningOptions
-from nerveseg.cleaning import clean_download
+from nerveseg.cleaning import clean_download, clean_own_data
 from nerveseg.errors import UserError
+from nerveseg.layouts import find_own_data
 from nerveseg.sources import find_download
-from tests.helpers import NO_SPACE, SYS_IS_UNWRITABLE, assert_user_error, run_script, tree_hashes
+from tests.helpers import (
+    NO_SPACE,
+    SYS_IS_UNWRITABLE,
+    assert_user_error,
+    run_script,
+    stop_when_building,
+    tree_hashes,
+)
 
 # %% Stage 1: data_cleaning.py
 
@@ -182,3 +191,81 @@ def test_a_full_disk_while_cleaning_keeps_the_previous_clean(tiny_download, tmp_
     assert tree_hashes(output) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clean"], "a partial copy was left behind"
     assert tree_hashes(source) == before_source
+
+
+# %% Only a clean copy of ours is ever replaced, never what the clean reads
+
+
+def write_own_folder(root: Path) -> None:
+    """A user's own folder: 4 image/mask pairs in images/ and masks/, and a notes file of theirs."""
+    rng = np.random.default_rng(0)
+    for number in range(4):
+        mask = np.zeros((32, 48), np.uint8)
+        mask[8:20, 10 + number : 30] = 255
+        for folder, pixels in (("images", rng.integers(0, 256, (32, 48), dtype=np.uint8)), ("masks", mask)):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / folder / f"P{number}_1.png")
+    (root / "notes.txt").write_text("my notes")
+
+
+def clean_own(source: Path, output: Path) -> dict:
+    own = find_own_data(source, "images-masks", "_mask")
+    return clean_own_data(own, output, CleaningOptions(workers=1, quiet=True), None, overwrite=True)
+
+
+REPLACING = {  # (the --output, relative to a folder that holds mine/ and the user's other.txt; the message)
+    "the source itself": ("mine", "--output {tmp}/mine is what data_cleaning.py reads, and replacing it would delete"),
+    "a folder above the source": (".", "--output {tmp} holds {tmp}/mine, which data_cleaning.py reads, and replacing"),
+    "a link to the source": ("alias", "--output {tmp}/alias is what data_cleaning.py reads"),
+    "a folder of the user's": ("theirs", "theirs already holds files that data_cleaning.py did not write"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPLACING))
+def test_overwrite_never_replaces_the_source_or_a_folder_it_did_not_write(case, tmp_path):
+    """--overwrite true replaces only a clean copy of ours: cleaning a folder into itself, into a folder above it,
+    or over a folder of the user's deletes nothing, and the message does not suggest --overwrite."""
+    write_own_folder(tmp_path / "mine")
+    (tmp_path / "other.txt").write_text("the user's")
+    (tmp_path / "alias").symlink_to(tmp_path / "mine")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "thesis.tex").write_text("years of work")
+    before = tree_hashes(tmp_path)
+    output, message = REPLACING[case]
+    with pytest.raises(UserError) as caught:
+        clean_own(tmp_path / "mine", tmp_path / output)
+    assert message.format(tmp=tmp_path) in str(caught.value)
+    assert "--overwrite" not in str(caught.value) and "hoose another --output" in str(caught.value)
+    assert tree_hashes(tmp_path) == before and not list(tmp_path.glob(".*"))
+
+
+def test_a_clean_read_through_a_link_is_never_replaced_by_its_own_clean(tmp_path):
+    """Resolved paths are compared: a source that is a link to the output is the output."""
+    write_own_folder(tmp_path / "mine")
+    clean_own(tmp_path / "mine", tmp_path / "clean")
+    (tmp_path / "link").symlink_to(tmp_path / "clean")
+    before = tree_hashes(tmp_path / "clean")
+    with pytest.raises(UserError, match="clean is what data_cleaning.py reads, and replacing it would delete"):
+        clean_own(tmp_path / "link", tmp_path / "clean")
+    assert tree_hashes(tmp_path / "clean") == before
+    assert clean_own(tmp_path / "mine", tmp_path / "clean")["unchanged"]  # a clean of ours: rebuilt as before
+
+
+def test_a_file_named_cleaning_json_does_not_make_a_folder_ours(tmp_path):
+    write_own_folder(tmp_path / "mine")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "cleaning.json").write_text('{"my": "settings"}')
+    with pytest.raises(UserError, match="theirs/cleaning.json was not written by data_cleaning.py"):
+        clean_own(tmp_path / "mine", tmp_path / "theirs")
+    assert (tmp_path / "theirs" / "cleaning.json").read_text() == '{"my": "settings"}'
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_clean_stopped_by_a_signal_leaves_no_building_folder(stop, tmp_path):
+    write_own_folder(tmp_path / "mine")
+    before = tree_hashes(tmp_path / "mine")
+    args = ["--source", "mine", "--output", "clean", "--workers", "1", "--quiet"]
+    stderr, hidden = stop_when_building("data_cleaning.py", args, tmp_path, ".clean.building-*", stop)
+    assert "data_cleaning.py: interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert hidden == [] and not (tmp_path / "clean").exists()
+    assert tree_hashes(tmp_path / "mine") == before

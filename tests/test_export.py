@@ -11,10 +11,12 @@ import torch
 from onnx import TensorProto, helper
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from nerveseg.checkpoint import load_checkpoint
+from nerveseg.checkpoint import FORMAT, VERSION, load_checkpoint
 from nerveseg.errors import UserError
-from nerveseg.runtime import METADATA_KEY, TorchPredictor, import_onnxruntime, load_onnx
-from tests.helpers import FAST_TRAINING, KAGGLE_SAMPLE, needs_kaggle_sample, run_script
+from nerveseg.model import build_model, model_config
+from nerveseg.postprocess import PostProcessing
+from nerveseg.runtime import METADATA_KEY, TorchPredictor, add_metadata, import_onnxruntime, load_onnx, onnx_graph
+from tests.helpers import FAST_TRAINING, KAGGLE_SAMPLE, assert_user_error, needs_kaggle_sample, run_script
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +138,33 @@ def test_training_writes_tensorboard_logs_unless_asked_not_to(trained_run, train
                         "--tensorboard", "false", *FAST_TRAINING, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert not list((tmp_path / "runs" / "quiet").glob("events.out.tfevents.*"))
+
+
+def test_an_onnx_model_whose_metadata_was_copied_from_another_is_refused_on_load(tmp_path):
+    """Not ONNX Runtime's traceback mid-run: the graph's image size and outputs are checked against the metadata."""
+    config = model_config((4, 8), (2,), 0, 0.0)
+    graph = onnx_graph(build_model(config).eval(), (32, 48), has_presence=True)
+    metadata = {"format": FORMAT, "version": VERSION, "model_config": config, "preprocessing": {"image_size": [32, 48]},
+                "postprocessing": PostProcessing().as_dict(), "epoch": 1, "metrics": {}}
+    cases = {
+        "other size": ({"preprocessing": {"image_size": [64, 96]}}, "its graph takes images 1x32x48, with a presence "
+                       "output, but its metadata describes images 1x64x96, with a presence output: the metadata was "
+                       "copied from another model. Export the model again with python export.py"),
+        "no presence": ({"model_config": config | {"presence": False}}, "describes images 1x32x48, without a presence"),
+        "nan threshold": ({"postprocessing": {"threshold": float("nan")}}, "unusable post-processing rule (threshold"),
+    }
+    for name, (changed, message) in cases.items():
+        path = tmp_path / f"{name}.onnx"
+        path.write_bytes(add_metadata(graph, metadata | changed))
+        with pytest.raises(UserError) as caught:
+            load_onnx(path)
+        assert str(caught.value).startswith(str(path)) and message in str(caught.value), name
+    (tmp_path / "right.onnx").write_bytes(add_metadata(graph, metadata))
+    assert load_onnx(tmp_path / "right.onnx")[1]["preprocessing"] == {"image_size": [32, 48]}
+
+
+def test_export_of_an_onnx_model_says_it_is_one_already(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07 an ONNX protobuf")
+    result = run_script("export.py", "--checkpoint", "model.onnx", "--output", "again.onnx", cwd=tmp_path)
+    assert_user_error(result, "model.onnx is already an ONNX model (export.py wrote it): predict with it (python "
+                      "predict.py --checkpoint model.onnx); to export again, pass the .pt checkpoint")

@@ -65,3 +65,14 @@ def test_a_full_disk_at_fsync_keeps_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=f"cannot write {re.escape(str(target))}: {NO_SPACE}"):
         save_torch(target, {"epoch": 2})
     assert read_torch_file(target) == {"epoch": 1} and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+# %% CSV files that a spreadsheet opens
+
+
+def test_texts_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_path):
+    rows = [{"name": name, "value": value} for name, value in (("=1+1", 1), ("+A1", -2.5), ("-2+3", "-3"),
+                                                               ("@SUM(A1)", "1e-3"), ("\tx", ""), ("1_2", "a=b"))]
+    write_csv(tmp_path / "out.csv", rows, ["name", "value"])
+    assert (tmp_path / "out.csv").read_text().splitlines() == [
+        "name,value", "'=1+1,1", "'+A1,-2.5", "'-2+3,-3", "'@SUM(A1),1e-3", "'\tx,", "1_2,a=b"]

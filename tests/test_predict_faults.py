@@ -1,20 +1,35 @@
-"""Stage 3's faults: a disk that fills up while predicting, an output that cannot be a folder."""
+"""Stage 3's faults: a disk that fills up while predicting, an output that cannot be a folder, a user's files in
+the output folder, two runs into one folder, a run stopped by SIGTERM, pictures that cannot be written."""
 
+import csv
 import gc
 import io
 import os
 import re
+import signal
 import types
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+from PIL import Image
 
+from nerveseg.checkpoint import make_checkpoint, save_torch
 from nerveseg.errors import UserError
 from nerveseg.files import write_csv
 from nerveseg.inference import OutputFolder
-from tests.helpers import NO_SPACE, SYS_IS_UNWRITABLE, FullDisk, tree_hashes
+from nerveseg.model import build_model, model_config
+from nerveseg.postprocess import PostProcessing
+from tests.helpers import (
+    NO_SPACE,
+    SYS_IS_UNWRITABLE,
+    FullDisk,
+    assert_user_error,
+    run_script,
+    stop_when_building,
+    tree_hashes,
+)
 
 
 @pytest.mark.parametrize("room", [0, 5000])
@@ -59,3 +74,115 @@ def test_a_predict_output_that_cannot_be_a_folder_is_refused(tmp_path):
         with pytest.raises(UserError, match="cannot write into /sys: .*; choose another --output"):
             OutputFolder(Path("/sys/nerveseg-predictions"))
     assert blocker.read_text() == "not a folder" and [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
+# %% A predictions folder: a user's files in it are kept, what the run reads is never replaced, one run at a time
+
+
+def predictions_of(target: Path, names: list[str]) -> None:
+    """One predict.py run's output folder, written through OutputFolder."""
+    output = OutputFolder(target)
+    for name in names:
+        output.write_mask(name, np.eye(8, dtype=np.uint8))
+    write_csv(output.building / "images.csv", [{"img": name} for name in names], ["img"])
+    output.finish()
+
+
+def test_files_a_user_added_to_a_predictions_folder_are_carried_over_untouched(tmp_path):
+    target = tmp_path / "predictions"
+    predictions_of(target, ["1", "2"])
+    (target / "notes.txt").write_text("what I saw")
+    (target / "masks" / "mine").mkdir()
+    (target / "masks" / "mine" / "drawn.png").write_bytes(b"my own drawing")
+    kept = {name: (target / name).stat().st_ino for name in ("notes.txt", "masks/mine/drawn.png")}
+    for names in (["3"], ["4"]):  # twice: what is carried over stays the user's, never becomes ours
+        predictions_of(target, names)
+        assert (target / "notes.txt").read_text() == "what I saw"
+        assert {name: (target / name).stat().st_ino for name in kept} == kept  # the same files, not copies
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*.png")) == ["masks/4.png",
+                                                                                       "masks/mine/drawn.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions"]
+
+
+def test_a_user_file_named_like_a_new_prediction_stops_the_run_and_changes_nothing(tmp_path):
+    target = tmp_path / "predictions"
+    predictions_of(target, ["1"])
+    (target / "masks" / "2.png").write_bytes(b"the user's file")
+    before = tree_hashes(target)
+    with pytest.raises(UserError, match="masks/2.png was not written by predict.py, and this run wrote a file of"):
+        predictions_of(target, ["2"])
+    gc.collect()
+    assert tree_hashes(target) == before and sorted(p.name for p in tmp_path.iterdir()) == ["predictions"]
+
+
+def test_an_output_folder_that_is_or_holds_the_input_is_refused(tmp_path):
+    target = tmp_path / "predictions"
+    predictions_of(target, ["1"])
+    before = tree_hashes(tmp_path)
+    for reads in ([target / "masks"], [target], [tmp_path / "link"]):
+        (tmp_path / "link").unlink(missing_ok=True)
+        (tmp_path / "link").symlink_to(target / "masks")
+        with pytest.raises(UserError, match="(is what|which) predict.py reads, and replacing it would delete"):
+            OutputFolder(target, reads=reads)
+    assert tree_hashes(tmp_path) == before
+
+
+def test_a_second_run_into_the_same_output_folder_is_refused_at_once(tmp_path):
+    target = tmp_path / "predictions"
+    first = OutputFolder(target)
+    refusal = rf"predictions is being written by another predict.py run \(process {os.getpid()}\); wait for it to end"
+    with pytest.raises(UserError, match=refusal + ", or choose another --output"):
+        OutputFolder(target)
+    first.write_mask("1", np.eye(8, dtype=np.uint8))
+    first.finish()
+    predictions_of(target, ["2"])  # once it ended, the next run goes ahead
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions"], "a lock file was left"
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory) -> Path:
+    """An untrained checkpoint of a small network: predict.py runs in seconds with it."""
+    config = model_config((4, 8), (2,), 0, 0.0)
+    checkpoint = make_checkpoint(build_model(config), model_config=config, preprocessing={"image_size": [32, 48]},
+                                 postprocessing=PostProcessing().as_dict(), settings={}, epoch=1, metrics={})
+    path = tmp_path_factory.mktemp("small-model") / "model.pt"
+    save_torch(path, checkpoint)
+    return path
+
+
+def images_folder(folder: Path, names: list[str]) -> Path:
+    folder.mkdir()
+    for number, name in enumerate(names):
+        Image.fromarray(np.full((40, 60), 10 * number % 256, np.uint8)).save(folder / f"{name}.png")
+    return folder
+
+
+def test_predict_stopped_by_sigterm_leaves_no_building_folder(small_model, tmp_path):
+    images_folder(tmp_path / "input", [str(number) for number in range(300)])
+    args = ["--checkpoint", str(small_model), "--input", "input", "--output", "out", "--num-workers", "0", "--quiet"]
+    stderr, hidden = stop_when_building("predict.py", args, tmp_path, ".out.building-*", signal.SIGTERM)
+    assert "predict.py: interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert hidden == [] and not (tmp_path / "out").exists()
+
+
+def test_pictures_that_cannot_be_written_are_refused_before_any_mask(small_model, tmp_path):
+    images_folder(tmp_path / "input", ["1"])
+    (tmp_path / "a_file").write_text("not a folder")
+    result = run_script("predict.py", "--checkpoint", str(small_model), "--input", "input", "--output", "out",
+                        "--pictures", "a_file", "--quiet", cwd=tmp_path)
+    assert_user_error(result, "a_file cannot be a folder: a_file is a file; choose another --pictures")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "input"]
+
+
+def test_no_picture_is_claimed_and_names_a_spreadsheet_would_run_stay_text(small_model, tmp_path):
+    names = ["=HYPERLINK(1)", "+A1", "-2+3", "@SUM(1)", "-3"]
+    images_folder(tmp_path / "input", names)
+    result = run_script("predict.py", "--checkpoint", str(small_model), "--input", "input", "--output", "out",
+                        "--num-pictures", "0", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 5 masks to out/masks, out/images.csv in" in result.stdout and "png" not in result.stdout
+    assert not (tmp_path / "Images").exists()
+    with open(tmp_path / "out" / "images.csv", newline="") as file:
+        written = [row["img"] for row in csv.DictReader(file)]
+    assert sorted(written) == sorted(["'=HYPERLINK(1)", "'+A1", "'-2+3", "'@SUM(1)", "-3"])  # -3: a number, as it is
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == sorted(f"{name}.png" for name in names)

@@ -1,10 +1,16 @@
 """train.py's settings checks and run opening (nerveseg/runs.py), without starting train.py."""
 
+import json
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
+from nerveseg.checkpoint import FORMAT, save_torch
 from nerveseg.errors import UserError
-from nerveseg.runs import ADDED_SETTINGS, check_output_folders, check_settings, open_run
+from nerveseg.runs import ADDED_SETTINGS, check_output_folders, check_settings, open_run, prepare_run_folder
 from nerveseg.settings import script_defaults
 from tests.helpers import ROOT
 
@@ -104,3 +110,74 @@ def test_resume_with_nothing_to_resume_says_what_to_do(prepare, name, message, t
     prepare(tmp_path / "runs")
     with pytest.raises(UserError, match=message):
         open_run({**DEFAULTS, "RUNS_DIR": str(tmp_path / "runs"), "RUN_NAME": name, "RESUME": True})
+
+
+@pytest.mark.parametrize("name", ["../..", "a/b", "..", ".", "/tmp/x"])
+def test_a_run_name_that_is_not_a_plain_folder_name_is_refused(name, tmp_path):
+    with pytest.raises(UserError, match="--run-name must be a plain folder name"):
+        open_run({**DEFAULTS, "RUNS_DIR": str(tmp_path / "runs"), "RUN_NAME": name})
+    assert not list(tmp_path.iterdir())
+
+
+def prepare(run) -> Path:
+    return prepare_run_folder(run, settings_json={"run": "settings"}, model_path=run.folder / "model.pt")
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "strftime", lambda pattern: "20261201-120000")
+    settings = {**DEFAULTS, "RUNS_DIR": str(tmp_path / "runs")}
+    first, second, third = open_run(settings), open_run(settings), open_run(settings)  # all before any folder is made
+    folders = [prepare(run) for run in (first, second, third)]
+    assert [folder.name for folder in folders] == ["20261201-120000", "20261201-120000-2", "20261201-120000-3"]
+    assert all(json.loads((folder / "settings.json").read_text()) == {"run": "settings"} for folder in folders)
+
+
+def test_a_named_run_that_another_process_is_writing_is_refused(tmp_path):
+    settings = {**DEFAULTS, "RUNS_DIR": str(tmp_path / "runs"), "RUN_NAME": "a"}
+    first, second = open_run(settings), open_run(settings)  # the second starts while the first has no epoch yet
+    prepare(first)
+    with pytest.raises(UserError, match=r"runs/a is being written by another train.py run \(process \d+\); wait for it "
+                                        "to end, or choose another --run-name"):
+        prepare(second)
+    first.lock.release()  # the first run ended before completing an epoch: its name may be started again
+    again = open_run(settings)
+    assert prepare(again) == tmp_path / "runs" / "a"
+    torch.save({}, tmp_path / "runs" / "a" / "last.pt")
+    later = open_run({**settings, "RUN_NAME": ""})  # a resume of it
+    later.state, later.folder = {}, tmp_path / "runs" / "a"
+    with pytest.raises(UserError, match="is being written by another train.py run"):
+        prepare(later)
+
+
+def save_last_state(folder: Path, *, epoch: int, max_epochs: int) -> None:
+    folder.mkdir(parents=True)
+    settings = {key.lower(): list(value) if isinstance(value, tuple) else value for key, value in DEFAULTS.items()}
+    torch.save({"model": {}, "optimizer": {}, "epoch": epoch, "history": [], "settings": settings | {
+        "max_epochs": max_epochs}}, folder / "last.pt")
+
+
+def test_resume_honours_max_epochs_given_on_its_command_line(tmp_path, monkeypatch):
+    save_last_state(tmp_path / "runs" / "r", epoch=3, max_epochs=5)
+    now = {**DEFAULTS, "RUNS_DIR": str(tmp_path / "runs"), "RUN_NAME": "r", "RESUME": True, "MAX_EPOCHS": 8}
+    monkeypatch.setattr(sys, "argv", ["train.py", "--resume", "--run-name", "r"])
+    assert open_run(now).settings["MAX_EPOCHS"] == 5  # not given: the run ends as it planned
+    for given in (["--max-epochs", "8"], ["--max-epochs=8"]):
+        monkeypatch.setattr(sys, "argv", ["train.py", "--resume", *given])
+        assert open_run(now).settings["MAX_EPOCHS"] == 8
+    with pytest.raises(UserError, match="--max-epochs 2: .*runs/r has completed 3 epochs already; give at least 3"):
+        open_run({**now, "MAX_EPOCHS": 2})
+
+
+def test_a_model_path_that_is_not_a_model_of_ours_is_refused(tmp_path):
+    settings = {**DEFAULTS, "PICTURES": str(tmp_path / "p")}
+    thesis = tmp_path / "thesis.pdf"
+    thesis.write_bytes(b"%PDF-1.7 years of work")
+    with pytest.raises(UserError, match="thesis.pdf is a file that train.py did not write, and the model would"):
+        check_output_folders(tmp_path / "runs" / "x", {**settings, "MODEL_PATH": str(thesis)})
+    with pytest.raises(UserError, match="is a folder; name the file to write"):
+        check_output_folders(tmp_path / "runs" / "x", {**settings, "MODEL_PATH": str(tmp_path)})
+    assert thesis.read_bytes() == b"%PDF-1.7 years of work"
+    ours = tmp_path / "model.pt"
+    save_torch(ours, {"format": FORMAT, "version": 3})
+    check_output_folders(tmp_path / "runs" / "x", {**settings, "MODEL_PATH": str(ours)})  # an earlier model: replaced
+    check_output_folders(tmp_path / "runs" / "x", {**settings, "MODEL_PATH": str(tmp_path / "new.pt")})

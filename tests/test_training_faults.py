@@ -4,6 +4,8 @@ message that names the file and the fix, no traceback, and leaves the data and t
 they were."""
 
 import concurrent.futures
+import csv
+import json
 import os
 import random
 import re
@@ -21,6 +23,9 @@ import pytest
 import torch
 
 from nerveseg.checkpoint import load_checkpoint, read_torch_file, save_torch
+from nerveseg.data import read_manifest
+from nerveseg.errors import UserError
+from nerveseg.files import write_csv
 from tests.helpers import (
     FAST_TRAINING,
     ROOT,
@@ -475,3 +480,28 @@ def test_a_checkpoint_write_killed_by_sigkill_leaves_the_previous_file_whole(tmp
         current = number
     assert cut_short >= 4, "too few kills landed inside a write to show anything"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_training_data_whose_masks_are_all_empty_is_refused(train_clean, tmp_path):
+    """A model trained on it finds nothing and still scores Dice 1.0 on such images: not published."""
+    data = copy_clean(train_clean, tmp_path)
+    with open(data / "manifest.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    for row in rows:
+        row["mask_area"] = "0"
+    write_csv(data / "manifest.csv", rows, list(rows[0]))
+    with pytest.raises(UserError, match=r"manifest.csv: all \d+ training masks are empty, so a model would learn to"):
+        read_manifest(data)
+
+
+def test_resume_with_more_max_epochs_trains_on_to_them(sigterm_run, tmp_path):
+    """--max-epochs on the command line of --resume is honoured (and recorded), not silently ignored: the learning
+    rate then follows the cosine to zero at the new last epoch."""
+    work = copy_run(sigterm_run, tmp_path)
+    result = run_script("train.py", "--resume", "--run-name", "term", "--max-epochs", "4", "--quiet", cwd=work)
+    assert result.returncode == 0, result.stderr
+    run = work / "runs" / "term"
+    rows = read_metrics(run)
+    assert [row["epoch"] for row in rows] == ["1", "2", "3", "4"] and float(rows[-1]["lr"]) < float(rows[2]["lr"])
+    assert json.loads((run / "settings.json").read_text())["max_epochs"] == 4
+    assert read_torch_file(run / "last.pt")["settings"]["max_epochs"] == 4
