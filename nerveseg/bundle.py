@@ -89,15 +89,20 @@ def inference_config(image_size: tuple[int, int], post: PostProcessing, *, mask_
     network's size; rounded to 8 bits; divided by 255. Then the TorchScript model, and per image
     (nerveseg/postprocess.py to_mask): empty below the presence threshold, else resized back (bilinear) to the
     image's size, thresholded, its largest component kept where the rule says so, and emptied below the minimum
-    area; written as a PNG of 0 and 255 at <output_dir>/<its path below dataset_dir>.png.
+    area; written as a PNG of 0 and 255 at <output_dir>/<its path below dataset_dir>.png. The images are taken in
+    predict.py's order and batches (the CPU's convolutions may round differently for another batch size).
     """
     stretch = ("$lambda pixels: numpy.round((pixels - pixels.min()) * (255.0 / (pixels.max() - pixels.min())) "
                "if pixels.max() > pixels.min() else numpy.zeros_like(pixels)).astype(numpy.uint8)")
     grayscale = ("$lambda image: image if image.mode == 'L' else image.convert('L') if image.mode not in "
                  "@wide_modes else Image.fromarray(@stretch(numpy.asarray(image, dtype=numpy.float64)))")
-    datalist = ("$sorted(path for path in glob.glob(os.path.join(glob.escape(@dataset_dir), '**', '*'), "
+    datalist = ("$sorted((path for path in glob.glob(os.path.join(glob.escape(@dataset_dir), '**', '*'), "
                 "recursive=True) if path.lower().endswith(tuple(@image_suffixes)) and not re.fullmatch('.+' + "
-                "re.escape(@mask_suffix) + '(_[0-9]+)?', os.path.splitext(os.path.basename(path))[0]))")
+                "re.escape(@mask_suffix) + '(_[0-9]+)?', os.path.splitext(os.path.basename(path))[0])), "
+                "key=@natural_order)")
+    # predict.py's order (nerveseg/layouts.py natural_key: "2_10" after "2_9"), so that the batches are the same
+    natural_order = (r"$lambda path: tuple(int(part) if part.isdigit() else part for part in re.split(r'(\d+)', "
+                     "os.path.splitext(os.path.relpath(path, @dataset_dir))[0].replace(os.sep, '/')))")
     bundle_root = ("$next((os.path.dirname(os.path.abspath(str(frame.frame.f_locals['self'].config_root_path))) "
                    "for frame in inspect.stack(0) if isinstance(frame.frame.f_locals.get('self'), "
                    "monai.bundle.ConfigWorkflow)), '.')")
@@ -151,6 +156,7 @@ def inference_config(image_size: tuple[int, int], post: PostProcessing, *, mask_
         "wide_modes": list(WIDE_MODES),
         "stretch": stretch,
         "grayscale": grayscale,
+        "natural_order": natural_order,
         "datalist": datalist,
         "network_def": "$torch.jit.load(os.path.join(@bundle_root, 'models', 'model.ts'), map_location='cpu')",
         "network": "$@network_def.to(@device).eval()",
