@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.bundle import verify_metadata, verify_net_in_out
+from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 from PIL import Image
 from torch import nn
 
@@ -199,6 +199,19 @@ def test_stock_monai_gives_predict_pys_masks_on_the_real_images(bundles, checkpo
     assert result.returncode == 0, result.stderr
     masks = assert_same_masks(tmp_path / "predicted" / "masks", tmp_path / "bundled")
     assert len(masks) == 55 and any(mask.any() for mask in masks.values())
+
+
+def test_the_bundle_reads_the_images_predict_py_reads_in_its_order(bundles, images, tmp_path):
+    folder = tmp_path / "order"
+    shutil.copytree(images, folder)
+    for name in ("2_10.png", "2_9.tif", "10.png", "sub/1_2.jpg", "sub/1_2_mask.png", ".hidden.png"):
+        (folder / name).parent.mkdir(exist_ok=True)
+        shutil.copy(images / "n0.png", folder / name)
+    parser = ConfigParser()
+    parser.read_config(str(bundles["single"] / "configs" / "inference.json"))
+    parser["dataset_dir"] = str(folder)
+    expected = [item["image"] for item in images_to_segment(folder, "_mask")]
+    assert parser.get_parsed_content("datalist") == expected and len(expected) == 16
 
 
 # %% What the bundle holds
