@@ -223,9 +223,11 @@ def bundle_metadata(checkpoint: dict, *, target: str, authors: str, checked: str
     today = datetime.date.today()
     presence_rule = (f"an image whose presence probability is below {post.presence_threshold} gets an empty mask"
                      if has_presence and post.presence_threshold > 0 else "none (every image may hold the target)")
-    largest = "keep the largest connected component (8-connected), " if post.keep_largest else ""
-    postprocessing = (f"probabilities resized back to the image's size (bilinear), above {post.threshold} is the "
-                      f"target, {largest}and a mask smaller than {post.min_area_fraction} of the image is emptied")
+    largest = ", only its largest connected component (8-connected) kept" if post.keep_largest else ""
+    smallest = (f", emptied where it covers less than {post.min_area_fraction} of the image"
+                if post.min_area_fraction > 0 else "")
+    postprocessing = (f"the probabilities resized back to the image's size (bilinear), the target where they are "
+                      f"above {post.threshold}{largest}{smallest}")
     network = (f"MONAI UNet (channels {config['channels']}, strides {config['strides']}, {config['num_res_units']} "
                "residual units)" + (", with an image-level presence output" if has_presence else ""))
     return {
@@ -238,8 +240,8 @@ def bundle_metadata(checkpoint: dict, *, target: str, authors: str, checked: str
         "required_packages_version": {"pillow": _version("PIL"), "fire": _version("fire", "0.7.1"),
                                       **({"scikit-image": _version("skimage")} if post.keep_largest else {})},
         "task": f"Segmentation of the {target} in 2-D ultrasound images",
-        "description": (f"{network}, predicting with {checkpoint['predicting_with']}, trained by this project's "
-                        f"train.py. For each image: the {target}'s mask (0 or 255) at the image's own size."),
+        "description": (f"{network}, predicting with {checkpoint['predicting_with']}, trained with the nerveseg "
+                        f"pipeline's train.py. For each image: the {target}'s mask (0 or 255) at the image's size."),
         "authors": authors or "not given at export (export.py --authors)",
         "copyright": f"Copyright (c) {today.year} {authors or 'the authors'}",
         "data_source": training_data(settings),
@@ -291,13 +293,15 @@ def bundle_readme(metadata: dict, *, target: str, license_note: str) -> str:
     record, formats = metadata["nerveseg"], metadata["network_data_format"]
     height, width = formats["inputs"]["image"]["spatial_shape"]
     settings = record.get("settings") or {}
-    figures = "\n".join(f"| {key.replace('_', ' ')} | {value:.4f} |" if isinstance(value, float) else
-                        f"| {key.replace('_', ' ')} | {value} |" for key, value in metadata["eval_metrics"].items())
+    rows = [f"| {key.replace('_', ' ')} | {value:.4f} |" if isinstance(value, float) else
+            f"| {key.replace('_', ' ')} | {value} |" for key, value in metadata["eval_metrics"].items()]
+    figures = "| figure | value |\n|---|---|\n" + "\n".join(rows) if rows else "(The checkpoint holds no figures.)"
+    epochs = f", {settings['max_epochs']} epochs" if settings.get("max_epochs") else ""
     ensemble = "cross_validated_kaggle_dice_mean" in metadata["eval_metrics"]
     validated = ("Each fold model validated on its own fifth of the training subjects (whole subjects, never single "
                  "frames); the figures are the post-processed Kaggle Dice over the folds" if ensemble else
                  "On the validation subjects held out of training (whole subjects, never single frames)")
-    packages = " ".join(f"{name}=={version}" for name, version in metadata["required_packages_version"].items())
+    packages = " ".join(metadata["required_packages_version"])
     return f"""# {metadata['task']}
 
 {metadata['description']}
@@ -312,7 +316,7 @@ size: 255 where the model finds the {target}. {metadata['presence_rule'].capital
 
 - Data: {metadata['data_source']}.
 - Network: {metadata['description'].split(', predicting with')[0]}; input {height}x{width} (area-resized,
-  8-bit / 255), {settings.get('max_epochs', '?')} epochs, seed {settings.get('seed', '?')}.
+  8-bit / 255){epochs}.
 - Predicting with: {record['predicting_with']}.
 - Post-processing (chosen on the validation images): {metadata['postprocessing']}.
 
@@ -321,8 +325,6 @@ size: 255 where the model finds the {target}. {metadata['presence_rule'].capital
 {validated}. Kaggle mean Dice: an empty truth scores 1 when the mask is empty too, else 0; the all-empty
 baseline is the score of predicting every mask empty.
 
-| figure | value |
-|---|---|
 {figures}
 
 ## How to run it
