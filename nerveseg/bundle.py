@@ -62,9 +62,11 @@ class BundleNetwork(nn.Module):
         return torch.cat([masks, presences], dim=1)
 
 
-def trace_network(model: nn.Module, images: torch.Tensor, *, tolerance: float, where: str) -> torch.jit.ScriptModule:
+def trace_network(model: nn.Module, images: torch.Tensor, *, tolerance: float,
+                  where: str) -> tuple[torch.jit.ScriptModule, float]:
     """BundleNetwork(model) traced to TorchScript on `images` (N, 1, h, w floats in [0, 1]) and checked against the
-    eager model on them, one image and all at once; a UserError says why a model cannot be traced or differs."""
+    eager model on them, one image and all at once; with the largest difference. A UserError says why a model
+    cannot be traced or differs."""
     network = BundleNetwork(model).cpu().eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():  # the tracer warns of loops over buffers: fixed, checked below
@@ -78,7 +80,7 @@ def trace_network(model: nn.Module, images: torch.Tensor, *, tolerance: float, w
     if not difference <= tolerance:
         raise UserError(f"{where}: the TorchScript model's probabilities differ from PyTorch's by {difference:.2g} "
                         f"(more than --tolerance {tolerance}); the bundle was not written")
-    return traced
+    return traced, difference
 
 
 def inference_config(image_size: tuple[int, int], post: PostProcessing, *, mask_suffix: str = "_mask") -> dict:
@@ -425,11 +427,11 @@ def write_bundle(target: Path, *, model: nn.Module, checkpoint: dict, images: to
                  tolerance: float, target_name: str, authors: str, license_choice: str, overwrite: bool) -> str:
     """Trace the model, write the bundle beside `target` and swap it in; what was written, in words."""
     check_target(target, overwrite=overwrite)
-    traced = trace_network(model, images, tolerance=tolerance, where=str(target))
+    traced, difference = trace_network(model, images, tolerance=tolerance, where=str(target))
     post = PostProcessing(**checkpoint["postprocessing"])
     image_size = tuple(checkpoint["preprocessing"]["image_size"])
     metadata = bundle_metadata(checkpoint, target=target_name, authors=authors,
-                               checked=f"TorchScript matches PyTorch within {tolerance} on {checked_on}")
+                               checked=f"TorchScript matches PyTorch within {difference:.1g} on {checked_on}")
     config = inference_config(image_size, post)
     license_file, license_note = license_text(license_choice, authors=authors)
     weights = model.model if isinstance(model, TestTimeAugmentation) else model
@@ -459,4 +461,5 @@ def write_bundle(target: Path, *, model: nn.Module, checkpoint: dict, images: to
         shutil.rmtree(building, ignore_errors=True)
         raise
     size = sum(path.stat().st_size for path in target.rglob("*") if path.is_file())
-    return f"wrote the MONAI Bundle {target} ({checkpoint['predicting_with']}; {size / 1e6:.1f} MB)"
+    return (f"wrote the MONAI Bundle {target} ({checkpoint['predicting_with']}; {size / 1e6:.1f} MB); TorchScript "
+            f"matches PyTorch within {difference:.1g} on {checked_on}")

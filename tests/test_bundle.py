@@ -267,7 +267,8 @@ def test_the_traced_network_has_a_free_batch_size_and_a_presence_of_one_without_
     torch.manual_seed(0)
     without = build_model(model_config((4, 8), (2,), 0, 0.0, presence=False)).eval()
     images = torch.rand(3, 1, *IMAGE_SIZE)
-    traced = trace_network(without, images, tolerance=1e-6, where="model.pt")
+    traced, difference = trace_network(without, images, tolerance=1e-6, where="model.pt")
+    assert difference == 0
     outputs = traced(images)
     assert outputs.shape == (3, 2, *IMAGE_SIZE) and torch.equal(outputs[:, 1], torch.ones(3, *IMAGE_SIZE))
     torch.testing.assert_close(outputs[:, :1], torch.sigmoid(without(images)[0]), rtol=0, atol=1e-6)
