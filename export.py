@@ -90,9 +90,9 @@ else:
 
 # %% A MONAI Bundle (--format bundle): traced to TorchScript, checked against PyTorch, written (nerveseg/bundle.py)
 if FORMAT == "bundle":
-    print(write_bundle(output, model=model, checkpoint=checkpoint, images=network_input(images), checked_on=checked_on,
-                       tolerance=TOLERANCE, target_name=TARGET, authors=AUTHORS, license_choice=LICENSE,
-                       overwrite=OVERWRITE))
+    print(write_bundle(output, model=model, checkpoint=checkpoint, source=CHECKPOINT, images=network_input(images),
+                       checked_on=checked_on, tolerance=TOLERANCE, target_name=TARGET, authors=AUTHORS,
+                       license_choice=LICENSE, overwrite=OVERWRITE))
     print(f"Run it with: python -m monai.bundle run --config_file {output}/configs/inference.json --dataset_dir "
           "IMAGES --output_dir MASKS")
     sys.exit()

@@ -423,11 +423,13 @@ def check_target(target: Path, *, overwrite: bool) -> None:
                         "--output")
 
 
-def write_bundle(target: Path, *, model: nn.Module, checkpoint: dict, images: torch.Tensor, checked_on: str,
-                 tolerance: float, target_name: str, authors: str, license_choice: str, overwrite: bool) -> str:
-    """Trace the model, write the bundle beside `target` and swap it in; what was written, in words."""
+def write_bundle(target: Path, *, model: nn.Module, checkpoint: dict, source: str, images: torch.Tensor,
+                 checked_on: str, tolerance: float, target_name: str, authors: str, license_choice: str,
+                 overwrite: bool) -> str:
+    """Trace the model of the checkpoint file `source`, write the bundle beside `target` and swap it in; what was
+    written, in words."""
     check_target(target, overwrite=overwrite)
-    traced, difference = trace_network(model, images, tolerance=tolerance, where=str(target))
+    traced, difference = trace_network(model, images, tolerance=tolerance, where=source)
     post = PostProcessing(**checkpoint["postprocessing"])
     image_size = tuple(checkpoint["preprocessing"]["image_size"])
     metadata = bundle_metadata(checkpoint, target=target_name, authors=authors,
