@@ -1,8 +1,11 @@
-"""Stage 4 (optional): export the trained model to ONNX, for deployment without PyTorch.
+"""Stage 4 (optional): export the trained model to ONNX, for deployment without PyTorch, or as a MONAI Bundle.
 
     python export.py                                  # 2D_Nerve_Segmentation.pt -> 2D_Nerve_Segmentation.onnx
     python export.py --checkpoint runs/NAME/best.pt --output model.onnx
     python predict.py --checkpoint 2D_Nerve_Segmentation.onnx   # predicts with ONNX Runtime, same masks
+    python export.py --format bundle --license MIT    # -> the MONAI Bundle folder 2D_Nerve_Segmentation/
+    python -m monai.bundle run --config_file 2D_Nerve_Segmentation/configs/inference.json --dataset_dir IMAGES \
+        --output_dir MASKS                            # stock MONAI: predict.py's masks (see nerveseg/bundle.py)
 
 The graph takes images (N, 1, height, width) as floats in [0, 1] (the 8-bit pixels divided by 255), any
 batch size, and gives the mask's probabilities and, for a model with a presence output, each image's
@@ -17,12 +20,15 @@ not written.
 """
 
 # %% Imports
+import sys
 from pathlib import Path
 
 import monai
 import torch
 
-from nerveseg.checkpoint import FORMAT, VERSION
+from nerveseg.bundle import write_bundle
+from nerveseg.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from nerveseg.checkpoint import VERSION as CHECKPOINT_VERSION
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.files import atomic_write
 from nerveseg.layouts import images_to_segment
@@ -36,22 +42,30 @@ from nerveseg.runtime import (
     prediction_model,
 )
 from nerveseg.settings import parse_settings
-from nerveseg.transforms import load_transforms
+from nerveseg.transforms import load_transforms, network_input
 
 # %% Settings
 # -----------------------------------------------------------------------------
 CHECKPOINT = "2D_Nerve_Segmentation.pt"  # the model written by train.py
-OUTPUT = ""  # the .onnx file to write ("": the checkpoint's name with .onnx)
+FORMAT = "onnx"  # onnx (one .onnx file, for predict.py) or bundle (a MONAI Bundle folder, for stock MONAI)
+OUTPUT = ""  # the .onnx file or bundle folder to write ("": the checkpoint's name, with .onnx for ONNX)
 CHECK_INPUT = "data/clean/test"  # images to compare ONNX Runtime with PyTorch on (random images if absent)
 CHECK_IMAGES = 8  # how many of them
 TOLERANCE = 0.0001  # the largest difference of probabilities allowed between ONNX Runtime and PyTorch
 FOLD = 0  # with a cross-validated checkpoint: 0 exports the ensemble of all folds, k only fold k's model
 TTA = "auto"  # include test-time augmentation: auto (where validation chose it), true or false
+# MONAI Bundle (--format bundle)
+TARGET = "nerve"  # what the model segments, in words, for the bundle's metadata and README
+AUTHORS = ""  # the bundle's authors (its metadata and copyright line)
+LICENSE = ""  # the bundle's LICENSE: an SPDX identifier (MIT, Apache-2.0, ...), a file to copy, or "" (to fill in)
+OVERWRITE = False  # replace an existing bundle folder (only one that export.py wrote)
 # -----------------------------------------------------------------------------
 exit_on_user_error("export.py")
 globals().update(parse_settings(globals()))
-output = Path(OUTPUT or Path(CHECKPOINT).with_suffix(".onnx"))
-if output.suffix.lower() != ".onnx" or output.resolve() == Path(CHECKPOINT).resolve():
+if FORMAT not in ("onnx", "bundle"):
+    raise UserError(f"--format takes onnx or bundle, not {FORMAT!r}")
+output = Path(OUTPUT or Path(CHECKPOINT).with_suffix(".onnx" if FORMAT == "onnx" else ""))
+if output.resolve() == Path(CHECKPOINT).resolve() or (FORMAT == "onnx" and output.suffix.lower() != ".onnx"):
     raise UserError(f"--output must be a .onnx file other than the checkpoint, not {output}")
 if TTA not in ("auto", "true", "false") or FOLD < 0:
     raise UserError(f"--tta takes auto, true or false (not {TTA!r}), and --fold 0 or more (not {FOLD})")
@@ -74,9 +88,19 @@ else:
     images = torch.randint(0, 256, (CHECK_IMAGES, 1, *image_size), dtype=torch.uint8, generator=generator)
     checked_on = f"{CHECK_IMAGES} random images ({CHECK_INPUT} is absent)"
 
+# %% A MONAI Bundle (--format bundle): traced to TorchScript, checked against PyTorch, written (nerveseg/bundle.py)
+if FORMAT == "bundle":
+    print(write_bundle(output, model=model, checkpoint=checkpoint, source=CHECKPOINT, images=network_input(images),
+                       checked_on=checked_on, tolerance=TOLERANCE, target_name=TARGET, authors=AUTHORS,
+                       license_choice=LICENSE, overwrite=OVERWRITE))
+    print(f"Run it with: python -m monai.bundle run --config_file {output}/configs/inference.json --dataset_dir "
+          "IMAGES --output_dir MASKS")
+    sys.exit()
+
 # %% Export, check against PyTorch, write
 fields = (*CHECKPOINT_FIELDS, "tta", "predicting_with")
-metadata = {"format": FORMAT, "version": VERSION, **{field: checkpoint.get(field) for field in fields}}
+metadata = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            **{field: checkpoint.get(field) for field in fields}}
 graph = add_metadata(onnx_graph(model, image_size, has_presence=has_presence), metadata)
 difference = max_difference(OnnxPredictor(graph, str(output)), TorchPredictor(model, torch.device("cpu"), amp=False),
                             images)

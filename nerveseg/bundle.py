@@ -1,0 +1,467 @@
+"""The model as a MONAI Bundle: a folder that stock MONAI runs, with no part of this project.
+
+    <bundle>/configs/metadata.json   the bundle specification's metadata, and this project's record of the model
+    <bundle>/configs/inference.json  reading, preprocessing, the TorchScript model, the presence rule and the
+                                     post-processing, writing one mask per image: MONAI components only
+    <bundle>/models/model.ts         the network (the fold ensemble, test-time augmentation) traced to TorchScript
+    <bundle>/models/model.pt         its state dict
+    <bundle>/docs/README.md          what it segments, how it was trained and validated, how to run it, its limits
+    <bundle>/LICENSE                 the licence the user chose (--license)
+
+    python -m monai.bundle run --config_file <bundle>/configs/inference.json --dataset_dir <images> --output_dir <out>
+
+writes the masks predict.py writes for the same checkpoint, pixel for pixel (on the CPU): inference.json repeats
+predict.py's steps in its order (nerveseg/transforms.py, nerveseg/postprocess.py) with MONAI's transforms and a
+few torch/numpy expressions. The TorchScript model maps images (N, 1, h, w) in [0, 1] to (N, 2, h, w): the mask's
+probabilities and, at every pixel, the image's presence probability (1 for a model without a presence output).
+"""
+
+import datetime
+import io
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import monai
+import numpy as np
+import torch
+from monai.data import save_net_with_metadata
+from torch import nn
+
+from nerveseg.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from nerveseg.ensemble import TestTimeAugmentation
+from nerveseg.errors import UserError
+from nerveseg.files import building_folder, swap_into_place
+from nerveseg.images import IMAGE_SUFFIXES, WIDE_MODES
+from nerveseg.postprocess import PostProcessing
+from nerveseg.runtime import CHECKPOINT_FIELDS, Probabilities
+
+BUNDLE_FORMAT = "nerveseg-bundle"  # metadata["nerveseg"]["format"]: a bundle export.py wrote
+BUNDLE_FILES = ("configs/metadata.json", "configs/inference.json", "models/model.ts", "models/model.pt",
+                "docs/README.md", "LICENSE")
+# The bundle specification's metadata schema, as the model zoo's bundles name it (a copy: tests/data/).
+SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+
+
+class BundleNetwork(nn.Module):
+    """A model (the fold ensemble, test-time augmentation) as the bundle runs it: one tensor out, as MONAI's bundle
+    tools expect, (N, 2, h, w): channel 0 the mask's probabilities, channel 1 the image's presence probability at
+    every pixel (1 for a model without a presence output)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.probabilities = Probabilities(model)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        outputs = self.probabilities(images)
+        masks = outputs[0].float()
+        if len(outputs) == 1:  # no presence output
+            return torch.cat([masks, torch.ones_like(masks)], dim=1)
+        presences = outputs[1].float().view(-1, 1, 1, 1).expand_as(masks)
+        return torch.cat([masks, presences], dim=1)
+
+
+def trace_network(model: nn.Module, images: torch.Tensor, *, tolerance: float,
+                  where: str) -> tuple[torch.jit.ScriptModule, float]:
+    """BundleNetwork(model) traced to TorchScript on `images` (N, 1, h, w floats in [0, 1]) and checked against the
+    eager model on them, one image and all at once; with the largest difference. A UserError says why a model
+    cannot be traced or differs."""
+    network = BundleNetwork(model).cpu().eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():  # the tracer warns of loops over buffers: fixed, checked below
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(network, images[:1], check_trace=False)
+            difference = max(float((traced(batch) - network(batch)).abs().max()) for batch in (images[:1], images))
+    except Exception as error:  # the tracer raises RuntimeError, TypeError, ... for what it cannot follow
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise UserError(f"{where}: its model cannot be traced to TorchScript ({reason}); export it as ONNX "
+                        "(--format onnx) or predict with predict.py, and report this line") from None
+    if not difference <= tolerance:
+        raise UserError(f"{where}: the TorchScript model's probabilities differ from PyTorch's by {difference:.2g} "
+                        f"(more than --tolerance {tolerance}); the bundle was not written")
+    return traced, difference
+
+
+def inference_config(image_size: tuple[int, int], post: PostProcessing, *, mask_suffix: str = "_mask") -> dict:
+    """configs/inference.json: predict.py's steps, in its order, with MONAI's components.
+
+    Reading (nerveseg/transforms.py load_transforms): PIL, any image as 8-bit grayscale (nerveseg/images.py
+    to_grayscale, repeated as an expression), not transposed; the image's size recorded; resized (area) to the
+    network's size; rounded to 8 bits; divided by 255. Then the TorchScript model, and per image
+    (nerveseg/postprocess.py to_mask): empty below the presence threshold, else resized back (bilinear) to the
+    image's size, thresholded, its largest component kept where the rule says so, and emptied below the minimum
+    area; written as a PNG of 0 and 255 at <output_dir>/<its path below dataset_dir>.png. The images are taken in
+    predict.py's order and batches (the CPU's convolutions may round differently for another batch size).
+    """
+    stretch = ("$lambda pixels: numpy.round((pixels - pixels.min()) * (255.0 / (pixels.max() - pixels.min())) "
+               "if pixels.max() > pixels.min() else numpy.zeros_like(pixels)).astype(numpy.uint8)")
+    grayscale = ("$lambda image: image if image.mode == 'L' else image.convert('L') if image.mode not in "
+                 "@wide_modes else Image.fromarray(@stretch(numpy.asarray(image, dtype=numpy.float64)))")
+    datalist = ("$sorted((path for path in glob.glob(os.path.join(glob.escape(@dataset_dir), '**', '*'), "
+                "recursive=True) if path.lower().endswith(tuple(@image_suffixes)) and not re.fullmatch('.+' + "
+                "re.escape(@mask_suffix) + '(_[0-9]+)?', os.path.splitext(os.path.basename(path))[0])), "
+                "key=@natural_order)")
+    # predict.py's order (nerveseg/layouts.py natural_key: "2_10" after "2_9"), so that the batches are the same
+    natural_order = (r"$lambda path: tuple(int(part) if part.isdigit() else part for part in re.split(r'(\d+)', "
+                     "os.path.splitext(os.path.relpath(path, @dataset_dir))[0].replace(os.sep, '/')))")
+    bundle_root = ("$next((os.path.dirname(os.path.abspath(str(frame.frame.f_locals['self'].config_root_path))) "
+                   "for frame in inspect.stack(0) if isinstance(frame.frame.f_locals.get('self'), "
+                   "monai.bundle.ConfigWorkflow)), '.')")
+    preprocessing = [
+        {"_target_": "LoadImaged", "keys": "image", "image_only": True,
+         "reader": {"_target_": "PILReader", "converter": "@grayscale", "reverse_indexing": False}},
+        {"_target_": "EnsureChannelFirstd", "keys": "image", "channel_dim": "no_channel"},
+        {"_target_": "Lambdad", "keys": "image", "func": "$lambda image: torch.tensor(image.shape[1:])",
+         "overwrite": "original_size", "_desc_": "the image's (height, width), to bring its mask back to it"},
+        {"_target_": "Resized", "keys": "image", "spatial_size": "@image_size", "mode": "area"},
+        {"_target_": "Lambdad", "keys": "image", "func": "$lambda image: image.round().clamp(0, 255)",
+         "_desc_": "8-bit values, as the network was trained on"},
+        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0, "a_max": 255, "b_min": 0, "b_max": 1},
+    ]
+    postprocessing = [
+        {"_target_": "Lambdad", "keys": "pred", "_desc_": "the presence rule: an empty mask below presence_threshold",
+         "func": "$lambda pred: pred[0:1] if float(pred[1, 0, 0]) >= @presence_threshold "
+                 "else torch.zeros_like(pred[0:1])"},
+        {"_target_": "Lambda", "_desc_": "the probabilities back at the image's size (bilinear), with its metadata",
+         "func": "$lambda item: {**item, 'pred': monai.transforms.Resize(spatial_size=item['original_size'].tolist(), "
+                 "mode='bilinear', align_corners=False)(monai.data.MetaTensor(item['pred'], "
+                 "meta=item['image'].meta))}"},
+        {"_target_": "Lambdad", "keys": "pred", "func": "$lambda pred: (pred > @threshold).float()"},
+    ]
+    if post.keep_largest:
+        postprocessing.append({"_target_": "KeepLargestConnectedComponentd", "keys": "pred", "applied_labels": [1]})
+    postprocessing += [
+        {"_target_": "Lambdad", "keys": "pred", "_desc_": "an empty mask where less than min_area_fraction is left",
+         "func": "$lambda mask: mask if int(mask.count_nonzero()) >= @min_area_fraction * mask[0].numel() "
+                 "else torch.zeros_like(mask)"},
+        {"_target_": "Transposed", "keys": "pred", "indices": [0, 2, 1],
+         "_desc_": "PILWriter transposes (it expects MONAI's (width, height)); the mask is (height, width)"},
+        {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "",
+         "output_ext": ".png", "output_dtype": "$numpy.uint8", "scale": 255, "resample": False,
+         "separate_folder": False, "data_root_dir": "@dataset_dir", "print_log": False},
+    ]
+    return {
+        "imports": ["$import glob", "$import inspect", "$import os", "$import re", "$from PIL import Image"],
+        "bundle_root": bundle_root,
+        "dataset_dir": "images",
+        "output_dir": "masks",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "image_size": list(image_size),
+        "presence_threshold": post.presence_threshold,
+        "threshold": post.threshold,
+        "keep_largest": post.keep_largest,
+        "min_area_fraction": post.min_area_fraction,
+        "batch_size": 64,
+        "image_suffixes": list(IMAGE_SUFFIXES),
+        "mask_suffix": mask_suffix,
+        "wide_modes": list(WIDE_MODES),
+        "stretch": stretch,
+        "grayscale": grayscale,
+        "natural_order": natural_order,
+        "datalist": datalist,
+        "network_def": "$torch.jit.load(os.path.join(@bundle_root, 'models', 'model.ts'), map_location='cpu')",
+        "network": "$@network_def.to(@device).eval()",
+        "preprocessing": {"_target_": "Compose", "transforms": preprocessing},
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': path} for path in @datalist]",
+                    "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": "@batch_size",
+                       "shuffle": False, "num_workers": 0},
+        "inferer": {"_target_": "SimpleInferer"},
+        "predict": "$torch.no_grad()(lambda images: @inferer(images.as_tensor().to(@device), @network).cpu())",
+        "postprocessing": {"_target_": "Compose", "transforms": postprocessing},
+        "run": [
+            "$print('segmenting', len(@datalist), 'images of', @dataset_dir, 'into', @output_dir)",
+            "$[@postprocessing({**item, 'pred': pred}) for batch in @dataloader "
+            "for item, pred in zip(monai.data.decollate_batch(batch), @predict(batch['image']))]",
+        ],
+    }
+
+
+def validation_figures(metrics: dict) -> dict:
+    """The checkpoint's validation figures for metadata.json's eval_metrics: the cross-validated Kaggle Dice (mean
+    and sd over the folds) of an ensemble, or the one split's validation Dice; with the all-empty baseline."""
+    cross_validation = metrics.get("cross_validation")
+    if cross_validation:
+        pooled = cross_validation["pooled"]["postprocessed"]
+        figures = {
+            "cross_validated_kaggle_dice_mean": cross_validation["mean"]["postprocessed"]["dice"],
+            "cross_validated_kaggle_dice_sd": cross_validation["sd"]["postprocessed"]["dice"],
+            "folds": len(cross_validation["folds"]),
+            "pooled_validation_kaggle_dice": pooled["dice"],
+        }
+    else:
+        pooled = metrics.get("postprocessed") or metrics
+        figures = {"validation_kaggle_dice": pooled.get("dice")}
+    figures |= {
+        "validation_kaggle_dice_empty_truths": pooled.get("dice_empty"),
+        "validation_kaggle_dice_with_target": pooled.get("dice_nonempty"),
+        "validation_images": pooled.get("images"),
+        "validation_images_empty": pooled.get("images_empty"),
+        "all_empty_baseline": pooled.get("all_empty_baseline"),
+    }
+    return {key: value for key, value in figures.items() if value is not None}
+
+
+def training_data(settings: dict) -> str:
+    """Where the training data came from: data_cleaning.py's record of the clean folder, where it is still there."""
+    data_dir = Path(settings.get("data_dir") or "data/clean")
+    try:
+        record = json.loads((data_dir / "cleaning.json").read_text())
+        summary = record.get("summary", {})
+        counts = f"{summary.get('pairs_kept')} image/mask pairs of {summary.get('subjects')} subjects"
+        return f"{record.get('source')}, cleaned by data_cleaning.py into {data_dir} ({counts})"
+    except (OSError, ValueError, AttributeError):
+        return f"the clean folder {data_dir} written by data_cleaning.py (its cleaning.json was not found at export)"
+
+
+def bundle_metadata(checkpoint: dict, *, target: str, authors: str, checked: str) -> dict:
+    """configs/metadata.json: the bundle specification's fields, and this project's record of the model."""
+    post = PostProcessing(**checkpoint["postprocessing"])
+    height, width = checkpoint["preprocessing"]["image_size"]
+    config = checkpoint["model_config"]
+    has_presence = bool(config.get("presence"))
+    settings = checkpoint.get("settings") or {}
+    today = datetime.date.today()
+    presence_rule = (f"an image whose presence probability is below {post.presence_threshold} gets an empty mask"
+                     if has_presence and post.presence_threshold > 0 else "none (every image may hold the target)")
+    largest = ", only its largest connected component (8-connected) kept" if post.keep_largest else ""
+    smallest = (f", emptied where it covers less than {post.min_area_fraction} of the image"
+                if post.min_area_fraction > 0 else "")
+    postprocessing = (f"the probabilities resized back to the image's size (bilinear), the target where they are "
+                      f"above {post.threshold}{largest}{smallest}")
+    network = (f"MONAI UNet (channels {config['channels']}, strides {config['strides']}, {config['num_res_units']} "
+               "residual units)" + (", with an image-level presence output" if has_presence else ""))
+    return {
+        "schema": SCHEMA_URL,
+        "version": "0.1.0",
+        "changelog": {"0.1.0": f"exported by export.py on {today.isoformat()}: {checkpoint['predicting_with']}"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {"pillow": _version("PIL"), "fire": _version("fire", "0.7.1"),
+                                      **({"scikit-image": _version("skimage")} if post.keep_largest else {})},
+        "task": f"Segmentation of the {target} in 2-D ultrasound images",
+        "description": (f"{network}, predicting with {checkpoint['predicting_with']}, trained with the nerveseg "
+                        f"pipeline's train.py. For each image: the {target}'s mask (0 or 255) at the image's size."),
+        "authors": authors or "not given at export (export.py --authors)",
+        "copyright": f"Copyright (c) {today.year} {authors or 'the authors'}",
+        "data_source": training_data(settings),
+        "data_type": "2-D images read by PIL (PNG, JPEG, TIFF, BMP), as 8-bit grayscale",
+        "image_classes": f"one channel, 8-bit grayscale / 255 (in [0, 1]), resized (area) to {height}x{width}",
+        "pred_classes": (f"2 channels: 0 the {target}'s probability at each pixel, 1 the image's presence "
+                         "probability at every pixel" + ("" if has_presence else " (1: this model has no presence "
+                                                                                 "output)")),
+        "eval_metrics": validation_figures(checkpoint.get("metrics") or {}),
+        "intended_use": "Research and demonstration only; not a medical device, not for diagnosis or treatment.",
+        "references": ["Kaggle Ultrasound Nerve Segmentation (2016), whose mean Dice (1 for an empty mask on an empty "
+                       "truth) the figures use: https://www.kaggle.com/competitions/ultrasound-nerve-segmentation"],
+        "postprocessing": postprocessing,
+        "presence_rule": presence_rule,
+        "network_data_format": {
+            "inputs": {"image": {
+                "type": "image", "format": "magnitude", "modality": "US", "num_channels": 1,
+                "spatial_shape": [height, width], "dtype": "float32", "value_range": [0, 1],
+                "is_patch_data": False, "channel_def": {"0": "ultrasound image, 8-bit grayscale / 255"},
+            }},
+            "outputs": {"pred": {
+                "type": "probabilities", "format": "classes", "num_channels": 2, "spatial_shape": [height, width],
+                "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
+                "channel_def": {"0": f"the {target}'s probability at each pixel",
+                                "1": "the image's presence probability (that the target is in the image at all), "
+                                     "the same at every pixel" + ("" if has_presence else "; 1: no presence output")},
+            }},
+            "post_processed_outputs": {"pred": {
+                "type": "image", "format": "segmentation", "num_channels": 1, "spatial_shape": ["*", "*"],
+                "dtype": "uint8", "value_range": [0, 255], "is_patch_data": False,
+                "channel_def": {"0": f"the {target}'s mask at the image's own size: 255 target, 0 background"},
+            }},
+        },
+        "nerveseg": {"format": BUNDLE_FORMAT, "checkpoint_format": CHECKPOINT_FORMAT, "checked": checked,
+                     **{field: checkpoint.get(field) for field in (*CHECKPOINT_FIELDS, "tta", "predicting_with")}},
+    }
+
+
+def _version(module: str, fallback: str = "") -> str:
+    """The installed version of a package (by its import name), or `fallback`."""
+    try:
+        return __import__(module).__version__
+    except (ImportError, AttributeError):
+        return fallback
+
+
+def bundle_readme(metadata: dict, *, target: str, license_note: str) -> str:
+    """docs/README.md: what the bundle segments, how it was trained and validated, how to run it, its limits."""
+    record, formats = metadata["nerveseg"], metadata["network_data_format"]
+    height, width = formats["inputs"]["image"]["spatial_shape"]
+    settings = record.get("settings") or {}
+    rows = [f"| {key.replace('_', ' ')} | {value:.4f} |" if isinstance(value, float) else
+            f"| {key.replace('_', ' ')} | {value} |" for key, value in metadata["eval_metrics"].items()]
+    figures = "| figure | value |\n|---|---|\n" + "\n".join(rows) if rows else "(The checkpoint holds no figures.)"
+    epochs = f", {settings['max_epochs']} epochs" if settings.get("max_epochs") else ""
+    ensemble = "cross_validated_kaggle_dice_mean" in metadata["eval_metrics"]
+    validated = ("Each fold model validated on its own fifth of the training subjects (whole subjects, never single "
+                 "frames); the figures are the post-processed Kaggle Dice over the folds" if ensemble else
+                 "On the validation subjects held out of training (whole subjects, never single frames)")
+    packages = " ".join(metadata["required_packages_version"])
+    return f"""# {metadata['task']}
+
+{metadata['description']}
+
+## What it segments
+
+Input: 2-D ultrasound images of any size, in any format PIL reads (PNG, JPEG, TIFF, BMP; colour and 16-bit
+images are converted to 8-bit grayscale). Output: one mask per image, a PNG of 0 and 255 at the image's own
+size: 255 where the model finds the {target}. {metadata['presence_rule'].capitalize()}.
+
+## How it was trained
+
+- Data: {metadata['data_source']}.
+- Network: {metadata['description'].split(', predicting with')[0]}; input {height}x{width} (area-resized,
+  8-bit / 255){epochs}.
+- Predicting with: {record['predicting_with']}.
+- Post-processing (chosen on the validation images): {metadata['postprocessing']}.
+
+## How it was validated
+
+{validated}. Kaggle mean Dice: an empty truth scores 1 when the mask is empty too, else 0; the all-empty
+baseline is the score of predicting every mask empty.
+
+{figures}
+
+## How to run it
+
+```bash
+pip install torch monai=={metadata['monai_version']} {packages}
+python -m monai.bundle run --config_file {{bundle}}/configs/inference.json \\
+    --dataset_dir {{images}} --output_dir {{masks}}
+```
+
+It reads every image below `--dataset_dir` (subfolders too; files named `<name>_mask.*` are taken as truth
+masks and skipped) and writes `<output_dir>/<its path below dataset_dir>.png`. On the CPU these are the masks
+that the exporting project's `predict.py` writes for the same checkpoint, pixel for pixel. Settings can be
+changed on the command line: `--threshold 0.6`, `--presence_threshold 0`, `--min_area_fraction 0`,
+`--batch_size 8`, `--device "\\$torch.device('cpu')"`. Where the config is not run with `monai.bundle run`
+(MONAI Label, your own ConfigParser), set `bundle_root` to this folder.
+
+Check the network against the metadata: `python -m monai.bundle verify_net_in_out network_def --meta_file
+{{bundle}}/configs/metadata.json --config_file {{bundle}}/configs/inference.json --bundle_root {{bundle}}`.
+
+## Files
+
+- `configs/inference.json`: reading, preprocessing, the network, the presence rule and post-processing, writing.
+- `configs/metadata.json`: the bundle specification's metadata; under `nerveseg`, the full record of the model
+  (configuration, preprocessing, post-processing, test-time augmentation, settings, validation figures).
+- `models/model.ts`: the network traced to TorchScript: images (N, 1, {height}, {width}) in [0, 1] to (N, 2,
+  {height}, {width}): the {target}'s probability per pixel, and the image's presence probability at every pixel.
+- `models/model.pt`: its weights (a state dict: a MONAI UNet's `model.*` weights, with `presence_head.*`;
+  an ensemble's are `members.<k>.*`).
+
+## Limits
+
+- Research and demonstration only: not a medical device, not for diagnosis.
+- It knows only images like those it was trained on (the data above); expect it to fail on other probes,
+  body parts or settings.
+- An unreadable image stops the run (predict.py skips it and names it).
+- On a GPU, the masks may differ from the CPU's by a few pixels where a probability lies at the threshold.
+- Two images whose names differ only by their extension (`a.png`, `a.tif`) are written to the same mask.
+
+## Licence
+
+{license_note}
+"""
+
+
+def license_text(choice: str, *, authors: str) -> tuple[str, str]:
+    """The LICENSE file and a line for the README: "" asks the user to fill it in; an existing file is copied;
+    anything else is taken as an SPDX licence identifier (MIT, Apache-2.0, CC-BY-4.0, ...)."""
+    if not choice:
+        text = ("No licence has been chosen for this model yet. Replace this file with the licence you share it\n"
+                "under (export.py --license MIT, --license Apache-2.0, ... or --license path/to/LICENSE).\n\n"
+                "The training data's terms may restrict what the model may be used for: check them first\n"
+                "(the Kaggle competition's data, for one, is not openly licensed).\n")
+        return text, "Not chosen yet: see `LICENSE`, and the training data's terms."
+    path = Path(choice)
+    if path.is_file():
+        try:
+            return path.read_text(), f"See `LICENSE` (copied from {path.name})."
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"--license {choice}: cannot read it as text ({error}); pass a text file or an SPDX "
+                            "identifier such as MIT") from None
+    if not choice.replace("-", "").replace(".", "").replace("+", "").isalnum():
+        raise UserError(f"--license {choice!r} is neither a file nor an SPDX identifier (MIT, Apache-2.0, CC-BY-4.0)")
+    year = datetime.date.today().year
+    text = (f"SPDX-License-Identifier: {choice}\n\nCopyright (c) {year} {authors or 'the authors'}\n\n"
+            f"This model is licensed under {choice}: https://spdx.org/licenses/{choice}.html\n")
+    return text, f"{choice} (see `LICENSE`)."
+
+
+def is_our_bundle(folder: Path) -> bool:
+    """A bundle export.py wrote, holding nothing else: only that may be replaced (--overwrite)."""
+    try:
+        metadata = json.loads((folder / "configs" / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return False
+    files = {path.relative_to(folder).as_posix() for path in folder.rglob("*") if not path.is_dir()}
+    return isinstance(metadata, dict) and (metadata.get("nerveseg") or {}).get("format") == BUNDLE_FORMAT and (
+        files <= set(BUNDLE_FILES))
+
+
+def check_target(target: Path, *, overwrite: bool) -> None:
+    """Refuse to write over anything but a bundle of ours, and over that without --overwrite."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise UserError(f"{target} exists and is not a folder; choose another --output")
+    if not any(target.iterdir()):
+        return
+    if not is_our_bundle(target):
+        raise UserError(f"{target} already holds files that export.py did not write; choose another --output "
+                        "(an existing bundle is replaced only when it holds nothing but what export.py wrote)")
+    if not overwrite:
+        raise UserError(f"{target} already holds a bundle; pass --overwrite true to replace it, or choose another "
+                        "--output")
+
+
+def write_bundle(target: Path, *, model: nn.Module, checkpoint: dict, source: str, images: torch.Tensor,
+                 checked_on: str, tolerance: float, target_name: str, authors: str, license_choice: str,
+                 overwrite: bool) -> str:
+    """Trace the model of the checkpoint file `source`, write the bundle beside `target` and swap it in; what was
+    written, in words."""
+    check_target(target, overwrite=overwrite)
+    traced, difference = trace_network(model, images, tolerance=tolerance, where=source)
+    post = PostProcessing(**checkpoint["postprocessing"])
+    image_size = tuple(checkpoint["preprocessing"]["image_size"])
+    metadata = bundle_metadata(checkpoint, target=target_name, authors=authors,
+                               checked=f"TorchScript matches PyTorch within {difference:.1g} on {checked_on}")
+    config = inference_config(image_size, post)
+    license_file, license_note = license_text(license_choice, authors=authors)
+    weights = model.model if isinstance(model, TestTimeAugmentation) else model
+    try:
+        building = building_folder(target)
+    except OSError as error:
+        raise UserError(f"cannot write into {target.parent}: {error.strerror}; choose another --output") from None
+    try:
+        for folder in ("configs", "models", "docs"):
+            (building / folder).mkdir()
+        (building / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        (building / "configs" / "inference.json").write_text(json.dumps(config, indent=2) + "\n")
+        stream = io.BytesIO()
+        save_net_with_metadata(traced, stream, meta_values=metadata,
+                               more_extra_files={"inference.json": json.dumps(config).encode()})
+        (building / "models" / "model.ts").write_bytes(stream.getvalue())
+        torch.save({name: value.detach().cpu() for name, value in weights.state_dict().items()},
+                   building / "models" / "model.pt")
+        (building / "docs" / "README.md").write_text(bundle_readme(metadata, target=target_name,
+                                                                   license_note=license_note))
+        (building / "LICENSE").write_text(license_file)
+        swap_into_place(building, target)
+    except OSError as error:
+        shutil.rmtree(building, ignore_errors=True)
+        raise UserError(f"cannot write the bundle {target}: {error.strerror}; nothing was changed there") from None
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    size = sum(path.stat().st_size for path in target.rglob("*") if path.is_file())
+    return (f"wrote the MONAI Bundle {target} ({checkpoint['predicting_with']}; {size / 1e6:.1f} MB); TorchScript "
+            f"matches PyTorch within {difference:.1g} on {checked_on}")
