@@ -40,10 +40,21 @@ from tqdm import tqdm
 from nerveseg.data import split_by_subject
 from nerveseg.errors import UserError
 from nerveseg.files import building_folder, swap_into_place, write_csv, write_json
-from nerveseg.images import MASK_VALUES_FORMS, MaskValues, describe_label, mask_labels, target_pixels, to_grayscale
+from nerveseg.images import (
+    MASK_VALUES_FORMS,
+    MAX_IMAGE_PIXELS,
+    MaskValues,
+    UnreadableImage,
+    describe_label,
+    frame_count,
+    mask_labels,
+    opened_image,
+    read_gray,
+    target_pixels,
+)
 from nerveseg.layouts import OwnData, natural_key, suggest_subject_pattern
 from nerveseg.rle import rle_encode
-from nerveseg.sources import ArchiveCache, Download, Locator, read_csv_text
+from nerveseg.sources import MAX_MEMBER_MB, ArchiveCache, Download, Locator, TooLarge, read_csv_text
 
 KAGGLE_SIZE = (420, 580)  # height, width of every competition image
 TRAIN_NAME = re.compile(r"^(\d+)_(\d+)(_mask)?\.tiff?$", re.IGNORECASE)
@@ -53,7 +64,8 @@ MANIFEST_COLUMNS = ["id", "subject", "frame", "image", "mask", "height", "width"
                     "duplicate_of", "similarity", "split", "original_image", "original_mask"]
 TEST_COLUMNS = ["id", "image", "kept", "reason"]
 DUPLICATE_POLICIES = ("drop-empty", "drop-both", "keep")
-FORMAT_VERSION = 2  # 2: subjects are names, own-data layouts, the split and original files in the manifest
+FORMAT_VERSION = 3  # 2: subjects are names, own-data layouts, the split and original files in the manifest; 3: EXIF
+# orientation applied, inputs bounded in size
 
 _cache = ArchiveCache()  # the archives this process reads from (each process opens its own)
 
@@ -86,27 +98,33 @@ class PairResult:
         return {name: getattr(self, name) if name != "kept" else int(self.kept) for name in MANIFEST_COLUMNS}
 
 
-def decode_gray8(data: bytes, name: str) -> tuple[np.ndarray, str]:
-    """Decode an 8-bit grayscale TIFF; return (pixels, "") or (empty array, the reason it is unusable)."""
+def decode_gray8(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, str]:
+    """Decode an 8-bit grayscale TIFF of one frame; return (pixels, "") or (empty array, the reason it is unusable)."""
     if not data:
         return np.zeros(0), f"{name} is an empty file"
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image_format, mode = image.format, image.mode
+        with opened_image(data, name=name, max_pixels=max_pixels) as image:
+            image_format, mode, frames = image.format, image.mode, frame_count(image)
             pixels = np.asarray(image)
+    except UnreadableImage as error:
+        return np.zeros(0), str(error)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         return np.zeros(0), f"{name} cannot be decoded (truncated or not an image: {error})"
     if image_format != "TIFF":
         return np.zeros(0), f"{name} is a {image_format} file, not a TIFF"
     if mode != "L" or pixels.ndim != 2:
         return np.zeros(0), f"{name} is mode {mode}, expected 8-bit grayscale (L)"
+    if frames > 1:
+        return np.zeros(0), f"{name} holds {frames} frames, expected one image"
     return pixels, ""
 
 
-def read_unique(locators: list[Locator], name: str) -> tuple[bytes, str]:
+def read_unique(locators: list[Locator], name: str, max_bytes: int) -> tuple[bytes, str]:
     """The bytes of a file found once, or found several times with the same content."""
     try:
-        contents = {_cache.read(locator) for locator in locators}
+        contents = {_cache.read(locator, max_bytes=max_bytes) for locator in locators}
+    except TooLarge as error:
+        return b"", str(error)
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         reason = f"{type(error).__name__}: {error}"
         return b"", f"{name} cannot be read ({reason}); the download may be damaged: re-download it"
@@ -140,7 +158,7 @@ def normalize_mask(mask: np.ndarray) -> tuple[np.ndarray, str, str]:
 
 def verify_pair(job: tuple) -> PairResult:
     """Verify one training id and copy its files into the output folder (runs in a worker process)."""
-    (subject, frame, image_locators, mask_locators, rle_text, output) = job
+    (subject, frame, image_locators, mask_locators, rle_text, output, max_bytes, max_pixels) = job
     result = PairResult(f"{subject}_{frame}", str(subject), str(frame))
     image_name = image_locators[0].describe() if image_locators else ""
     mask_name = mask_locators[0].describe() if mask_locators else ""
@@ -151,14 +169,14 @@ def verify_pair(job: tuple) -> PairResult:
     if not mask_locators:
         result.reason = f"image {image_name} has no mask"
         return result
-    image_bytes, problem = read_unique(image_locators, image_name)
-    mask_bytes, mask_duplicate = read_unique(mask_locators, mask_name)
+    image_bytes, problem = read_unique(image_locators, image_name, max_bytes)
+    mask_bytes, mask_duplicate = read_unique(mask_locators, mask_name, max_bytes)
     problem = problem or mask_duplicate
     image = mask = np.zeros(0)
     if not problem:
-        image, problem = decode_gray8(image_bytes, image_name)
+        image, problem = decode_gray8(image_bytes, image_name, max_pixels)
     if not problem:
-        mask, problem = decode_gray8(mask_bytes, mask_name)
+        mask, problem = decode_gray8(mask_bytes, mask_name, max_pixels)
     if not problem and image.shape != mask.shape:
         problem = f"{mask_name} is {mask.shape[1]}x{mask.shape[0]}, its image is {image.shape[1]}x{image.shape[0]}"
     note = ""
@@ -192,17 +210,19 @@ class OwnPairJob:
     masks: list[str]
     mask_values: MaskValues
     output: str
+    max_pixels: int = MAX_IMAGE_PIXELS
 
 
-def read_own_image(path: str) -> tuple[np.ndarray, str, str]:
-    """(8-bit grayscale pixels, the mode it was converted from or "", the reason it is unusable or "")."""
+def read_own_image(path: str, max_pixels: int) -> tuple[np.ndarray, str, str, str]:
+    """(8-bit grayscale pixels, the mode it was converted from or "", notes (see read_gray), the reason it is
+    unusable or "")."""
     try:
-        with Image.open(path) as image:
-            mode = image.mode
-            pixels = np.asarray(to_grayscale(image))
+        image = read_gray(path, max_pixels=max_pixels)
+    except UnreadableImage as error:
+        return np.zeros(0), "", "", str(error)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        return np.zeros(0), "", f"{path} cannot be decoded (truncated or not an image: {error})"
-    return pixels, "" if mode == "L" else mode, ""
+        return np.zeros(0), "", "", f"{path} cannot be decoded (truncated or not an image: {error})"
+    return image.pixels, image.converted_from, image.notes, ""
 
 
 def verify_own_pair(job: OwnPairJob) -> PairResult:
@@ -219,12 +239,16 @@ def verify_own_pair(job: OwnPairJob) -> PairResult:
     if not job.masks:
         result.reason = f"image {job.images[0]} has no mask"
         return result
-    image, result.converted_from, problem = read_own_image(job.images[0])
-    target = np.zeros(image.shape, dtype=bool)
+    image, result.converted_from, image_notes, problem = read_own_image(job.images[0], job.max_pixels)
+    target, mask_notes = np.zeros(image.shape, dtype=bool), []
     for path in job.masks if not problem else []:
         try:
-            with Image.open(path) as mask_image:
+            with opened_image(path, max_pixels=job.max_pixels) as mask_image:
                 labels = mask_labels(mask_image)
+                frames = frame_count(mask_image)
+        except UnreadableImage as error:
+            problem = str(error)
+            break
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
             problem = f"{path} cannot be decoded (truncated or not an image: {error})"
             break
@@ -238,6 +262,7 @@ def verify_own_pair(job: OwnPairJob) -> PairResult:
             problem = f"{path} holds several mask values ({shown}); name the target with --mask-values"
             break
         target |= part
+        mask_notes += [f"{path}: first of {frames} frames used"] if frames > 1 else []
     if problem:
         result.reason = problem
         return result
@@ -246,8 +271,8 @@ def verify_own_pair(job: OwnPairJob) -> PairResult:
         path = Path(job.output, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(path, compress_level=3)
-    notes = [f"converted from {result.converted_from}" if result.converted_from else "",
-             f"{len(job.masks)} mask files merged" if len(job.masks) > 1 else ""]
+    notes = [f"converted from {result.converted_from}" if result.converted_from else "", image_notes,
+             f"{len(job.masks)} mask files merged" if len(job.masks) > 1 else "", *mask_notes]
     result.height, result.width = image.shape
     result.mask_area = int(np.count_nonzero(target))
     result.kept, result.reason, result.feature = True, "; ".join(filter(None, notes)), thumbnail_feature(image)
@@ -256,11 +281,11 @@ def verify_own_pair(job: OwnPairJob) -> PairResult:
 
 def verify_test_image(job: tuple) -> dict:
     """Verify one test image and copy it into the output folder (runs in a worker process)."""
-    number, locators, output = job
+    number, locators, output, max_bytes, max_pixels = job
     name = locators[0].describe()
-    data, problem = read_unique(locators, name)
+    data, problem = read_unique(locators, name, max_bytes)
     if not problem:
-        _, problem = decode_gray8(data, name)
+        _, problem = decode_gray8(data, name, max_pixels)
     row = {"id": str(number), "image": "", "kept": 0, "reason": problem}
     if not problem:
         row["image"], row["kept"] = f"test/{number}.tif", 1
@@ -277,7 +302,7 @@ def parse_train_masks_csv(text: str, where: str) -> dict[str, str]:
 
 
 def pair_jobs(
-    download: Download, rle_rows: dict[str, str] | None, output: Path
+    download: Download, rle_rows: dict[str, str] | None, output: Path, limits: tuple[int, int]
 ) -> tuple[list[tuple], list[PairResult]]:
     """Group the training files by id; names that do not follow <subject>_<n> become results at once."""
     images: dict[tuple[int, int], list[Locator]] = {}
@@ -293,7 +318,7 @@ def pair_jobs(
     jobs = []
     for key in sorted(images.keys() | masks.keys()):
         rle_text = None if rle_rows is None else rle_rows.get(f"{key[0]}_{key[1]}")
-        jobs.append((key[0], key[1], images.get(key, []), masks.get(key, []), rle_text, str(output)))
+        jobs.append((key[0], key[1], images.get(key, []), masks.get(key, []), rle_text, str(output), *limits))
     return jobs, unnamed
 
 
@@ -421,11 +446,18 @@ class CleaningOptions:
     mask_values: MaskValues = field(default_factory=MaskValues)  # own data: which mask values are the target
     hold_out: float = 0.0  # share of the subjects kept out of training, with their masks, in held-out/
     seed: int = 0  # chooses the held-out subjects
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # a larger image is skipped before it is decoded
+    max_member_mb: int = MAX_MEMBER_MB  # a larger file (or archive member) is not read into memory
 
     def affecting_the_result(self) -> dict:
         """The options whose change means cleaning again."""
         return {"duplicates": self.duplicates, "similarity": self.similarity, "strict": self.strict,
-                "mask_values": self.mask_values.text, "hold_out": self.hold_out, "seed": self.seed}
+                "mask_values": self.mask_values.text, "hold_out": self.hold_out, "seed": self.seed,
+                "max_image_pixels": self.max_image_pixels, "max_member_mb": self.max_member_mb}
+
+    def limits(self) -> tuple[int, int]:
+        """(the most bytes a file read into memory may hold, the most pixels an image may hold)."""
+        return self.max_member_mb << 20, self.max_image_pixels
 
 
 def clean_download(download: Download, output: Path, options: CleaningOptions, *, overwrite: bool = False) -> dict:
@@ -439,18 +471,18 @@ def clean_download(download: Download, output: Path, options: CleaningOptions, *
     rle_rows = None
     if download.train_masks_csv is not None:
         with ArchiveCache() as cache:  # closed before any worker starts: no open archive crosses a fork
-            text = read_csv_text(download.train_masks_csv, cache)
+            text = read_csv_text(download.train_masks_csv, cache, max_bytes=options.limits()[0])
         rle_rows = parse_train_masks_csv(text, download.train_masks_csv.describe())
 
     def verify(building: Path, workers: int) -> tuple[list[PairResult], list[dict]]:
-        jobs, results = pair_jobs(download, rle_rows, building)
+        jobs, results = pair_jobs(download, rle_rows, building, options.limits())
         names = [(job[2] or job[3])[0].describe() for job in jobs]
         results += run_parallel(verify_pair, jobs, names, workers, "training pairs", quiet=options.quiet)
         test_jobs = []
         for name, locators in sorted(download.test.items(), key=lambda item: natural_key(item[0])):
             match = TEST_NAME.match(name)
             if match:
-                test_jobs.append((int(match[1]), locators, str(building)))
+                test_jobs.append((int(match[1]), locators, str(building), *options.limits()))
             else:
                 reason = f"{locators[0].describe()}: test image name is not <n>.tif"
                 results.append(PairResult(name, "", "", reason=reason))
@@ -493,7 +525,7 @@ def clean_own_data(
                 results.append(PairResult(pair.id, "", "", reason=f"{pair.id}: no subject found for it by --subjects"))
                 continue
             jobs.append(OwnPairJob(pair.id, subject, list(map(str, pair.images)), list(map(str, pair.masks)),
-                                   options.mask_values, str(building)))
+                                   options.mask_values, str(building), options.max_image_pixels))
         names = [(job.images or job.masks)[0] for job in jobs]
         return results + run_parallel(verify_own_pair, jobs, names, workers, "pairs", quiet=options.quiet), []
 
