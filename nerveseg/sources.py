@@ -27,7 +27,7 @@ from nerveseg.errors import UserError
 
 KAGGLE_ZIP = "ultrasound-nerve-segmentation.zip"
 IMAGE_SUFFIXES = (".tif", ".tiff")
-MAX_MEMBER_MB = 64  # the default bound on a file read whole into memory (Kaggle's largest, train_masks.csv: ~4 MB)
+MAX_MEMBER_MB = 64  # the default bound on a file read whole into memory (Kaggle's largest, train_masks.csv: ~2 MB)
 MAX_COMPRESSION_RATIO = 200  # a member expanding more than this (past RATIO_CHECKED_FROM bytes) is a zip bomb
 RATIO_CHECKED_FROM = 1 << 20  # small members may expand more: 1 MiB of zeros is still only 1 MiB
 CHUNK = 1 << 20

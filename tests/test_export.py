@@ -1,6 +1,7 @@
 """export.py and ONNX Runtime in predict.py; TensorBoard logging in train.py."""
 
 import json
+import os
 import shutil
 import sys
 
@@ -136,3 +137,23 @@ def test_training_writes_tensorboard_logs_unless_asked_not_to(trained_run, train
                         "--tensorboard", "false", *FAST_TRAINING, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert not list((tmp_path / "runs" / "quiet").glob("events.out.tfevents.*"))
+
+
+def test_unreadable_check_images_are_skipped_and_an_empty_folder_names_check_input(trained_run, train_clean, tmp_path):
+    folder = tmp_path / "check"
+    folder.mkdir()
+    for path in sorted((train_clean / "test").glob("*.tif"))[:2]:
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.png").write_text("not an image")
+    os.mkfifo(folder / "scan.png")
+    model = ["--checkpoint", str(trained_run / "2D_Nerve_Segmentation.pt")]
+    result = run_script("export.py", *model, "--output", "model.onnx", "--check-input", str(folder), cwd=tmp_path,
+                        timeout=300)
+    assert result.returncode == 0 and "on 2 images of" in result.stdout, result.stderr
+    assert f"skipped {folder / 'broken.png'}: not an image" in result.stderr and "Traceback" not in result.stderr
+    assert f"skipped {folder / 'scan.png'}: a named pipe" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = run_script("export.py", *model, "--output", "other.onnx", "--check-input", str(empty), cwd=tmp_path)
+    assert refused.returncode == 1 and "pass --check-input with a folder of images" in refused.stderr
+    assert "--input" not in refused.stderr.replace("--check-input", "") and not (tmp_path / "other.onnx").exists()
