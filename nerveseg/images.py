@@ -70,7 +70,7 @@ def opened_image(
     with image:
         width, height = image.size
         if width * height > max_pixels:
-            raise UnreadableImage(f"{name}: {width}x{height} is {width * height / 1e6:.0f} million pixels, {too_many} "
+            raise UnreadableImage(f"{name}: {width}x{height} is {width * height / 1e6:.4g} million pixels, {too_many} "
                                   "where the memory allows (see docs/reliability.md)")
         ImageOps.exif_transpose(image, in_place=True)  # decodes the first frame
         yield image
