@@ -50,6 +50,9 @@ QUIET = False  # no progress bars
 # -----------------------------------------------------------------------------
 exit_on_user_error("data_cleaning.py")
 globals().update(parse_settings(globals()))
+if MAX_IMAGE_PIXELS < 1 or MAX_MEMBER_MB < 1:
+    raise UserError(f"--max-image-pixels and --max-member-mb must be at least 1, not {MAX_IMAGE_PIXELS} and "
+                    f"{MAX_MEMBER_MB}")
 if DUPLICATES not in DUPLICATE_POLICIES:
     raise UserError(f"--duplicates must be one of {', '.join(DUPLICATE_POLICIES)}, not {DUPLICATES!r}")
 if not 0 < SIMILARITY <= 1:

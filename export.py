@@ -53,6 +53,8 @@ TTA = "auto"  # include test-time augmentation: auto (where validation chose it)
 # -----------------------------------------------------------------------------
 exit_on_user_error("export.py")
 globals().update(parse_settings(globals()))
+if MAX_IMAGE_PIXELS < 1:
+    raise UserError(f"--max-image-pixels must be at least 1, not {MAX_IMAGE_PIXELS}")
 output = Path(OUTPUT or Path(CHECKPOINT).with_suffix(".onnx"))
 if output.suffix.lower() != ".onnx" or output.resolve() == Path(CHECKPOINT).resolve():
     raise UserError(f"--output must be a .onnx file other than the checkpoint, not {output}")

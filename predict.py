@@ -69,6 +69,8 @@ QUIET = False  # no progress bar
 # -----------------------------------------------------------------------------
 exit_on_user_error("predict.py")
 globals().update(parse_settings(globals()))
+if MAX_IMAGE_PIXELS < 1:
+    raise UserError(f"--max-image-pixels must be at least 1, not {MAX_IMAGE_PIXELS}")
 if BATCH_SIZE < 1 or NUM_WORKERS < -1:
     raise UserError(f"--batch-size must be at least 1 and --num-workers -1 or more, not {BATCH_SIZE} and {NUM_WORKERS}")
 if ENGINE not in ("auto", "torch", "onnxruntime"):
