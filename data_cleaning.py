@@ -43,6 +43,8 @@ SEED = 0  # chooses the held-out subjects
 DUPLICATES = "drop-empty"  # contradictory near-duplicates: drop-empty, drop-both or keep
 SIMILARITY = 0.99  # Pearson r of 64x48 thumbnails at or above which two frames of a subject are twins
 STRICT = False  # any problem is fatal, instead of skipping the bad file and reporting it
+MAX_IMAGE_PIXELS = 25_000_000  # an image of more pixels (width x height) is skipped before decoding (memory bound)
+MAX_MEMBER_MB = 64  # a file or archive member larger than this (MiB) is not read into memory (an image, a CSV)
 # Demo and system
 DEMO = False  # generate a small synthetic download in data/synthetic-download and clean that
 WORKERS = 0  # worker processes (0: one per CPU core)
@@ -50,6 +52,9 @@ QUIET = False  # no progress bars
 # -----------------------------------------------------------------------------
 exit_on_user_error("data_cleaning.py")
 globals().update(parse_settings(globals()))
+if MAX_IMAGE_PIXELS < 1 or MAX_MEMBER_MB < 1:
+    raise UserError(f"--max-image-pixels and --max-member-mb must be at least 1, not {MAX_IMAGE_PIXELS} and "
+                    f"{MAX_MEMBER_MB}")
 if DUPLICATES not in DUPLICATE_POLICIES:
     raise UserError(f"--duplicates must be one of {', '.join(DUPLICATE_POLICIES)}, not {DUPLICATES!r}")
 if not 0 < SIMILARITY <= 1:
@@ -71,7 +76,8 @@ if DEMO:
 
 # %% Find the files, verify them and write the clean copy
 options = CleaningOptions(duplicates=DUPLICATES, similarity=SIMILARITY, strict=STRICT, workers=WORKERS, quiet=QUIET,
-                          mask_values=mask_values, hold_out=HOLD_OUT, seed=SEED)
+                          mask_values=mask_values, hold_out=HOLD_OUT, seed=SEED, max_image_pixels=MAX_IMAGE_PIXELS,
+                          max_member_mb=MAX_MEMBER_MB)
 layout = detect_layout(Path(SOURCE), MASK_SUFFIX) if LAYOUT == "auto" else LAYOUT
 if layout == "kaggle":
     if SUBJECTS or MASK_VALUES:

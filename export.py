@@ -31,6 +31,7 @@ from nerveseg.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from nerveseg.checkpoint import VERSION as CHECKPOINT_VERSION
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.files import atomic_write
+from nerveseg.inference import ReadableDataset, read_some
 from nerveseg.layouts import images_to_segment
 from nerveseg.runtime import (
     CHECKPOINT_FIELDS,
@@ -51,6 +52,7 @@ FORMAT = "onnx"  # onnx (one .onnx file, for predict.py) or bundle (a MONAI Bund
 OUTPUT = ""  # the .onnx file or bundle folder to write ("": the checkpoint's name, with .onnx for ONNX)
 CHECK_INPUT = "data/clean/test"  # images to compare ONNX Runtime with PyTorch on (random images if absent)
 CHECK_IMAGES = 8  # how many of them
+MAX_IMAGE_PIXELS = 25_000_000  # a check image of more pixels (width x height) is skipped before decoding
 TOLERANCE = 0.0001  # the largest difference of probabilities allowed between ONNX Runtime and PyTorch
 FOLD = 0  # with a cross-validated checkpoint: 0 exports the ensemble of all folds, k only fold k's model
 TTA = "auto"  # include test-time augmentation: auto (where validation chose it), true or false
@@ -64,6 +66,8 @@ exit_on_user_error("export.py")
 globals().update(parse_settings(globals()))
 if FORMAT not in ("onnx", "bundle"):
     raise UserError(f"--format takes onnx or bundle, not {FORMAT!r}")
+if MAX_IMAGE_PIXELS < 1:
+    raise UserError(f"--max-image-pixels must be at least 1, not {MAX_IMAGE_PIXELS}")
 output = Path(OUTPUT or Path(CHECKPOINT).with_suffix(".onnx" if FORMAT == "onnx" else ""))
 if output.resolve() == Path(CHECKPOINT).resolve() or (FORMAT == "onnx" and output.suffix.lower() != ".onnx"):
     raise UserError(f"--output must be a .onnx file other than the checkpoint, not {output}")
@@ -79,10 +83,16 @@ model, checkpoint = prediction_model(CHECKPOINT, torch.device("cpu"), fold=FOLD,
 image_size = tuple(checkpoint["preprocessing"]["image_size"])
 has_presence = checkpoint["model_config"].get("presence", False)
 if Path(CHECK_INPUT).is_dir():
-    items = images_to_segment(Path(CHECK_INPUT), "_mask")[:CHECK_IMAGES]
-    transform = load_transforms(image_size, with_label=False)
-    images = torch.stack([transform(item)["image"] for item in items])
-    checked_on = f"{len(items)} images of {CHECK_INPUT}"
+    items = images_to_segment(Path(CHECK_INPUT), "_mask", option="--check-input")
+    transform = load_transforms(image_size, with_label=False, max_pixels=MAX_IMAGE_PIXELS)
+    readable, skipped = read_some(ReadableDataset(items, transform, image_size), CHECK_IMAGES)
+    for reason in skipped:
+        print(f"export.py: skipped {reason}", file=sys.stderr)
+    if not readable:
+        raise UserError(f"no image of --check-input {CHECK_INPUT} could be read (the first: {skipped[0]}); pass "
+                        "--check-input with a folder of readable images")
+    images = torch.stack([item["image"] for item in readable])
+    checked_on = f"{len(readable)} images of {CHECK_INPUT}"
 else:
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (CHECK_IMAGES, 1, *image_size), dtype=torch.uint8, generator=generator)

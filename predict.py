@@ -29,7 +29,7 @@ from tqdm import tqdm
 from nerveseg.distributed import choose_device
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.files import check_can_be_folder, write_csv
-from nerveseg.images import parse_mask_values, to_grayscale
+from nerveseg.images import parse_mask_values, read_gray
 from nerveseg.inference import OutputFolder, ReadableDataset, find_truth, pick_examples
 from nerveseg.layouts import images_to_segment
 from nerveseg.memory import keep_freed_memory
@@ -50,6 +50,7 @@ OUTPUT = "predictions"  # masks/, images.csv and submission.csv are written here
 SUBMISSION = "auto"  # write submission.csv: auto (for a Kaggle test set, images named <n>.tif), true or false
 PICTURES = "Images"  # where the picture of example predictions goes
 NUM_PICTURES = 4  # how many images the picture shows
+MAX_IMAGE_PIXELS = 25_000_000  # an image of more pixels (width x height) is skipped before decoding (memory bound)
 # Truth masks
 MASKS = ""  # a folder of truth masks (<name>.png, <name>_mask.png, ...; may be INPUT itself): also report the Dice
 MASK_SUFFIX = "_mask"  # how a truth mask's name ends (<name>_mask.png); files so named in INPUT are not segmented
@@ -68,6 +69,8 @@ QUIET = False  # no progress bar
 # -----------------------------------------------------------------------------
 exit_on_user_error("predict.py")
 globals().update(parse_settings(globals()))
+if MAX_IMAGE_PIXELS < 1:
+    raise UserError(f"--max-image-pixels must be at least 1, not {MAX_IMAGE_PIXELS}")
 if BATCH_SIZE < 1 or NUM_WORKERS < -1:
     raise UserError(f"--batch-size must be at least 1 and --num-workers -1 or more, not {BATCH_SIZE} and {NUM_WORKERS}")
 if ENGINE not in ("auto", "torch", "onnxruntime"):
@@ -89,10 +92,10 @@ predictor, checkpoint, engine = load_predictor(CHECKPOINT, device, engine=ENGINE
 post = PostProcessing(**checkpoint["postprocessing"])
 image_size = tuple(checkpoint["preprocessing"]["image_size"])
 items = images_to_segment(Path(INPUT), MASK_SUFFIX)
-truths = find_truth(items, MASKS, MASK_SUFFIX, mask_values) if MASKS else {}
+truths = find_truth(items, MASKS, MASK_SUFFIX, mask_values, max_pixels=MAX_IMAGE_PIXELS) if MASKS else {}
 kaggle_test_set = all(item["id"].isdigit() and item["image"].lower().endswith((".tif", ".tiff")) for item in items)
 write_submission = SUBMISSION == "true" or (SUBMISSION == "auto" and kaggle_test_set)
-dataset = ReadableDataset(items, load_transforms(image_size, with_label=False), image_size)
+dataset = ReadableDataset(items, load_transforms(image_size, with_label=False, max_pixels=MAX_IMAGE_PIXELS), image_size)
 loader = torch.utils.data.DataLoader(
     dataset, batch_size=BATCH_SIZE, num_workers=workers, collate_fn=collate_keep_sizes
 )
@@ -102,7 +105,7 @@ print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} ({predicti
       f"({'ONNX Runtime' if engine == 'onnxruntime' else 'PyTorch'})")
 
 # %% Segment: network at its own size, then each mask back at its image's size
-IMAGE_COLUMNS = ["img", "file", "presence", "mask_area", "dice", "skipped_because"]
+IMAGE_COLUMNS = ["img", "file", "presence", "mask_area", "dice", "skipped_because", "note"]
 rows, image_rows, tally, examples = [], [], DiceTally(), []
 with torch.no_grad():
     for batch in tqdm(loader, desc="predicting", unit="batch", disable=QUIET or None):
@@ -123,7 +126,7 @@ with torch.no_grad():
             output.write_mask(name, mask)
             rows.append({"img": name, "pixels": rle_encode(mask)})
             image_row = {"img": name, "file": batch["image_path"][index], "presence": f"{presence:.4f}",
-                         "mask_area": int(np.count_nonzero(mask))}
+                         "mask_area": int(np.count_nonzero(mask)), "note": batch["notes"][index]}
             if name in truths:
                 truth = torch.as_tensor(truths[name]()).bool()[None, None]
                 if truth.shape[-2:] != mask.shape:
@@ -145,8 +148,7 @@ output.finish()
 predicted = {row["img"]: row["pixels"] for row in rows}
 for item in pick_examples([item for item in items if item["id"] in predicted], predicted, NUM_PICTURES):
     name = item["id"]
-    with Image.open(item["image"]) as file:
-        image = np.asarray(to_grayscale(file))
+    image = read_gray(item["image"], max_pixels=MAX_IMAGE_PIXELS).pixels
     mask = np.asarray(Image.open(Path(OUTPUT, "masks", f"{name}.png"))) > 0
     truth = truths[name]() if name in truths else None
     dice = (
@@ -171,6 +173,11 @@ if skipped:
           "submission:", file=sys.stderr)
     for row in skipped[:20]:
         print(f"  {row['file']}: {row['skipped_because']}", file=sys.stderr)
+noted = [row for row in image_rows if row.get("note")]
+if noted:
+    print(f"{len(noted)} image(s) to look at (also in {OUTPUT}/images.csv):", file=sys.stderr)
+    for row in noted[:20]:
+        print(f"  {row['file']}: {row['note']}", file=sys.stderr)
 if tally.count_empty + tally.count_nonempty:
     scores = tally.summary()
     print(f"Kaggle {describe_scores(scores)} on {scores['images']} images with truth masks; all-empty baseline "

@@ -31,12 +31,14 @@ from nerveseg.data import split_by_subject
 from nerveseg.duplicates import apply_duplicate_policy, find_contradictions
 from nerveseg.errors import UserError
 from nerveseg.files import FolderLock, building_folder, check_replaceable, swap_into_place, write_csv, write_json
-from nerveseg.images import MASK_VALUES_FORMS, MaskValues, describe_label
+from nerveseg.images import MASK_VALUES_FORMS, MAX_IMAGE_PIXELS, MaskValues, describe_label
 from nerveseg.layouts import natural_key
 from nerveseg.pairs import MANIFEST_COLUMNS, PairResult, PairStatus
+from nerveseg.sources import MAX_MEMBER_MB
 
 TEST_COLUMNS = ["id", "image", "kept", "reason"]
-FORMAT_VERSION = 2  # 2: subjects are names, own-data layouts, the split and original files in the manifest
+FORMAT_VERSION = 3  # 2: subjects are names, own-data layouts, the split and original files in the manifest; 3: EXIF
+# orientation applied, inputs bounded in size
 
 
 @dataclass
@@ -51,11 +53,19 @@ class CleaningOptions:
     mask_values: MaskValues = field(default_factory=MaskValues)  # own data: which mask values are the target
     hold_out: float = 0.0  # share of the subjects kept out of training, with their masks, in held-out/
     seed: int = 0  # chooses the held-out subjects
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # a larger image is skipped before it is decoded
+    max_member_mb: int = MAX_MEMBER_MB  # a larger file (or archive member) is not read into memory
 
     def affecting_the_result(self) -> dict:
         """The options whose change means cleaning again."""
         return {"duplicates": self.duplicates, "similarity": self.similarity, "strict": self.strict,
-                "mask_values": self.mask_values.text, "hold_out": self.hold_out, "seed": self.seed}
+                "mask_values": self.mask_values.text, "hold_out": self.hold_out, "seed": self.seed,
+                "max_image_pixels": self.max_image_pixels, "max_member_mb": self.max_member_mb}
+
+    def limits(self) -> dict[str, int]:
+        """The bounds of what a job reads, as PairJob's keywords: max_bytes (of one file or archive member read into
+        memory) and max_pixels (of one image)."""
+        return {"max_bytes": self.max_member_mb << 20, "max_pixels": self.max_image_pixels}
 
 
 @dataclass

@@ -32,7 +32,7 @@ def clean_download(download: Download, output: Path, options: CleaningOptions, *
     previous = check_output(output, source, overwrite=overwrite, reads=paths)
     if previous:
         return previous
-    rle_rows = kaggle_checks.read_train_masks_csv(download)
+    rle_rows = kaggle_checks.read_train_masks_csv(download, options)
     with clean_copy_aside(output) as building:
         results, tests = kaggle_checks.verify_download(download, rle_rows, building, options)
         return finish_clean_copy(building, source, results, tests, options)

@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from nerveseg.errors import UserError
 from nerveseg.files import FolderLock, atomic_write, building_folder, check_replaceable, swap_into_place
-from nerveseg.images import MaskValues, read_mask
+from nerveseg.images import MAX_IMAGE_PIXELS, MaskValues, UnreadableImage, read_mask
 from nerveseg.layouts import truth_files
 
 MARKER = ".nerveseg-predictions"  # tells a folder of ours from a user's folder, and lists what we wrote
@@ -24,8 +24,9 @@ IMAGE_SIGNATURES = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"\x89PNG": "PNG", b
 class ReadableDataset(Dataset):
     """A MONAI Dataset that reports an unreadable image by name and reason instead of failing inside a worker.
 
-    Each item carries "error" ("" when it was read); a failed item holds a blank image of the network's
-    size so the batch can still be assembled, and the main process skips it (or stops, with --strict).
+    Each item carries "error" ("" when it was read) and "notes" (see nerveseg.images.read_gray); a failed item
+    holds a blank image of the network's size so the batch can still be assembled, and the main process skips
+    it (or stops, with --strict).
     The library's own warnings about a damaged file (PIL's "Corrupt EXIF data", ...) are silenced: the
     summary says what happened to every file.
     """
@@ -45,13 +46,20 @@ class ReadableDataset(Dataset):
                 **item,
                 "image": torch.zeros(1, *self.image_size, dtype=torch.uint8),
                 "original_size": torch.tensor([1, 1]),
+                "notes": "",
                 "error": f"{item['image']}: {read_error_reason(item['image'], error)}",
             }
 
 
 def read_error_reason(path: str, error: BaseException) -> str:
-    """Why an image could not be read, in words. MONAI's reader reports only that no reader suited the file,
-    so the file is opened again with PIL alone to find the cause."""
+    """Why an image could not be read, in words: the reason it was refused before decoding (see
+    nerveseg.images.opened_image), or else, since MONAI wraps the reader's error, the cause found by opening the
+    file again with PIL alone."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, UnreadableImage):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return str(cause).removeprefix(f"{path}: ")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -70,6 +78,20 @@ def read_error_reason(path: str, error: BaseException) -> str:
     except Exception as cause:  # PIL raises others on malformed files: ValueError, SyntaxError, ...
         return f"damaged ({type(cause).__name__}: {str(cause)[:200]})"
     return f"cannot be converted ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+
+
+def read_some(dataset: ReadableDataset, count: int) -> tuple[list[dict], list[str]]:
+    """The first `count` readable items of `dataset`, and why each unreadable one before them was skipped."""
+    readable, skipped = [], []
+    for index in range(len(dataset)):
+        if len(readable) == count:
+            break
+        item = dataset[index]
+        if item["error"]:
+            skipped.append(item["error"])
+        else:
+            readable.append(item)
+    return readable, skipped
 
 
 class OutputFolder:
@@ -143,7 +165,9 @@ def files_of_others(target: Path) -> list[str]:
     return [name for name in names if name not in listed]
 
 
-def find_truth(items: list[dict], folder: str, suffix: str, rule: MaskValues) -> dict[str, Callable[[], np.ndarray]]:
+def find_truth(
+    items: list[dict], folder: str, suffix: str, rule: MaskValues, *, max_pixels: int = MAX_IMAGE_PIXELS
+) -> dict[str, Callable[[], np.ndarray]]:
     """For each image with a truth mask in `folder` (see layouts.truth_files), a reader of it as 0/1; several mask
     files of one image are merged."""
     root = Path(folder)
@@ -154,7 +178,8 @@ def find_truth(items: list[dict], folder: str, suffix: str, rule: MaskValues) ->
     for item in items:
         paths = found.get(item["id"])
         if paths:
-            truths[item["id"]] = lambda paths=paths: np.maximum.reduce([read_mask(str(path), rule) for path in paths])
+            truths[item["id"]] = lambda paths=paths: np.maximum.reduce(
+                [read_mask(str(path), rule, max_pixels=max_pixels) for path in paths])
     if not truths:
         raise UserError(f"--masks {folder} holds no mask named like the input images (<name>.png, <name>{suffix}.png "
                         "or any other image format, in the same subfolders)")

@@ -16,11 +16,12 @@ from PIL import Image, UnidentifiedImageError
 from nerveseg.clean_copy import CleaningOptions
 from nerveseg.duplicates import thumbnail_feature
 from nerveseg.errors import UserError
+from nerveseg.images import UnreadableImage, frame_count, opened_image
 from nerveseg.layouts import natural_key
 from nerveseg.pairs import PairJob, PairResult, PairStatus
 from nerveseg.parallel import run_parallel
 from nerveseg.rle import rle_encode
-from nerveseg.sources import ArchiveCache, Download, Locator, read_csv_text
+from nerveseg.sources import ArchiveCache, Download, Locator, TooLarge, read_csv_text
 
 TRAIN_NAME = re.compile(r"^(\d+)_(\d+)(_mask)?\.tiff?$", re.IGNORECASE)
 TEST_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)
@@ -30,13 +31,13 @@ EXPECTED = ("expected 8-bit grayscale TIFFs train/<subject>_<n>.tif with masks t
 _cache = ArchiveCache()  # the archives this process reads from (each process opens its own)
 
 
-def read_train_masks_csv(download: Download) -> dict[str, str] | None:
+def read_train_masks_csv(download: Download, options: CleaningOptions) -> dict[str, str] | None:
     """train_masks.csv as id -> run-length text (None: the download has none). Read in this process with an
     archive cache closed before any worker starts: no open archive crosses a fork."""
     if download.train_masks_csv is None:
         return None
     with ArchiveCache() as cache:
-        text = read_csv_text(download.train_masks_csv, cache)
+        text = read_csv_text(download.train_masks_csv, cache, max_bytes=options.limits()["max_bytes"])
     return parse_train_masks_csv(text, download.train_masks_csv.describe())
 
 
@@ -46,9 +47,9 @@ def verify_download(
     """Verify every training pair and test image in worker processes and copy the usable ones into `building`:
     the training ids' results (ids refused by their names alone, or listed in train_masks.csv but not found,
     included) and the test images' rows."""
-    jobs, results = pair_jobs(download, rle_rows, building)
+    jobs, results = pair_jobs(download, rle_rows, building, options)
     results += verify_in_workers(verify_pair, jobs, options, "training pairs")
-    test_jobs, refused = test_image_jobs(download, building)
+    test_jobs, refused = test_image_jobs(download, building, options)
     results += refused
     tests = verify_in_workers(verify_test_image, test_jobs, options, "test images")
     if rle_rows is not None:
@@ -68,27 +69,33 @@ def verify_in_workers(function: Callable[[PairJob], Any], jobs: list[PairJob], o
     return results
 
 
-def decode_gray8(data: bytes, name: str) -> tuple[np.ndarray, str]:
-    """Decode an 8-bit grayscale TIFF; return (pixels, "") or (empty array, the reason it is unusable)."""
+def decode_gray8(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, str]:
+    """Decode an 8-bit grayscale TIFF of one frame; return (pixels, "") or (empty array, the reason it is unusable)."""
     if not data:
         return np.zeros(0), f"{name} is an empty file"
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image_format, mode = image.format, image.mode
+        with opened_image(data, name=name, max_pixels=max_pixels) as image:
+            image_format, mode, frames = image.format, image.mode, frame_count(image)
             pixels = np.asarray(image)
+    except UnreadableImage as error:
+        return np.zeros(0), str(error)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         return np.zeros(0), f"{name} cannot be decoded (truncated or not an image: {error})"
     if image_format != "TIFF":
         return np.zeros(0), f"{name} is a {image_format} file, not a TIFF"
     if mode != "L" or pixels.ndim != 2:
         return np.zeros(0), f"{name} is mode {mode}, expected 8-bit grayscale (L)"
+    if frames > 1:
+        return np.zeros(0), f"{name} holds {frames} frames, expected one image"
     return pixels, ""
 
 
-def read_unique(locators: list[Locator], name: str) -> tuple[bytes, str]:
+def read_unique(locators: list[Locator], name: str, max_bytes: int) -> tuple[bytes, str]:
     """The bytes of a file found once, or found several times with the same content."""
     try:
-        contents = {_cache.read(locator) for locator in locators}
+        contents = {_cache.read(locator, max_bytes=max_bytes) for locator in locators}
+    except TooLarge as error:
+        return b"", str(error)
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         reason = f"{type(error).__name__}: {error}"
         return b"", f"{name} cannot be read ({reason}); the download may be damaged: re-download it"
@@ -125,14 +132,14 @@ def verify_pair(job: PairJob) -> PairResult:
     if not job.masks:
         result.reason = f"image {image_name} has no mask"
         return result
-    image_bytes, problem = read_unique(job.images, image_name)
-    mask_bytes, mask_duplicate = read_unique(job.masks, mask_name)
+    image_bytes, problem = read_unique(job.images, image_name, job.max_bytes)
+    mask_bytes, mask_duplicate = read_unique(job.masks, mask_name, job.max_bytes)
     problem = problem or mask_duplicate
     image = mask = np.zeros(0)
     if not problem:
-        image, problem = decode_gray8(image_bytes, image_name)
+        image, problem = decode_gray8(image_bytes, image_name, job.max_pixels)
     if not problem:
-        mask, problem = decode_gray8(mask_bytes, mask_name)
+        mask, problem = decode_gray8(mask_bytes, mask_name, job.max_pixels)
     if not problem and image.shape != mask.shape:
         problem = f"{mask_name} is {mask.shape[1]}x{mask.shape[0]}, its image is {image.shape[1]}x{image.shape[0]}"
     note = ""
@@ -159,9 +166,9 @@ def verify_pair(job: PairJob) -> PairResult:
 
 def verify_test_image(job: PairJob) -> dict:
     """Verify one test image and copy it into the output folder (runs in a worker process): its test.csv row."""
-    data, problem = read_unique(job.images, job.name)
+    data, problem = read_unique(job.images, job.name, job.max_bytes)
     if not problem:
-        _, problem = decode_gray8(data, job.name)
+        _, problem = decode_gray8(data, job.name, job.max_pixels)
     row = {"id": job.id, "image": "", "kept": 0, "reason": problem}
     if not problem:
         row["image"], row["kept"] = f"test/{job.id}.tif", 1
@@ -178,7 +185,7 @@ def parse_train_masks_csv(text: str, where: str) -> dict[str, str]:
 
 
 def pair_jobs(
-    download: Download, rle_rows: dict[str, str] | None, output: Path
+    download: Download, rle_rows: dict[str, str] | None, output: Path, options: CleaningOptions
 ) -> tuple[list[PairJob], list[PairResult]]:
     """Group the training files by id; names that do not follow <subject>_<n> become results at once."""
     images: dict[tuple[int, int], list[Locator]] = {}
@@ -196,17 +203,19 @@ def pair_jobs(
         pair_id = f"{subject}_{frame}"
         jobs.append(PairJob(pair_id, str(subject), str(frame), images.get((subject, frame), []),
                             masks.get((subject, frame), []), str(output),
-                            train_masks_row=None if rle_rows is None else rle_rows.get(pair_id)))
+                            train_masks_row=None if rle_rows is None else rle_rows.get(pair_id), **options.limits()))
     return jobs, unnamed
 
 
-def test_image_jobs(download: Download, output: Path) -> tuple[list[PairJob], list[PairResult]]:
+def test_image_jobs(
+    download: Download, output: Path, options: CleaningOptions
+) -> tuple[list[PairJob], list[PairResult]]:
     """The test images in natural order; names that do not follow <n>.tif become results at once."""
     jobs, unnamed = [], []
     for name, locators in sorted(download.test.items(), key=lambda item: natural_key(item[0])):
         match = TEST_NAME.match(name)
         if match:
-            jobs.append(PairJob(str(int(match[1])), "", "", locators, [], str(output)))
+            jobs.append(PairJob(str(int(match[1])), "", "", locators, [], str(output), **options.limits()))
         else:
             unnamed.append(PairResult(name, "", "", reason=f"{locators[0].describe()}: test image name is not <n>.tif"))
     return jobs, unnamed

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from nerveseg.errors import UserError
 from nerveseg.images import IMAGE_SUFFIXES
-from nerveseg.sources import KAGGLE_ZIP
+from nerveseg.sources import KAGGLE_ZIP, check_source
 
 LAYOUTS = ("auto", "kaggle", "images-masks", "suffix")
 IMAGE_FOLDERS = ("images", "image", "imgs", "img")
@@ -58,9 +58,15 @@ def skipped_folder(folder: Path) -> bool:
 
 def image_files(folder: Path) -> list[Path]:
     """Image files below `folder`, at any depth, in a fixed order. Hidden files and folders are skipped, and so
-    are folders the pipeline wrote (a clean copy, predictions) or a Kaggle download's own folder."""
-    found = []
-    for root, folders, files in os.walk(folder):
+    are folders the pipeline wrote (a clean copy, predictions) or a Kaggle download's own folder. Symbolic links
+    to folders are followed, each folder read once: a link back up the tree (a loop) is not followed again."""
+    found, visited = [], set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:  # reached again through a link: a loop, or a second link to the same folder
+            folders[:] = []
+            continue
+        visited.add(real)
         folders[:] = sorted(name for name in folders if not skipped_folder(Path(root, name)))
         found += [Path(root, name) for name in sorted(files)
                   if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")]
@@ -149,13 +155,40 @@ def describe_folder(source: Path) -> str:
     return f"{sum(counts.values())} image files: {shown}{', ...' if len(counts) > 6 else ''}"
 
 
+def mask_suffix_hint(groups: list[tuple[list[str], set[str]]], suffix: str) -> str:
+    """A hint at --mask-suffix where names add one ending to another file's name (case1_seg beside case1), "" if
+    none. `groups`: the names (without extension) of one folder, each with the names they may extend (those of the
+    same folder, or of the images/ folder beside a masks/ folder)."""
+    endings: Counter = Counter()
+    for names, bases in groups:
+        for name in names:
+            for separator in re.finditer(r"[-_. ]", name):
+                if name[: separator.start()] in bases:
+                    ending = name[separator.start():]
+                    endings[re.sub(r"(?<=.)_\d+$", "", ending)] += 1  # an extra mask <name>_seg_1 counts as _seg
+                    break
+    endings.pop(suffix, None)
+    if not endings:
+        return ""
+    ending, count = endings.most_common(1)[0]
+    return f" {count} file(s) are named <name>{ending} beside <name>: if those are masks, pass --mask-suffix {ending}."
+
+
+def suffix_hint(source: Path, suffix: str) -> str:
+    """mask_suffix_hint for the files below `source`: each name against the names in its own folder, and the names
+    in masks/ folders against those in the images/ folder beside them."""
+    by_folder: dict[Path, list[str]] = {}
+    for path in image_files(source):
+        by_folder.setdefault(path.parent, []).append(path.stem)
+    groups = [(stems, set(stems)) for stems in by_folder.values()]
+    for images, masks in folder_pairs(source):
+        groups.append(([path.stem for path in image_files(masks)], {path.stem for path in image_files(images)}))
+    return mask_suffix_hint(groups, suffix)
+
+
 def detect_layout(source: Path, suffix: str) -> str:
     """The one layout found at `source`; a UserError lists what was found when there is none or several."""
-    if not source.exists():
-        raise UserError(
-            f"{source} does not exist. Put the Kaggle download there ({KAGGLE_ZIP}, or the train/ and test/ folders) "
-            "or your own images and masks, pass --source PATH, or run with --demo for synthetic data."
-        )
+    check_source(source)
     found = {}
     kaggle = looks_like_kaggle(source)
     if kaggle:
@@ -178,14 +211,18 @@ def detect_layout(source: Path, suffix: str) -> str:
         choices = " or ".join(f"--layout {name}" for name in found)
         raise UserError(f"{source} holds more than one layout ({listing}); choose one with {choices}")
     raise UserError(
-        f"found no image/mask pairs in {source} ({describe_folder(source)}). Expected the Kaggle download "
-        f"({KAGGLE_ZIP}, or train/ and test/), images/ and masks/ folders with matching names, or <name>.png "
-        f"beside <name>{suffix}.png; choose with {options}. For synthetic data: python data_cleaning.py --demo"
+        f"found no image/mask pairs in {source} ({describe_folder(source)}).{suffix_hint(source, suffix)} Expected "
+        f"the Kaggle download ({KAGGLE_ZIP}, or train/ and test/), images/ and masks/ folders with matching names, "
+        f"or <name>.png beside <name>{suffix}.png; choose with {options}. For synthetic data: python data_cleaning.py "
+        "--demo"
     )
 
 
 def find_own_data(source: Path, layout: str, suffix: str) -> OwnData:
     """The pairs of `source` in an images-masks or suffix layout."""
+    check_source(source)
+    if not source.is_dir():
+        raise UserError(f"--layout {layout}: --source {source} is a file; pass the folder of your images and masks")
     if layout == "images-masks":
         if not folder_pairs(source):
             raise UserError(f"--layout images-masks: {source} has no images/ and masks/ folders "
@@ -196,16 +233,22 @@ def find_own_data(source: Path, layout: str, suffix: str) -> OwnData:
         pairs = suffix_pairs(source, suffix, skip={folder for pair in folder_pairs(source) for folder in pair})
         if not any(pair.masks for pair in pairs.values()):
             raise UserError(f"--layout suffix: no file below {source} is named <name>{suffix} "
-                            f"({describe_folder(source)}); set --mask-suffix to how your masks' names end")
+                            f"({describe_folder(source)}); set --mask-suffix to how your masks' names end."
+                            + suffix_hint(source, suffix))
+    hint = "" if any(pair.images and pair.masks for pair in pairs.values()) else suffix_hint(source, suffix)
+    if hint:
+        raise UserError(f"--layout {layout}: no image below {source} has a mask named like it (<name> or "
+                        f"<name>{suffix}).{hint}")
     return OwnData(str(source), layout, [pairs[key] for key in sorted(pairs, key=natural_key)])
 
 
-def images_to_segment(folder: Path, suffix: str) -> list[dict]:
+def images_to_segment(folder: Path, suffix: str, *, option: str = "--input") -> list[dict]:
     """The images below `folder` (any depth) for predict.py, sorted naturally, each with its id: its path below the
     folder without extension. A file named like a mask of an image beside it (<name>_mask.png), or in the masks/
-    folder beside an images/ folder, is a truth, not an image to segment."""
+    folder beside an images/ folder, is a truth, not an image to segment. `option` names the setting that gave
+    `folder`, for the messages."""
     if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder; pass --input with a folder of images")
+        raise UserError(f"{folder} is not a folder; pass {option} with a folder of images")
     masks_folders = {masks for _, masks in folder_pairs(folder)}
     files = [path for path in image_files(folder) if not any(masks in path.parents for masks in masks_folders)]
     pattern = mask_name_pattern(suffix)
@@ -216,7 +259,7 @@ def images_to_segment(folder: Path, suffix: str) -> list[dict]:
     if not images:
         held_out = folder.parent / "held-out" / "images"  # own data: test/ is empty, the test set is held-out/
         hint = f" (to test on the held-out subjects: --input {held_out} --masks {held_out.parent / 'masks'})"
-        raise UserError(f"{folder} holds no images (.tif, .png, .jpg or .bmp); pass --input with a folder of images"
+        raise UserError(f"{folder} holds no images (.tif, .png, .jpg or .bmp); pass {option} with a folder of images"
                         + (hint if held_out.is_dir() else ""))
     by_id: dict[str, list[Path]] = {}
     for path in images:

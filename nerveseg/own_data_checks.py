@@ -8,7 +8,15 @@ from PIL import Image, UnidentifiedImageError
 
 from nerveseg.clean_copy import CleaningOptions
 from nerveseg.duplicates import thumbnail_feature
-from nerveseg.images import MaskValues, describe_label, mask_labels, target_pixels, to_grayscale
+from nerveseg.images import (
+    UnreadableImage,
+    describe_label,
+    frame_count,
+    mask_labels,
+    opened_image,
+    read_gray,
+    target_pixels,
+)
 from nerveseg.layouts import OwnData
 from nerveseg.pairs import PairJob, PairResult, PairStatus
 from nerveseg.parallel import run_parallel
@@ -22,12 +30,12 @@ def verify_own_data(
 ) -> list[PairResult]:
     """Verify every pair in worker processes and write the usable ones into `building`: the results, ids without
     a subject included. `subjects` gives each id its subject (None: each image is its own subject)."""
-    jobs, results = own_pair_jobs(own, subjects, building, options.mask_values)
+    jobs, results = own_pair_jobs(own, subjects, building, options)
     return results + run_parallel(verify_own_pair, jobs, options.workers, "pairs", quiet=options.quiet)
 
 
 def own_pair_jobs(
-    own: OwnData, subjects: Callable[[str], str | None] | None, output: Path, mask_values: MaskValues
+    own: OwnData, subjects: Callable[[str], str | None] | None, output: Path, options: CleaningOptions
 ) -> tuple[list[PairJob], list[PairResult]]:
     """A job for each pair; ids that `subjects` gives no subject become results at once."""
     jobs, unassigned = [], []
@@ -37,19 +45,21 @@ def own_pair_jobs(
             unassigned.append(PairResult(pair.id, "", "", reason=f"{pair.id}: no subject found for it by --subjects"))
             continue
         jobs.append(PairJob(pair.id, subject, "", [Locator(str(path)) for path in pair.images],
-                            [Locator(str(path)) for path in pair.masks], str(output), mask_values=mask_values))
+                            [Locator(str(path)) for path in pair.masks], str(output), mask_values=options.mask_values,
+                            **options.limits()))
     return jobs, unassigned
 
 
-def read_own_image(path: str) -> tuple[np.ndarray, str, str]:
-    """(8-bit grayscale pixels, the mode it was converted from or "", the reason it is unusable or "")."""
+def read_own_image(path: str, max_pixels: int) -> tuple[np.ndarray, str, str, str]:
+    """(8-bit grayscale pixels, the mode it was converted from or "", notes (see read_gray), the reason it is
+    unusable or "")."""
     try:
-        with Image.open(path) as image:
-            mode = image.mode
-            pixels = np.asarray(to_grayscale(image))
+        image = read_gray(path, max_pixels=max_pixels)
+    except UnreadableImage as error:
+        return np.zeros(0), "", "", str(error)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        return np.zeros(0), "", f"{path} cannot be decoded (truncated or not an image: {error})"
-    return pixels, "" if mode == "L" else mode, ""
+        return np.zeros(0), "", "", f"{path} cannot be decoded (truncated or not an image: {error})"
+    return image.pixels, image.converted_from, image.notes, ""
 
 
 def verify_own_pair(job: PairJob) -> PairResult:
@@ -67,12 +77,16 @@ def verify_own_pair(job: PairJob) -> PairResult:
     if not masks:
         result.reason = f"image {images[0]} has no mask"
         return result
-    image, result.converted_from, problem = read_own_image(images[0])
-    target = np.zeros(image.shape, dtype=bool)
+    image, result.converted_from, image_notes, problem = read_own_image(images[0], job.max_pixels)
+    target, mask_notes = np.zeros(image.shape, dtype=bool), []
     for path in masks if not problem else []:
         try:
-            with Image.open(path) as mask_image:
+            with opened_image(path, max_pixels=job.max_pixels) as mask_image:
                 labels = mask_labels(mask_image)
+                frames = frame_count(mask_image)
+        except UnreadableImage as error:
+            problem = str(error)
+            break
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
             problem = f"{path} cannot be decoded (truncated or not an image: {error})"
             break
@@ -86,6 +100,7 @@ def verify_own_pair(job: PairJob) -> PairResult:
             problem = f"{path} holds several mask values ({shown}); name the target with --mask-values"
             break
         target |= part
+        mask_notes += [f"{path}: first of {frames} frames used"] if frames > 1 else []
     if problem:
         result.reason = problem
         return result
@@ -94,8 +109,8 @@ def verify_own_pair(job: PairJob) -> PairResult:
         path = Path(job.output, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(path, compress_level=3)
-    notes = [f"converted from {result.converted_from}" if result.converted_from else "",
-             f"{len(masks)} mask files merged" if len(masks) > 1 else ""]
+    notes = [f"converted from {result.converted_from}" if result.converted_from else "", image_notes,
+             f"{len(masks)} mask files merged" if len(masks) > 1 else "", *mask_notes]
     result.height, result.width = image.shape
     result.mask_area = int(np.count_nonzero(target))
     result.status, result.reason = PairStatus.KEPT, "; ".join(filter(None, notes))

@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nerveseg.images import MaskValues
-from nerveseg.sources import Locator
+from nerveseg.images import MAX_IMAGE_PIXELS, MaskValues
+from nerveseg.sources import MAX_MEMBER_MB, Locator
 
 MANIFEST_COLUMNS = ["id", "subject", "frame", "image", "mask", "height", "width", "mask_area", "kept", "reason",
                     "duplicate_of", "similarity", "split", "original_image", "original_mask"]
@@ -24,6 +24,8 @@ class PairJob:
     output: str  # the folder the clean copy is built in
     train_masks_row: str | None = None  # Kaggle: the id's run-length text in train_masks.csv (None: not listed)
     mask_values: MaskValues = field(default_factory=MaskValues)  # own data: which mask values are the target
+    max_bytes: int = MAX_MEMBER_MB << 20  # a larger file (or archive member) is not read into memory
+    max_pixels: int = MAX_IMAGE_PIXELS  # a larger image is skipped before it is decoded
 
     @property
     def name(self) -> str:

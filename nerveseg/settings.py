@@ -15,6 +15,8 @@ import argparse
 import ast
 import io
 import json
+import os
+import stat
 import sys
 import tokenize
 from dataclasses import dataclass
@@ -148,11 +150,18 @@ def build_parser(settings: list[Setting], defaults: dict[str, Any], description:
 
 
 def read_config_file(path: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    """Settings from a JSON file; keys may be written batch_size or BATCH_SIZE. Unknown keys are refused."""
+    """Settings from a JSON file (UTF-8, a regular file: a named pipe is never opened); keys may be written
+    batch_size or BATCH_SIZE. Unknown keys are refused."""
+    example = '{"batch_size": 32}'
     try:
-        values = json.loads(Path(path).read_text())
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise UserError(f"--config {path} is not a file; pass a JSON file of settings such as {example}")
+        values = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except OSError as error:
         raise UserError(f"cannot read the settings file {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at position {error.start});"
+                        f" save it as UTF-8, a JSON object such as {example}") from None
     except json.JSONDecodeError as error:
         raise UserError(f'{path} is not valid JSON ({error}); write it as {{"batch_size": 32}}') from None
     if not isinstance(values, dict):

@@ -7,22 +7,30 @@ Accepted forms (under one source folder, or a zip file given directly):
 - ``train_masks.csv`` and ``sample_submission.csv``, plain or as ``.csv.zip``.
 
 Archives are read in place: no entry name is ever used as a path to write to. An archive holding an
-absolute path, a ``..`` component or a symbolic link is refused as a whole.
+absolute path, a ``..`` component or a symbolic link is refused as a whole. A file read whole into memory (an
+image or a CSV, in an archive or not) is bounded before it is read: by its size (--max-member-mb), and, for an
+archive member, by how much it expands (MAX_COMPRESSION_RATIO), both checked in the archive's headers and again
+while decompressing, since headers can lie.
 """
 
 import io
 import os
-import shutil
 import stat
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from nerveseg.errors import UserError
 
 KAGGLE_ZIP = "ultrasound-nerve-segmentation.zip"
 IMAGE_SUFFIXES = (".tif", ".tiff")
+MAX_MEMBER_MB = 64  # the default bound on a file read whole into memory (Kaggle's largest, train_masks.csv: ~2 MB)
+MAX_COMPRESSION_RATIO = 200  # a member expanding more than this (past RATIO_CHECKED_FROM bytes) is a zip bomb
+RATIO_CHECKED_FROM = 1 << 20  # small members may expand more: 1 MiB of zeros is still only 1 MiB
+CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -51,16 +59,22 @@ class ArchiveCache:
         self.archives: dict[str, zipfile.ZipFile] = {}
         self.owner = os.getpid()
 
-    def read(self, locator: Locator) -> bytes:
-        """The bytes of the file that `locator` points to."""
+    def read(self, locator: Locator, *, max_bytes: int = MAX_MEMBER_MB << 20) -> bytes:
+        """The bytes of the file that `locator` points to; a TooLarge error names it where it would take more
+        than `max_bytes` of memory (see read_member)."""
         if not locator.member:
-            return Path(locator.path).read_bytes()
+            path = Path(locator.path)
+            if (size := path.stat().st_size) > max_bytes:
+                raise TooLarge(f"{path} is {size / 2**20:.0f} MiB, {too_large_fix(max_bytes)}")
+            return path.read_bytes()
         if self.owner != os.getpid():  # inherited through fork: the parent's handles, not ours
             self.close()
             self.owner = os.getpid()
         if locator.path not in self.archives:
             self.archives[locator.path] = zipfile.ZipFile(locator.path)
-        return self.archives[locator.path].read(locator.member)
+        buffer = io.BytesIO()
+        read_member(self.archives[locator.path], locator.member, buffer, locator.describe(), max_bytes=max_bytes)
+        return buffer.getvalue()
 
     def close(self) -> None:
         """Close every archive (in this process only: other processes' copies are not affected)."""
@@ -73,6 +87,42 @@ class ArchiveCache:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class TooLarge(UserError):
+    """A file that would take more memory or disk than allowed; the message names it and the fix."""
+
+
+def too_large_fix(max_bytes: int) -> str:
+    """The end of a TooLarge message: the bound and how to raise it."""
+    return (f"more than the {max_bytes / 2**20:g} MiB allowed (--max-member-mb); a Kaggle file is far smaller: "
+            "re-download it, or raise --max-member-mb if this file is right")
+
+
+def read_member(archive: zipfile.ZipFile, member: str, target: BinaryIO, where: str, *, max_bytes: int | None) -> None:
+    """Decompress one archive member into `target`, refused (TooLarge) as soon as it would exceed `max_bytes`
+    (None: no bound on its size) or expand more than MAX_COMPRESSION_RATIO times: checked first in the headers,
+    then while decompressing."""
+    info = archive.getinfo(member)
+    check_expansion(info.file_size, info.compress_size, where, max_bytes=max_bytes)
+    written = 0
+    with archive.open(info) as source:
+        while chunk := source.read(CHUNK):
+            written += len(chunk)
+            check_expansion(written, info.compress_size, where, max_bytes=max_bytes)
+            target.write(chunk)
+
+
+def check_expansion(size: int, compressed: int, where: str, *, max_bytes: int | None) -> None:
+    """Refuse a member of `size` bytes (expanded) from `compressed` bytes: too large, or a zip bomb."""
+    if max_bytes is not None and size > max_bytes:
+        raise TooLarge(f"{where} expands to {size / 2**20:.0f} MiB or more, {too_large_fix(max_bytes)}")
+    if size > RATIO_CHECKED_FROM and size > MAX_COMPRESSION_RATIO * max(compressed, 1):
+        raise TooLarge(
+            f"{where} expands {size // max(compressed, 1)} times or more ({compressed} bytes to {size / 2**20:.0f} "
+            f"MiB), more than the {MAX_COMPRESSION_RATIO} times a real file does (a zip bomb?); refusing to read it. "
+            "Re-download it from Kaggle."
+        )
 
 
 @dataclass
@@ -132,12 +182,8 @@ class DownloadFinder:
         """Copy a zip found inside a zip to the scratch folder (under a name of our own) and add its files."""
         if locator.member:
             copy = self.scratch / f"inner-{len(list(self.scratch.iterdir()))}.zip"
-            with (
-                zipfile.ZipFile(locator.path) as outer,
-                outer.open(locator.member) as source,
-                open(copy, "wb") as target,
-            ):
-                shutil.copyfileobj(source, target)
+            with zipfile.ZipFile(locator.path) as outer, open(copy, "wb") as target:
+                read_member(outer, locator.member, target, locator.describe(), max_bytes=None)  # to disk: any size
             path, where = copy, f"{where}:{locator.member}"
         else:
             path = Path(locator.path)
@@ -164,11 +210,7 @@ class DownloadFinder:
 def find_download(source: Path, scratch: Path) -> Download:
     """Find the training pairs, test images and CSVs of a Kaggle download at `source`."""
     finder = DownloadFinder(scratch)
-    if not source.exists():
-        raise UserError(
-            f"{source} does not exist. Put the Kaggle download there ({KAGGLE_ZIP}, or the train/ and test/ "
-            "folders), pass --source PATH, or run with --demo for synthetic data."
-        )
+    check_source(source)
     if source.is_file():
         finder.add_archive(source, str(source))
     else:
@@ -182,18 +224,43 @@ def find_download(source: Path, scratch: Path) -> Download:
     return finder.download
 
 
-def read_csv_text(locator: Locator, cache: ArchiveCache) -> str:
-    """The text of a CSV file, also when it is zipped on its own (``train_masks.csv.zip``)."""
-    data = cache.read(locator)
-    name = locator.member or locator.path
-    if name.endswith(".zip"):
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            check_member_names(archive, locator.describe())
-            csv_names = [n for n in archive.namelist() if n.endswith(".csv")]
-            if not csv_names:
-                raise UserError(f"{locator.describe()} holds no .csv file; re-download it")
-            data = archive.read(csv_names[0])
-    return data.decode("utf-8-sig")
+def check_source(source: Path) -> None:
+    """Refuse a --source that is missing, or neither a folder nor a zip file, with what to pass instead."""
+    if not source.exists():
+        raise UserError(
+            f"{source} does not exist. Put the Kaggle download there ({KAGGLE_ZIP}, or the train/ and test/ folders) "
+            "or your own images and masks, pass --source PATH, or run with --demo for synthetic data."
+        )
+    if source.is_dir() or (source.is_file() and (source.suffix.lower() == ".zip" or zipfile.is_zipfile(source))):
+        return
+    mode = source.stat().st_mode
+    kind = ("an image file" if source.suffix.lower() in (*IMAGE_SUFFIXES, ".png", ".jpg", ".jpeg", ".bmp") else
+            "a file" if stat.S_ISREG(mode) else "a device, a named pipe or a socket")
+    raise UserError(
+        f"--source {source} is {kind}, not a folder or a zip archive. Pass --source with the folder that holds the "
+        f"Kaggle download ({KAGGLE_ZIP}, or train/ and test/) or your own images and masks, or the Kaggle zip itself"
+    )
+
+
+def read_csv_text(locator: Locator, cache: ArchiveCache, *, max_bytes: int = MAX_MEMBER_MB << 20) -> str:
+    """The text of a CSV file, also when it is zipped on its own (``train_masks.csv.zip``), bounded as
+    ArchiveCache.read bounds any file."""
+    try:
+        data = cache.read(locator, max_bytes=max_bytes)
+        name = locator.member or locator.path
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                check_member_names(archive, locator.describe())
+                csv_names = [n for n in archive.namelist() if n.endswith(".csv")]
+                if not csv_names:
+                    raise UserError(f"{locator.describe()} holds no .csv file; re-download it")
+                buffer = io.BytesIO()
+                read_member(archive, csv_names[0], buffer, f"{locator.describe()}:{csv_names[0]}", max_bytes=max_bytes)
+                data = buffer.getvalue()
+        return data.decode("utf-8-sig")
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError) as error:
+        raise UserError(f"{locator.describe()} cannot be read ({type(error).__name__}: {error}); the download may be "
+                        "damaged: re-download it") from None
 
 
 def scratch_folder() -> tempfile.TemporaryDirectory:

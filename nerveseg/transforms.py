@@ -1,8 +1,9 @@
 """Getting images to the network: reading and resizing (MONAI dict transforms, cached once), and augmenting
 whole batches on the training device at every step.
 
-Images are read with PIL (MONAI does not pick it for .tif by itself) with reverse_indexing=False, so
-arrays are (height, width) exactly as PIL and every image viewer show them, not transposed. The cache
+Images are read with PIL through nerveseg/images.py's `read_gray` (a regular file only, bounded in pixels
+before decoding, upright by its EXIF orientation), as (height, width) arrays exactly as every image viewer
+shows them, not transposed (which MONAI's PILReader does unless told reverse_indexing=False). The cache
 holds 8-bit images and 0/1 masks at the network's size (a quarter of float32's memory); the network
 sees `network_input(images)`, floats in [0, 1].
 """
@@ -13,15 +14,28 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data import PILReader
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, MapTransform, Resized
+from monai.transforms import Compose, MapTransform, Resized
 
-from nerveseg.images import to_grayscale
+from nerveseg.images import MAX_IMAGE_PIXELS, read_gray
 
 
-def image_reader() -> PILReader:
-    """The reader every stage uses: PIL, any image as 8-bit grayscale (see nerveseg/images.py), not transposed."""
-    return PILReader(converter=to_grayscale, reverse_indexing=False)
+class ReadImaged(MapTransform):
+    """Read each key's file as 8-bit grayscale (nerveseg.images.read_gray) into a (1, height, width) float32
+    tensor, as MONAI's LoadImaged and EnsureChannelFirstd would; the first key's notes (several frames,
+    non-finite pixels) go to "notes"."""
+
+    def __init__(self, keys: Sequence[str], *, max_pixels: int) -> None:
+        super().__init__(keys)
+        self.max_pixels = max_pixels
+
+    def __call__(self, data: Mapping[Hashable, str]) -> dict:
+        d = dict(data)
+        for number, key in enumerate(self.keys):
+            image = read_gray(d[key], max_pixels=self.max_pixels)
+            d[key] = torch.from_numpy(image.pixels.astype(np.float32))[None]
+            if number == 0:
+                d["notes"] = image.notes
+        return d
 
 
 class RecordSized(MapTransform):
@@ -60,17 +74,16 @@ class ToUint8d(MapTransform):
         return d
 
 
-def load_transforms(image_size: Sequence[int], *, with_label: bool, keep_full_label: bool = False) -> Compose:
+def load_transforms(
+    image_size: Sequence[int], *, with_label: bool, keep_full_label: bool = False, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Compose:
     """Read and resize whole images (area) and masks (nearest neighbour) to the network's size: done once.
 
-    keep_full_label also keeps the mask at its original size, packed (see PackFullMaskd).
+    keep_full_label also keeps the mask at its original size, packed (see PackFullMaskd); an image of more than
+    `max_pixels` pixels is refused before it is decoded.
     """
     keys = ["image", "label"] if with_label else ["image"]
-    steps = [
-        LoadImaged(keys, reader=image_reader(), image_only=True),
-        EnsureChannelFirstd(keys, channel_dim="no_channel"),
-        RecordSized("image"),
-    ]
+    steps = [ReadImaged(keys, max_pixels=max_pixels), RecordSized("image")]
     if keep_full_label:
         steps.append(PackFullMaskd("label"))
     steps.append(Resized("image", spatial_size=image_size, mode="area"))

@@ -7,6 +7,7 @@ import errno
 import io
 import shutil
 import signal
+import tracemalloc
 import types
 import zipfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from nerveseg.clean_copy import CleaningOptions
 from nerveseg.cleaning import clean_download, clean_own_data
 from nerveseg.errors import UserError
 from nerveseg.layouts import find_own_data
-from nerveseg.sources import find_download
+from nerveseg.sources import ArchiveCache, Locator, TooLarge, find_download
 from tests.helpers import (
     NO_SPACE,
     SYS_IS_UNWRITABLE,
@@ -269,3 +270,73 @@ def test_a_clean_stopped_by_a_signal_leaves_no_building_folder(stop, tmp_path):
     assert "data_cleaning.py: interrupted" in stderr and "Traceback" not in stderr, stderr
     assert hidden == [] and not (tmp_path / "clean").exists()
     assert tree_hashes(tmp_path / "mine") == before
+# %% Archives and files bounded before they are read
+
+
+def zip_of(path: Path, members: dict[str, bytes]) -> Path:
+    """A deflated zip archive of these members."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def lie_about_sizes(path: Path, member: str, size: int) -> None:
+    """Rewrite the uncompressed size that `member`'s local and central headers claim."""
+    data = bytearray(path.read_bytes())
+    name = member.encode()
+    for signature, offset, name_at in ((b"PK\x03\x04", 22, 30), (b"PK\x01\x02", 24, 46)):
+        start = data.find(signature)
+        while data[start + name_at : start + name_at + len(name)] != name:
+            start = data.find(signature, start + 1)
+        data[start + offset : start + offset + 4] = size.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def clean_measured(source: Path, output: Path) -> tuple[dict | UserError, int]:
+    """(the summary of cleaning `source`, or the UserError that stopped it; the peak of Python's allocations
+    meanwhile, in bytes)."""
+    tracemalloc.start()
+    try:
+        outcome = clean_download(find_download(source, output.parent), output, CleaningOptions(workers=1, quiet=True))
+    except UserError as error:
+        outcome = error
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return outcome, peak
+
+
+def test_a_zip_bomb_member_is_refused_from_its_headers_without_expanding_it(tiny_download, tmp_path):
+    train = tiny_download[0] / "train"
+    members = {f"train/{path.name}": path.read_bytes() for path in sorted(train.glob("1_*.tif"))}
+    huge_csv = b"subject,img,pixels\n1,1," + b"1 2 " * (8 << 20)  # 32 MiB of run lengths, ~100 KiB deflated
+    csv_bomb = zip_of(tmp_path / "csv-bomb.zip", {**members, "train_masks.csv": huge_csv})
+    image_bomb = zip_of(tmp_path / "image-bomb.zip", {**members, "train/1_1.tif": bytes(65 << 20)})  # 65 MiB
+    for path in (csv_bomb, image_bomb):
+        assert path.stat().st_size < 3 << 20
+    csv_refused, peak = clean_measured(csv_bomb, tmp_path / "a")
+    assert isinstance(csv_refused, UserError) and peak < 16 << 20, (csv_refused, peak)
+    assert f"{csv_bomb}:train_masks.csv expands" in str(csv_refused) and "a zip bomb?" in str(csv_refused)
+    skipped, peak = clean_measured(image_bomb, tmp_path / "b")
+    assert peak < 48 << 20, peak
+    assert f"{image_bomb}:train/1_1.tif expands to 65 MiB or more, more than the 64 MiB allowed (--max-member-mb)" in (
+        " ".join(skipped["problems"]))
+    result = run_script("data_cleaning.py", "--source", str(csv_bomb), "--output", "c", cwd=tmp_path)
+    assert_user_error(result, "train_masks.csv expands", "Re-download it from Kaggle")
+
+
+def test_a_member_whose_headers_lie_is_not_expanded_past_them(tiny_download, tmp_path):
+    members = {f"train/{path.name}": path.read_bytes() for path in sorted((tiny_download[0] / "train").glob("1_*.tif"))}
+    liar = zip_of(tmp_path / "liar.zip", {**members, "train_masks.csv": b"subject,img,pixels\n" + bytes(32 << 20)})
+    lie_about_sizes(liar, "train_masks.csv", 1000)  # claims 1000 bytes: fine by size and by ratio
+    refused, peak = clean_measured(liar, tmp_path / "a")
+    assert isinstance(refused, UserError) and peak < 16 << 20, (refused, peak)
+    assert f"{liar}:train_masks.csv cannot be read" in str(refused) and "re-download it" in str(refused)
+
+
+def test_a_plain_file_larger_than_the_bound_is_not_read(tmp_path):
+    path = tmp_path / "1_1.tif"
+    path.write_bytes(bytes(3 << 20))
+    with pytest.raises(TooLarge, match=f"{path} is 3 MiB, more than the 2 MiB allowed \\(--max-member-mb\\)"):
+        ArchiveCache().read(Locator(str(path)), max_bytes=2 << 20)
+    assert ArchiveCache().read(Locator(str(path)), max_bytes=4 << 20) == bytes(3 << 20)

@@ -1,6 +1,7 @@
 """export.py and ONNX Runtime in predict.py; TensorBoard logging in train.py."""
 
 import json
+import os
 import shutil
 import sys
 
@@ -168,3 +169,21 @@ def test_export_of_an_onnx_model_says_it_is_one_already(tmp_path):
     result = run_script("export.py", "--checkpoint", "model.onnx", "--output", "again.onnx", cwd=tmp_path)
     assert_user_error(result, "model.onnx is already an ONNX model (export.py wrote it): predict with it (python "
                       "predict.py --checkpoint model.onnx); to export again, pass the .pt checkpoint")
+def test_unreadable_check_images_are_skipped_and_an_empty_folder_names_check_input(trained_run, train_clean, tmp_path):
+    folder = tmp_path / "check"
+    folder.mkdir()
+    for path in sorted((train_clean / "test").glob("*.tif"))[:2]:
+        shutil.copy(path, folder / path.name)
+    (folder / "broken.png").write_text("not an image")
+    os.mkfifo(folder / "scan.png")
+    model = ["--checkpoint", str(trained_run / "2D_Nerve_Segmentation.pt")]
+    result = run_script("export.py", *model, "--output", "model.onnx", "--check-input", str(folder), cwd=tmp_path,
+                        timeout=300)
+    assert result.returncode == 0 and "on 2 images of" in result.stdout, result.stderr
+    assert f"skipped {folder / 'broken.png'}: not an image" in result.stderr and "Traceback" not in result.stderr
+    assert f"skipped {folder / 'scan.png'}: a named pipe" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = run_script("export.py", *model, "--output", "other.onnx", "--check-input", str(empty), cwd=tmp_path)
+    assert refused.returncode == 1 and "pass --check-input with a folder of images" in refused.stderr
+    assert "--input" not in refused.stderr.replace("--check-input", "") and not (tmp_path / "other.onnx").exists()

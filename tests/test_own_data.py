@@ -3,6 +3,7 @@ held-out subjects, the bad cases; then train.py and predict.py on the clean copy
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from nerveseg.data import read_manifest, split_by_subject
 from nerveseg.errors import UserError
 from nerveseg.images import COLOUR, MaskValues, mask_labels, parse_mask_values, target_pixels, to_grayscale
 from nerveseg.layouts import images_to_segment
-from tests.helpers import FAST_TRAINING, SHARED_DATA, run_script, tree_hashes
+from tests.helpers import FAST_TRAINING, SHARED_DATA, assert_user_error, run_script, tree_hashes
 
 BUS_UCLM = SHARED_DATA / "bus-uclm"
 SUBJECT_PATTERN = "P(?P<subject>[0-9]+)_"  # own names are P<subject>_<frame>, maybe below a class folder
@@ -371,3 +372,130 @@ def test_the_real_bus_uclm_folder_cleans_by_patient(tmp_path):
     train, _ = split_by_subject(read_manifest(tmp_path / "clean"), 0.2, seed=0)
     assert {item["subject"] for item in train}.isdisjoint({r["subject"] for r in rows.values()
                                                            if r["split"] == "held-out"})
+
+
+# %% Awkward inputs: rotated, float, multi-frame, too large, symbolic links, named pipes, unclear sources
+
+
+def upright_jpeg_stored_rotated(path: Path, pixels: np.ndarray) -> None:
+    """`pixels` as a JPEG stored turned a quarter left, with the EXIF orientation (6) that shows it upright."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(np.rot90(pixels)).save(path, quality=95, exif=exif)
+
+
+@pytest.fixture(scope="module")
+def awkward_clean(own_pairs, tmp_path_factory) -> tuple:
+    """A suffix-layout source with a rotated JPEG, a float TIFF with a NaN, a 3-frame TIFF, a class folder that is
+    a symbolic link and a link back up the tree; cleaned."""
+    where = tmp_path_factory.mktemp("awkward")
+    source, elsewhere = where / "mine", where / "elsewhere"
+    (source / "normal").mkdir(parents=True)
+    elsewhere.mkdir()
+    (name0, image0, mask0), (name1, image1, mask1), (name2, image2, mask2), (name3, image3, mask3) = own_pairs[:4]
+    upright_jpeg_stored_rotated(source / "normal" / f"{name0}.jpg", image0)
+    floats = image1.astype(np.float32) / 7.0
+    floats[5, 5] = np.nan
+    Image.fromarray(floats).save(source / "normal" / f"{name1}.tif")
+    frames = [Image.fromarray(image2), Image.fromarray(255 - image2), Image.fromarray(image2 // 2)]
+    frames[0].save(source / "normal" / f"{name2}.tif", save_all=True, append_images=frames[1:])
+    for name, mask in ((name0, mask0), (name1, mask1), (name2, mask2)):
+        Image.fromarray(mask).save(source / "normal" / f"{name}_mask.png")
+    for name, image, mask in own_pairs[3:6]:
+        Image.fromarray(image).save(elsewhere / f"{name}.png")
+        Image.fromarray(mask).save(elsewhere / f"{name}_mask.png")
+    (source / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (source / "normal" / "loop").symlink_to(source, target_is_directory=True)
+    result, rows = clean(source, where / "clean")
+    return result, rows, where / "clean", own_pairs
+
+
+def test_an_image_is_turned_upright_by_its_exif_orientation(awkward_clean):
+    result, rows, clean_copy, pairs = awkward_clean
+    assert result.returncode == 0, result.stderr
+    row = rows[f"normal/{pairs[0][0]}"]
+    assert row["kept"] == "1" and (row["width"], row["height"]) == ("580", "420"), row
+    upright = np.asarray(Image.open(clean_copy / row["image"])).astype(int)
+    assert upright.shape == (420, 580) and np.abs(upright - pairs[0][1]).mean() < 3  # JPEG's loss only
+
+
+def test_a_float_image_with_a_nan_is_stretched_over_its_finite_pixels(awkward_clean):
+    result, rows, clean_copy, pairs = awkward_clean
+    row = rows[f"normal/{pairs[1][0]}"]
+    assert row["kept"] == "1" and "1 non-finite pixels shown black" in row["reason"], row
+    pixels = np.asarray(Image.open(clean_copy / row["image"]))
+    assert pixels[5, 5] == 0 and pixels.max() == 255, "the image is not stretched over its finite values"
+    original = pairs[1][1].astype(float)
+    stretched = np.round((original - original.min()) * 255 / (original.max() - original.min()))
+    stretched[5, 5] = 0
+    assert np.abs(pixels - stretched).max() <= 1
+
+
+def test_a_multi_frame_image_uses_its_first_frame_and_says_so(awkward_clean):
+    result, rows, clean_copy, pairs = awkward_clean
+    row = rows[f"normal/{pairs[2][0]}"]
+    assert row["kept"] == "1" and "first of 3 frames used" in row["reason"], row
+    assert np.array_equal(np.asarray(Image.open(clean_copy / row["image"])), pairs[2][1])
+
+
+def test_an_image_of_too_many_pixels_is_skipped_before_it_is_decoded(own_pairs, tmp_path):
+    source = tmp_path / "mine"
+    write_own(source, own_pairs[:2], "suffix")
+    Image.new("L", (600, 500)).save(source / "big.png")
+    Image.new("L", (600, 500)).save(source / "big_mask.png")
+    result, rows = clean(source, tmp_path / "clean", "--max-image-pixels", "250000")  # 580x420 fits, 600x500 not
+    assert result.returncode == 0 and sum(row["kept"] == "1" for row in rows.values()) == 2, result.stderr
+    reason = f"{source / 'big.png'}: 600x500 is 0.3 million pixels, more than the 0.25 million allowed"
+    assert rows["big"]["kept"] == "0" and reason in rows["big"]["reason"] and reason in result.stderr
+    assert "(--max-image-pixels)" in rows["big"]["reason"]
+
+
+def test_symbolic_links_to_folders_are_followed_once(awkward_clean):
+    result, rows, _, pairs = awkward_clean
+    linked = {f"linked/{name}" for name, _, _ in pairs[3:6]}
+    assert linked <= set(rows) and all("has no" not in rows[identifier]["reason"] for identifier in linked)
+    assert not [identifier for identifier in rows if "loop" in identifier], "the link back up the tree was followed"
+    assert len(rows) == 3 + 3  # the three awkward pairs, the three linked pairs
+
+
+def test_a_named_pipe_named_like_an_image_is_skipped_not_waited_for(own_pairs, tmp_path):
+    source = tmp_path / "mine"
+    write_own(source, own_pairs[:3], "suffix")
+    os.mkfifo(source / "scan.png")
+    Image.fromarray(own_pairs[0][2]).save(source / "scan_mask.png")
+    result = run_script("data_cleaning.py", "--source", str(source), "--output", str(tmp_path / "clean"), "--quiet",
+                        cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"{source / 'scan.png'}: a named pipe, not an image file; move it out of the folder" in result.stderr
+    assert "3 pairs kept" in result.stdout
+
+
+def test_masks_of_another_suffix_get_a_hint_at_mask_suffix(own_pairs, tmp_path):
+    beside, folders = tmp_path / "beside", tmp_path / "folders"
+    for folder in (beside, folders / "images", folders / "masks"):
+        folder.mkdir(parents=True)
+    for name, image, mask in own_pairs[:3]:
+        Image.fromarray(image).save(beside / f"{name}.png")
+        Image.fromarray(mask).save(beside / f"{name}_seg.png")
+        Image.fromarray(image).save(folders / "images" / f"{name}.png")
+        Image.fromarray(mask).save(folders / "masks" / f"{name}_seg.png")
+    for source in (beside, folders):
+        result, _ = clean(source, tmp_path / f"clean-{source.name}")
+        assert_user_error(result, "3 file(s) are named <name>_seg beside <name>", "pass --mask-suffix _seg")
+        fixed, rows = clean(source, tmp_path / f"fixed-{source.name}", "--mask-suffix", "_seg")
+        assert fixed.returncode == 0 and sum(row["kept"] == "1" for row in rows.values()) == 3, fixed.stderr
+    suffix = run_script("data_cleaning.py", "--source", str(beside), "--layout", "suffix", cwd=tmp_path)
+    assert_user_error(suffix, "no file below", "pass --mask-suffix _seg")
+
+
+def test_a_source_that_is_an_image_or_a_device_says_what_to_pass(own_pairs, tmp_path):
+    image = tmp_path / "scan.png"
+    Image.fromarray(own_pairs[0][1]).save(image)
+    for source, kind in ((image, "an image file"), (Path("/dev/null"), "a device, a named pipe or a socket")):
+        for layout in ("auto", "kaggle", "suffix"):
+            result = run_script("data_cleaning.py", "--source", str(source), "--layout", layout, "--output", "x",
+                                cwd=tmp_path)
+            assert_user_error(result, f"--source {source} is {kind}, not a folder or a zip archive",
+                              "Pass --source with the folder")
+            assert "re-download" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.png"]

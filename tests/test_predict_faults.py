@@ -1,11 +1,13 @@
 """Stage 3's faults: a disk that fills up while predicting, an output that cannot be a folder, a user's files in
-the output folder, two runs into one folder, a run stopped by SIGTERM, pictures that cannot be written."""
+the output folder, two runs into one folder, a run stopped by SIGTERM, pictures that cannot be written, and inputs
+that are too large, not files, rotated, not finite, of several frames or behind symbolic links."""
 
 import csv
 import gc
 import io
 import os
 import re
+import shutil
 import signal
 import types
 from pathlib import Path
@@ -186,3 +188,72 @@ def test_no_picture_is_claimed_and_names_a_spreadsheet_would_run_stay_text(small
         written = [row["img"] for row in csv.DictReader(file)]
     assert sorted(written) == sorted(["'=HYPERLINK(1)", "'+A1", "'-2+3", "'@SUM(1)", "-3"])  # -3: a number, as it is
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == sorted(f"{name}.png" for name in names)
+# %% Awkward inputs: too many pixels, a named pipe, EXIF orientation, NaN, several frames, symbolic links
+
+
+@pytest.fixture(scope="module")
+def awkward_predictions(trained_run, train_clean, tmp_path_factory) -> types.SimpleNamespace:
+    """predict.py on a folder holding, besides two test images, each awkward input of issue 20."""
+    where = tmp_path_factory.mktemp("awkward-predict")
+    folder, elsewhere = where / "input", where / "elsewhere"
+    (folder / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    test_images = sorted((train_clean / "test").glob("*.tif"))
+    for path in test_images[:2]:
+        shutil.copy(path, folder / path.name)
+    upright = np.asarray(PIL.Image.open(test_images[0]))
+    PIL.Image.new("L", (12000, 12000)).save(folder / "huge.png", compress_level=1)  # ~140 KB, 144 million pixels
+    os.mkfifo(folder / "scan.png")
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # stored a quarter turn left, shown upright
+    PIL.Image.fromarray(np.rot90(upright)).save(folder / "rotated.jpg", quality=95, exif=exif)
+    floats = upright.astype(np.float32)
+    floats[0, 0] = np.nan
+    PIL.Image.fromarray(floats).save(folder / "nan.tif")
+    frames = [PIL.Image.fromarray(upright), PIL.Image.fromarray(255 - upright)]
+    frames[0].save(folder / "moving.png", save_all=True, append_images=frames[1:])  # an APNG
+    shutil.copy(test_images[2], folder / "sub" / "3.tif")
+    for path in test_images[3:5]:
+        shutil.copy(path, elsewhere / path.name)
+    (folder / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (folder / "sub" / "loop").symlink_to(folder, target_is_directory=True)
+    result = run_script("predict.py", "--checkpoint", str(trained_run / "2D_Nerve_Segmentation.pt"), "--input",
+                        str(folder), "--output", "out", "--pictures", "pictures", "--quiet", cwd=where, timeout=300)
+    rows = {}
+    if (where / "out" / "images.csv").exists():
+        with open(where / "out" / "images.csv", newline="") as file:
+            rows = {row["img"]: row for row in csv.DictReader(file)}
+    return types.SimpleNamespace(result=result, rows=rows, folder=folder, masks=where / "out" / "masks")
+
+
+def test_an_image_of_too_many_pixels_is_skipped_before_it_is_decoded(awkward_predictions):
+    result, rows = awkward_predictions.result, awkward_predictions.rows
+    assert result.returncode == 0, result.stderr
+    reason = "12000x12000 is 144 million pixels, more than the 25 million allowed (--max-image-pixels)"
+    assert reason in rows["huge"]["skipped_because"] and reason in result.stderr
+    assert not (awkward_predictions.masks / "huge.png").exists()
+
+
+def test_a_named_pipe_is_skipped_not_waited_for(awkward_predictions):
+    row = awkward_predictions.rows["scan"]
+    assert row["skipped_because"] == "a named pipe, not an image file; move it out of the folder", row
+    assert f"{awkward_predictions.folder / 'scan.png'}: a named pipe" in awkward_predictions.result.stderr
+
+
+def test_the_mask_of_a_rotated_jpeg_has_the_orientation_it_is_shown_in(awkward_predictions):
+    assert PIL.Image.open(awkward_predictions.masks / "rotated.png").size == (580, 420)  # as every viewer shows it
+
+
+def test_nan_pixels_and_extra_frames_are_noted(awkward_predictions):
+    rows, stderr = awkward_predictions.rows, awkward_predictions.result.stderr
+    assert rows["nan"]["note"] == "1 non-finite pixels shown black" and rows["nan"]["mask_area"] != ""
+    assert rows["moving"]["note"] == "first of 2 frames used" and "moving.png: first of 2 frames used" in stderr
+    assert rows["1"]["note"] == ""
+
+
+def test_images_in_linked_folders_are_segmented_once(awkward_predictions):
+    written = sorted(path.relative_to(awkward_predictions.masks).as_posix()
+                     for path in awkward_predictions.masks.rglob("*.png"))
+    linked = sorted(f"linked/{path.stem}.png" for path in (awkward_predictions.folder / "linked").iterdir())
+    assert len(linked) == 2 and written == sorted(["1.png", "2.png", "sub/3.png", "rotated.png", "nan.png",
+                                                   "moving.png", *linked])

@@ -102,3 +102,15 @@ def test_interactive_use_ignores_the_command_line(namespace, monkeypatch):
 def test_convert_accepts_an_int_where_a_float_is_expected():
     assert convert("1", 0.001, "LEARNING_RATE") == 1.0
     assert convert("1e-3", 0.001, "LEARNING_RATE") == 0.001
+
+
+def test_a_settings_file_that_is_not_utf8_or_not_a_file_is_named_with_the_fix(namespace, tmp_path):
+    config = tmp_path / "settings.json"
+    config.write_bytes('{"name": "Café"}'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"settings.json is not UTF-8 text \(byte 0xe9 at position 13\); save it as"):
+        parse_settings(namespace, argv=["--config", str(config)])
+    config.write_bytes('\ufeff{"name": "Café"}'.encode())  # UTF-8 with a byte-order mark, as Notepad saves it
+    assert parse_settings(namespace, argv=["--config", str(config)])["NAME"] == "Café"
+    for not_a_file in ("/dev/null", str(tmp_path)):
+        with pytest.raises(UserError, match=f"--config {not_a_file} is not a file; pass a JSON file of settings"):
+            parse_settings(namespace, argv=["--config", not_a_file])

@@ -12,8 +12,9 @@ from PIL import Image
 
 from nerveseg.checkpoint import FORMAT, load_checkpoint
 from nerveseg.data import read_manifest, split_by_subject
+from nerveseg.images import read_gray
 from nerveseg.metrics import DiceTally, describe_scores, kaggle_dice
-from nerveseg.transforms import BatchAugment, image_reader, load_transforms, network_input, unpack_mask
+from nerveseg.transforms import BatchAugment, load_transforms, network_input, unpack_mask
 from tests.helpers import FAST_TRAINING, ROOT, read_metrics, run_script
 
 
@@ -78,7 +79,7 @@ def test_a_loaded_image_has_the_orientation_and_pixels_pil_shows(train_clean):
     path = train_clean / "images" / "2_4.tif"
     pil = np.asarray(Image.open(path))
     assert pil.shape == (420, 580)
-    array = np.asarray(image_reader().get_data(image_reader().read(str(path)))[0])
+    array = read_gray(path).pixels
     assert np.array_equal(array, pil)
     loaded = load_transforms((420, 580), with_label=True, keep_full_label=True)(
         {"image": str(path), "label": str(path).replace("images", "masks")}
