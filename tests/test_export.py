@@ -1,4 +1,4 @@
-"""export.py and ONNX Runtime in predict.py; TensorBoard logging in train.py."""
+"""export.py and ONNX Runtime in predict.py."""
 
 import json
 import shutil
@@ -9,12 +9,11 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nerveseg.checkpoint import load_checkpoint
 from nerveseg.errors import UserError
 from nerveseg.runtime import METADATA_KEY, TorchPredictor, import_onnxruntime, load_onnx
-from tests.helpers import FAST_TRAINING, KAGGLE_SAMPLE, needs_kaggle_sample, run_script
+from tests.helpers import KAGGLE_SAMPLE, needs_kaggle_sample, run_script
 
 
 @pytest.fixture(scope="module")
@@ -121,18 +120,3 @@ def test_export_help_and_bad_settings(tmp_path):
     assert result.returncode == 1 and "must be a .onnx file" in result.stderr
     missing = run_script("export.py", cwd=tmp_path)
     assert missing.returncode == 1 and "does not exist" in missing.stderr
-
-
-def test_training_writes_tensorboard_logs_unless_asked_not_to(trained_run, train_clean, tmp_path):
-    events = EventAccumulator(str(trained_run / "runs" / "first"), size_guidance={"images": 0})
-    events.Reload()
-    scalars = set(events.Tags()["scalars"])
-    assert {"loss/train", "loss/validation", "kaggle_dice/all", "kaggle_dice/empty_truths",
-            "kaggle_dice/with_target", "learning_rate", "speed/training_images_per_second"} <= scalars
-    assert [event.step for event in events.Scalars("kaggle_dice/all")] == [1, 2]
-    pictures = events.Images("validation/prediction_red_truth_green")
-    assert [picture.step for picture in pictures] == [2]  # every 5 epochs and at the last
-    result = run_script("train.py", "--data-dir", str(train_clean), "--max-epochs", "1", "--run-name", "quiet",
-                        "--tensorboard", "false", *FAST_TRAINING, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert not list((tmp_path / "runs" / "quiet").glob("events.out.tfevents.*"))
