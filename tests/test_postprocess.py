@@ -3,13 +3,20 @@
 import pytest
 import torch
 
-from nerveseg.postprocess import THRESHOLDS, choose_postprocessing, to_mask, tuning_scores, upsample
+from nerveseg.metrics import kaggle_dice
+from nerveseg.postprocess import THRESHOLDS, PostProcessing, choose_postprocessing, to_mask, tuning_scores, upsample
+
+
+def dice_sum(rule: PostProcessing, maps: list[torch.Tensor], truths: list[torch.Tensor]) -> float:
+    """The summed Kaggle Dice of the masks that `rule` makes of full-size probability maps (no presence output)."""
+    masks = [torch.from_numpy(to_mask(probability, 1.0, rule)).bool()[None, None] for probability in maps]
+    return sum(float(kaggle_dice(mask, truth[None])) for mask, truth in zip(masks, truths, strict=True))
 
 
 def test_post_processing_never_lowers_the_validation_dice():
     generator = torch.Generator().manual_seed(0)
     for trial in range(3):
-        total = 0
+        total, maps, truths = 0, [], []
         for index in range(6):
             truth = torch.zeros(1, 42, 58, dtype=torch.bool)
             if index % 2:
@@ -18,9 +25,14 @@ def test_post_processing_never_lowers_the_validation_dice():
             probability[..., 5:10, 10:17] += 0.5 * (index % 2)
             full = upsample(probability.clamp(0, 1), [(42, 58)])[0]
             assert full.shape == truth.shape
+            maps.append(full)
+            truths.append(truth)
             total = total + tuning_scores(full, 1.0, truth, has_presence=False)
         chosen, best, raw = choose_postprocessing(total, images=6, has_presence=False)
-        assert best >= raw
+        # the sums it reports are those of applying the rules to the maps, and the chosen one scores no lower
+        assert best == pytest.approx(dice_sum(chosen, maps, truths))
+        assert raw == pytest.approx(dice_sum(PostProcessing(), maps, truths))
+        assert dice_sum(chosen, maps, truths) >= dice_sum(PostProcessing(), maps, truths) - 1e-9
         assert chosen.threshold in THRESHOLDS
     assert best > raw, "on the last trial a higher threshold or a minimum area beats 0.5"
 
@@ -68,4 +80,5 @@ def test_a_rule_replaces_the_default_only_when_its_gain_beats_the_noise(gains, a
         tuning[1] += (table - table[default]) ** 2
     chosen, best, default_sum = choose_postprocessing(tuning, images=len(gains), has_presence=True)
     assert (chosen.presence_threshold == 0.7 and chosen.keep_largest) == adopted
-    assert best >= default_sum
+    assert default_sum == pytest.approx(0.5 * len(gains))  # the sums of the rule kept, and of the default
+    assert best == pytest.approx(default_sum + sum(gains) if adopted else default_sum)
