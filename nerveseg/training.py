@@ -3,8 +3,8 @@ follow the data, and one step's forward and backward passes.
 
 A batch can go through the network in slices (micro-batches) whose gradients add up before the optimiser
 steps, as nanoGPT's gradient accumulation does: the step sees BATCH_SIZE images while only one slice's
-activations are held at a time. On the CPU this is also faster (slices fit the caches better). Measured on
-2 cores at 128x176, batch 128: whole batch 48 images/s at 2.6 GB, slices of 64 45 images/s at 1.9 GB.
+activations are held at a time. On the CPU, slices of 64 hold about half the memory at about the same speed
+(the figures: docs/performance.md, "What changed").
 """
 
 import contextlib
