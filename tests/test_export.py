@@ -26,6 +26,7 @@ def exported(trained_run, train_clean, tmp_path_factory) -> tuple:
     return work / "model.onnx", result
 
 
+@pytest.mark.slow
 def test_export_writes_a_graph_with_its_metadata_that_matches_pytorch(exported, trained_run):
     path, result = exported
     assert "ONNX Runtime matches PyTorch within" in result.stdout and "on 6 images of" in result.stdout
@@ -45,6 +46,7 @@ def test_export_writes_a_graph_with_its_metadata_that_matches_pytorch(exported, 
         assert np.allclose(onnx_presence, torch_presence, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_predict_with_the_onnx_model_writes_the_same_masks(exported, trained_run, train_clean, tmp_path):
     path, _ = exported
     outputs = {}
@@ -58,6 +60,7 @@ def test_predict_with_the_onnx_model_writes_the_same_masks(exported, trained_run
     assert outputs["pt"] == outputs["onnx"] == outputs["pt-onnxruntime"] and outputs["pt"].count("\n") == 7
 
 
+@pytest.mark.slow
 @needs_kaggle_sample
 def test_the_onnx_model_gives_the_same_masks_on_the_real_images(exported, trained_run, tmp_path):
     folder = tmp_path / "real"
@@ -82,6 +85,7 @@ def foreign_model() -> bytes:
     return helper.make_model(graph).SerializeToString()
 
 
+@pytest.mark.slow
 def test_a_corrupt_foreign_or_bare_onnx_file_is_refused_with_a_message(exported, train_clean, tmp_path):
     graph = exported[0].read_bytes()
     bare = onnx.load_from_string(graph)
@@ -106,6 +110,7 @@ def test_without_onnxruntime_an_onnx_model_gets_a_message_that_says_how_to_insta
         import_onnxruntime()
 
 
+@pytest.mark.slow
 def test_export_refuses_to_write_a_model_that_does_not_match(trained_run, tmp_path):
     result = run_script("export.py", "--checkpoint", str(trained_run / "2D_Nerve_Segmentation.pt"), "--output",
                         "model.onnx", "--tolerance", "1e-12", cwd=tmp_path)
@@ -114,6 +119,7 @@ def test_export_refuses_to_write_a_model_that_does_not_match(trained_run, tmp_pa
     assert not list(tmp_path.iterdir())  # no temporary file left either
 
 
+@pytest.mark.slow
 def test_export_help_and_bad_settings(tmp_path):
     assert "--tolerance" in run_script("export.py", "-h", cwd=tmp_path).stdout
     result = run_script("export.py", "--output", "model.pt", cwd=tmp_path)

@@ -60,6 +60,7 @@ def own_pairs(tiny_download) -> list:
     return kaggle_pairs(tiny_download[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["images-masks", "suffix", "class-folders", "class-images-masks"])
 def test_every_layout_is_found_and_cleaned_exactly(layout, own_pairs, tiny_download, tmp_path):
     source = tmp_path / "mine"
@@ -82,6 +83,7 @@ def test_every_layout_is_found_and_cleaned_exactly(layout, own_pairs, tiny_downl
     assert "warning" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_clean_of_own_data_trains_and_predicts_the_held_out_subjects(own_pairs, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs, "class-folders")
@@ -114,6 +116,7 @@ def test_a_clean_of_own_data_trains_and_predicts_the_held_out_subjects(own_pairs
         assert Image.open(written).size == Image.open(path).size
 
 
+@pytest.mark.slow
 def test_formats_and_modes_are_converted_and_said_once(own_pairs, tmp_path):
     source = tmp_path / "mine"
     (source / "images").mkdir(parents=True)
@@ -157,6 +160,7 @@ def test_formats_and_modes_are_converted_and_said_once(own_pairs, tmp_path):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "clean" / row["mask"])), pair[2])
 
 
+@pytest.mark.slow
 def test_several_mask_values_need_the_target_named(own_pairs, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs[:6], "images-masks")
@@ -175,6 +179,7 @@ def test_several_mask_values_need_the_target_named(own_pairs, tmp_path):
     assert all(row["mask_area"] == "0" for other, row in rows.items() if other != name)  # 255 is not named
 
 
+@pytest.mark.slow
 def test_extra_masks_of_one_image_are_merged(own_pairs, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs[:4], "suffix")
@@ -188,6 +193,7 @@ def test_extra_masks_of_one_image_are_merged(own_pairs, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "clean" / rows[name]["mask"])), np.maximum(mask, extra))
 
 
+@pytest.mark.slow
 def test_bad_pairs_are_named_and_skipped(own_pairs, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs[:8], "images-masks")
@@ -212,6 +218,7 @@ def test_bad_pairs_are_named_and_skipped(own_pairs, tmp_path):
     assert strict.returncode == 1 and "--strict: 5 problem(s)" in strict.stderr
 
 
+@pytest.mark.slow
 def test_an_ambiguous_unrecognised_or_empty_source_says_what_it_found(own_pairs, tmp_path):
     both = tmp_path / "both"
     write_own(both, own_pairs[:4], "images-masks")
@@ -233,6 +240,7 @@ def test_an_ambiguous_unrecognised_or_empty_source_says_what_it_found(own_pairs,
     assert result.returncode == 1 and "it is empty" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_subjects_come_from_a_csv_a_pattern_or_each_image_with_a_warning(own_pairs, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs, "images-masks")
@@ -254,6 +262,7 @@ def test_subjects_come_from_a_csv_a_pattern_or_each_image_with_a_warning(own_pai
     assert result.returncode == 1 and "its columns are image, label" in result.stderr
 
 
+@pytest.mark.slow
 def test_near_duplicates_are_found_across_images_when_subjects_are_unknown(own_pairs, tiny_download, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs, "images-masks")
@@ -265,6 +274,7 @@ def test_near_duplicates_are_found_across_images_when_subjects_are_unknown(own_p
     assert dropped == planted_empty
 
 
+@pytest.mark.slow
 def test_predict_reads_nested_folders_and_truths_beside_the_images(trained_run, own_pairs, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs[:6], "class-folders")
@@ -354,6 +364,7 @@ def test_images_to_segment_skips_truths_beside_their_image_and_refuses_two_of_on
 
 
 # The real breast-ultrasound data, in its own layout -------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.skipif(not BUS_UCLM.is_dir(), reason="../shared/data/bus-uclm is absent")
 def test_the_real_bus_uclm_folder_cleans_by_patient(tmp_path):
     result, rows = clean(BUS_UCLM, tmp_path / "clean", "--subjects", "^(?P<subject>[A-Z]{4})_", "--hold-out", "0.25")

@@ -4,12 +4,15 @@ import csv
 import stat
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from nerveseg.files import current_umask
 from nerveseg.rle import rle_encode
 from tests.helpers import KAGGLE_SAMPLE, needs_kaggle_sample, run_script
+
+pytestmark = pytest.mark.slow  # every test here runs predict.py, most on a model trained by train.py
 
 
 def valid_pairs(text: str, pixels: int) -> bool:

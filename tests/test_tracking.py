@@ -1,8 +1,11 @@
 """nerveseg/tracking.py: the TensorBoard log of a training run."""
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.helpers import FAST_TRAINING, run_script
+
+pytestmark = pytest.mark.slow  # the test reads the log of a train.py run
 
 
 def test_training_writes_tensorboard_logs_unless_asked_not_to(trained_run, train_clean, tmp_path):
