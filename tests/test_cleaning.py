@@ -375,6 +375,7 @@ def medium_download(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow  # in process, but 240 pairs cleaned again and again: minutes on 2 busy cores
 @pytest.mark.parametrize("workers", [0, 2])
 def test_zips_in_any_member_order_clean_like_the_folders_with_several_workers(medium_download, tmp_path, workers):
     expected = clean_in_process(medium_download, tmp_path / "clean-folders", workers=1)
