@@ -21,17 +21,15 @@ import monai
 import torch
 from monai.data import CacheDataset, DataLoader, ThreadDataLoader
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from nerveseg import distributed, runs, training
+from nerveseg import distributed, memory, runs, training
 from nerveseg.checkpoint import save_torch
 from nerveseg.crossval import choose_on_validation, cross_validation_summary, validate_fold
 from nerveseg.data import describe_split, partition, read_manifest, split_into_folds
 from nerveseg.ensemble import augmentation_for_training
 from nerveseg.errors import exit_on_user_error
 from nerveseg.evaluation import evaluate
-from nerveseg.memory import keep_freed_memory
 from nerveseg.model import build_model, model_config, set_output_prior
 from nerveseg.postprocess import default_postprocessing
 from nerveseg.settings import parse_settings, settings_to_json
@@ -94,7 +92,7 @@ print0 = print if process.is_main else (lambda *args, **kwargs: None)
 quiet = QUIET or not process.is_main
 if run.state is not None:
     print0(f"resuming {run_dir} (its own settings are used)")
-keep_freed_memory()  # big CPU tensors are reused, not handed back and faulted in again (see nerveseg/memory.py)
+memory.keep_freed_memory()  # big CPU tensors are reused, not handed back and faulted in again (see nerveseg/memory.py)
 monai.data.set_track_meta(False)  # plain tensors: faster, and the metadata is not needed
 saved_settings = settings_to_json(settings)
 
@@ -112,8 +110,7 @@ default_rule = default_postprocessing(has_presence=has_presence)
 preprocessing = {"image_size": list(image_size), "intensity": "0..255 scaled to 0..1", "reader": "PIL, grayscale"}
 record = {"model_config": config, "preprocessing": preprocessing, "postprocessing": default_rule.as_dict(),
           "settings": saved_settings}  # how each checkpoint's model was made
-# Dice over the whole batch plus cross-entropy (it does not collapse on the many empty masks), plus presence.
-loss_function = training.SegmentationLoss(PRESENCE_WEIGHT)
+loss_function = training.SegmentationLoss(PRESENCE_WEIGHT)  # Dice over the whole batch, cross-entropy, presence
 augment = BatchAugment(
     rotate_degrees=ROTATE_DEGREES, scale=SCALE, shift=SHIFT, flip_prob=FLIP_PROB, intensity_prob=INTENSITY_PROB
 )
@@ -121,21 +118,20 @@ tta = augmentation_for_training(scale=SCALE, shift=SHIFT, flip_prob=FLIP_PROB)  
 
 
 def make_model(train_items: list[dict], seed: int) -> tuple[nn.Module, nn.Module]:
-    """MONAI's UNet with an image-level presence output (nerveseg/model.py), its outputs starting at the training
-    set's shares of target pixels and of images with a target: the plain model, and what trains (compiled, DDP)."""
+    """MONAI's UNet with a presence output (nerveseg/model.py), starting at the training set's shares of target
+    pixels and of images with a target: the plain model, and what trains (compiled with COMPILE, DDP)."""
     monai.utils.set_determinism(seed)
     raw_model = build_model(config)  # the plain model: its weights are saved and loaded
     set_output_prior(raw_model, foreground_fraction=sum(i["mask_fraction"] for i in train_items) / len(train_items),
                      present_fraction=sum(not i["empty"] for i in train_items) / len(train_items))
     raw_model.to(process.device)
     model = torch.compile(raw_model, dynamic=False) if COMPILE else raw_model
-    return raw_model, DistributedDataParallel(model) if process.world_size > 1 else model
+    return raw_model, nn.parallel.DistributedDataParallel(model) if process.world_size > 1 else model
 
 
 def make_loaders(train_items: list[dict], val_items: list[dict]) -> tuple[ThreadDataLoader, DataLoader]:
-    """This process's share of the images, read and resized once (MONAI transforms, cached). Small data sets get
-    a smaller automatic batch and epochs of at least MIN_STEPS_PER_EPOCH steps; each epoch's order is a function of
-    (SEED, epoch), so a resumed run sees the same batches; ThreadDataLoader assembles the next batch meanwhile."""
+    """This process's share of the images, read and resized once (MONAI transforms, cached), in epochs whose order
+    is a function of (SEED, epoch); small sets get a smaller batch and longer epochs (docs/pipeline.md)."""
     my_train_items = partition(train_items, process.rank, process.world_size, pad=True)
     batch_size = BATCH_SIZE or training.automatic_batch_size(len(my_train_items), MIN_STEPS_PER_EPOCH)
     epoch_length = max(len(my_train_items), MIN_STEPS_PER_EPOCH * batch_size)
@@ -250,8 +246,7 @@ for fold, (train_items, val_items) in enumerate(folds, start=1):
     members.append(best)
     validations.append(validation)
 
-# %% Publish: the post-processing and test-time augmentation chosen on all folds' validation images pooled; the
-# model (the best model of the one split, or the ensemble of the fold models), its summary and pictures
+# %% Publish: the model (one split's best, or the folds' ensemble) with the rules chosen on all validation images
 post, use_tta, tta_dice = choose_on_validation(validations, has_presence=has_presence)
 summary = cross_validation_summary(validations, rule=post, use_tta=use_tta, default_rule=default_rule)
 checkpoint = runs.published_model(members, summary, rule=post, tta={"use": use_tta, **tta, "validation_dice": tta_dice})
