@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint benchmark clean-demo
+.PHONY: demo test test-fast lint benchmark clean-demo
 
 # Set up the virtual environment once (again when the requirements change).
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -18,9 +18,13 @@ demo: $(VENV)/.installed
 	$(BIN)/python train.py --max-epochs 12
 	$(BIN)/python predict.py --masks data/synthetic-download/test_masks
 
-# The test suite (CPU, generated data; tests on ../shared data skip when it is absent).
+# The test suite (CPU, generated data; tests on ../shared data skip when it is absent): what CI runs.
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# The fast tier: the unit and table tests, in process (no script run in a subprocess, no training).
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -2,7 +2,7 @@
 
     python benchmarks/run.py              # default sizes: a few minutes on 2 CPU cores
     python benchmarks/run.py --full       # the full-size set (5,635 pairs, 5,508 test images)
-    python benchmarks/run.py --quick      # tiny sizes, for the test suite (the figures mean nothing)
+    python benchmarks/run.py --quick      # tiny sizes, to try a change end to end (the figures mean nothing)
     python benchmarks/run.py --gpu-quick  # the default sizes with fewer repetitions: about 5 minutes on a GPU machine
 
 The code: measure.py (the sizes, the data and the measurements), report.py (the table and the
@@ -30,7 +30,7 @@ def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sizes = parser.add_mutually_exclusive_group()
     for name, text in (
-        ("quick", "tiny sizes, for the test suite"),
+        ("quick", "tiny sizes, to try a change end to end"),
         ("full", "the full-size set"),
         ("gpu-quick", "the default sizes with fewer repetitions, for a short GPU run"),
     ):

@@ -8,7 +8,11 @@ same code chooses on the one validation split.
 import statistics
 
 import torch
+from torch import nn
 
+from nerveseg.distributed import Process
+from nerveseg.ensemble import TestTimeAugmentation
+from nerveseg.evaluation import evaluate
 from nerveseg.postprocess import PostProcessing, choose_postprocessing, metrics_of_rule
 
 # Test-time augmentation runs the model once per view (5 by default): it is used only when the pooled validation
@@ -30,6 +34,19 @@ def fold_validation(fold: int, *, best_epoch: int, val_items: list[dict], plain:
         "plain": plain,
         "tta": augmented,
     }
+
+
+def validate_fold(model: nn.Module, loader: torch.utils.data.DataLoader, loss_function: nn.Module, process: Process,
+                  *, fold: int, best: dict, val_items: list[dict], tta: dict, amp: bool, quiet: bool) -> dict:
+    """The fold's best model (`best`, loaded into `model`) on its validation subjects, without and with test-time
+    augmentation (`tta`: zoom, shift, flip): its fold_validation, on which the post-processing and the
+    augmentation are chosen."""
+    model.load_state_dict(best["state_dict"])
+    _, plain = evaluate(model, loader, loss_function, process, amp=amp, tune=True, quiet=quiet)
+    size = tuple(best["preprocessing"]["image_size"])
+    augmented_model = TestTimeAugmentation(model, size=size, **tta)
+    _, augmented = evaluate(augmented_model, loader, loss_function, process, amp=amp, tune=True, quiet=quiet)
+    return fold_validation(fold, best_epoch=best["epoch"], val_items=val_items, plain=plain, augmented=augmented)
 
 
 def choose_on_validation(validations: list[dict], *, has_presence: bool) -> tuple[PostProcessing, bool, dict]:

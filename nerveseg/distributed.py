@@ -64,6 +64,13 @@ def all_reduce_sum(values: torch.Tensor, process: Process) -> torch.Tensor:
     return reduced.cpu()
 
 
+def mean_of_sums(total: torch.Tensor, count: int, process: Process) -> float:
+    """The mean over all processes of what each summed (`total`) over its `count` items."""
+    sums = all_reduce_sum(torch.stack([total.detach().cpu().double(), torch.tensor(count, dtype=torch.float64)]),
+                          process)
+    return float(sums[0] / sums[1])
+
+
 def stop() -> None:
     """Leave the process group."""
     if dist.is_initialized():

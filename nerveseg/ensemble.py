@@ -97,8 +97,13 @@ class TestTimeAugmentation(nn.Module):
         return masks, None if presence_sum is None else to_logits(presence_sum / len(self.views))
 
 
+def augmentation_for_training(*, scale: float, shift: float, flip_prob: float) -> dict:
+    """The test-time augmentation of a model trained with these augmentation settings: zooms and shifts half as
+    large as the largest that training used, and mirroring only where training mirrored."""
+    return {"zoom": scale / 2, "shift": shift / 2, "flip": flip_prob > 0}
+
+
 def augmentation_for(settings: dict) -> dict:
-    """The test-time augmentation of a model trained with `settings` (as its checkpoint saves them): zooms and
-    shifts half as large as the largest that training used, and mirroring only where training mirrored."""
-    return {"zoom": settings.get("scale", 0.1) / 2, "shift": settings.get("shift", 0.05) / 2,
-            "flip": settings.get("flip_prob", 0.0) > 0}
+    """The test-time augmentation of a model whose checkpoint saved these (lower-case) training settings."""
+    return augmentation_for_training(scale=settings.get("scale", 0.1), shift=settings.get("shift", 0.05),
+                                     flip_prob=settings.get("flip_prob", 0.0))

@@ -3,9 +3,8 @@
 A batch's activations on the CPU are tensors of tens to hundreds of MB. By default glibc's malloc gives
 every allocation above 32 MB its own mmap and hands it back to the system when it is freed, so the next
 batch asks the kernel again for the same memory, page by page, each page zeroed: millions of page faults
-a run. Measured on 2 cores (AMD EPYC, torch 2.13): predict.py's forward pass 10.7 -> 6.5 ms an image, a
-training step at batch 128 30 -> 48 images/s. PyTorch's CPU tuning guide gets the same effect by preloading
-jemalloc or tcmalloc; this does it with the C library that is already there.
+a run (what keeping it gained: docs/performance.md, "What changed"). PyTorch's CPU tuning guide gets the same
+effect by preloading jemalloc or tcmalloc; this does it with the C library that is already there.
 
 The price is memory that stays with the process: the heap grows over the first few batches (aligned blocks
 do not always fit the places freed by the last batch) and then stays put; in the test, three 64 MB tensors a

@@ -1,4 +1,5 @@
-"""train.py's run bookkeeping: checking its settings, and opening a run (new, or resumed where it stopped).
+"""train.py's run bookkeeping: checking its settings, opening a run (new, or resumed where it stopped), the
+files of each epoch and fold, and publishing the model.
 
 Kept out of train.py so that the script reads as the training it does. `check_settings` is a pure function
 of the settings, tested with a table of cases (tests/test_runs.py).
@@ -13,11 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nerveseg.checkpoint import is_checkpoint, read_torch_file
-from nerveseg.crossval import MIN_TTA_GAIN
+from nerveseg.checkpoint import ensemble_checkpoint, is_checkpoint, make_checkpoint, read_torch_file, save_torch
+from nerveseg.crossval import MIN_TTA_GAIN, describe_cross_validation
+from nerveseg.distributed import Process
 from nerveseg.errors import UserError
 from nerveseg.files import FolderLock, check_can_be_folder, write_csv, write_json
 from nerveseg.metrics import describe_scores
+from nerveseg.pictures import plot_cross_validation, plot_training_curves
 from nerveseg.postprocess import PostProcessing
 
 LAST_STATE_KEYS = {"model", "optimizer", "epoch", "history", "settings"}  # what last.pt holds
@@ -148,9 +151,33 @@ def fold_folder(run_dir: Path, fold: int, folds: int) -> Path:
     return run_dir if folds == 1 else run_dir / f"fold-{fold}"
 
 
-def fold_state(fold_dir: Path, *, resumed: bool) -> dict | None:
-    """The last.pt of a fold of a resumed run (None for a new run, or a fold that had not completed an epoch)."""
-    return read_torch_file(fold_dir / "last.pt") if resumed and (fold_dir / "last.pt").is_file() else None
+def fold_name(fold: int, folds: int) -> str:
+    """How the messages of a fold begin: "fold 2 of 5, " (nothing without --folds)."""
+    return f"fold {fold} of {folds}, " if folds > 1 else ""
+
+
+def completed_fold(fold_dir: Path) -> tuple[dict, dict] | None:
+    """A fold that a resumed run completed before (it has a validation.pt): its best model and its validation."""
+    if not (fold_dir / "validation.pt").is_file():
+        return None
+    return read_torch_file(fold_dir / "best.pt"), read_torch_file(fold_dir / "validation.pt")
+
+
+def restore(fold_dir: Path, *, resumed: bool, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object,
+            scaler: object) -> tuple[int, list[dict], dict | None]:
+    """Put a fold of a resumed run back where its last.pt left it: the weights, the optimiser, the schedule, the
+    loss scaler and the random state. Returns the last completed epoch, the history of the epochs and the best
+    model so far: 0, [] and None for a new run, or a fold that had not completed an epoch."""
+    state = read_torch_file(fold_dir / "last.pt") if resumed and (fold_dir / "last.pt").is_file() else None
+    if state is None:
+        return 0, [], None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    best = read_torch_file(fold_dir / "best.pt") if (fold_dir / "best.pt").exists() else None
+    return state["epoch"], state["history"], best
 
 
 # The run's files and messages ----------------------------------------------------------------------------------
@@ -220,12 +247,46 @@ def last_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: ob
             "rng": {"torch": torch.get_rng_state()}}
 
 
+def best_so_far(best: dict | None, model: nn.Module, metrics: dict, *, epoch: int, record: dict, fold_dir: Path,
+                save: bool) -> dict:
+    """`best` (a checkpoint), or this epoch's model where its validation Dice is higher: its checkpoint, with
+    `record` (model_config, preprocessing, postprocessing, settings), saved as best.pt where `save`."""
+    if best is not None and metrics["dice"] <= best["metrics"]["dice"]:
+        return best
+    best = make_checkpoint(model, **record, epoch=epoch, metrics=metrics)
+    if save:
+        save_torch(fold_dir / "best.pt", best)
+    return best
+
+
+def save_epoch(fold_dir: Path, state: dict) -> None:
+    """After each epoch: last.pt (last_state), and metrics.csv and curves.png from its history."""
+    save_torch(fold_dir / "last.pt", state)
+    write_csv(fold_dir / "metrics.csv", state["history"], METRICS_COLUMNS)
+    plot_training_curves(state["history"], fold_dir / "curves.png")
+
+
+def training_line(process: Process, *, steps: int, batch_size: int, micro_batch: int, fold_dir: Path,
+                  tensorboard_dir: Path | None) -> str:
+    """What a fold's training does, in a line: where, how many steps of how many images, where it writes."""
+    passes = f" ({micro_batch} images a pass)" if micro_batch < batch_size else ""
+    board = f" (tensorboard --logdir {tensorboard_dir})" if tensorboard_dir else ""
+    return (f"training on {process.device} x {process.world_size}, {steps} steps of {batch_size} per epoch{passes}; "
+            f"writing {fold_dir}{board}")
+
+
 def epoch_line(row: dict, max_epochs: int, metrics: dict | None) -> str:
     """One epoch in a line: the training loss, the validation figures where it was validated, the time."""
     validation = (f", val loss {row['val_loss']:.4f}, {describe_scores(metrics)}; all-empty baseline "
                   f"{row['all_empty_baseline']:.3f}" if metrics is not None else "")
     seconds = f"{row['seconds']:.1f} s"
     return f"epoch {row['epoch']:3d}/{max_epochs}: train loss {row['train_loss']:.4f}{validation}, {seconds}"
+
+
+def check_finite(train_loss: float, *, epoch: int, fold_dir: Path, learning_rate: float) -> None:
+    """Stop (diverged) when the training loss is no longer a number."""
+    if not math.isfinite(train_loss):
+        raise diverged(train_loss, epoch, fold_dir, learning_rate)
 
 
 def diverged(train_loss: float, epoch: int, run_dir: Path, learning_rate: float) -> UserError:
@@ -274,3 +335,49 @@ def result_summary(best_epoch: int, default_metrics: dict, tuned_metrics: dict, 
         f"{tta_dice['plain']:.4f} without (on only when it gains more than {MIN_TTA_GAIN}); "
         f"all-empty baseline {tuned_metrics['all_empty_baseline']:.4f}."
     )
+
+
+# Publishing the model ------------------------------------------------------------------------------------------
+def published_model(members: list[dict], summary: dict, *, rule: PostProcessing, tta: dict) -> dict:
+    """What --model-path receives, with the post-processing `rule` and the test-time augmentation record `tta`
+    chosen on validation: the best model of the one split (its figures with the default and the chosen rule
+    added), or with --folds the ensemble of the fold models (members: each fold's best checkpoint)."""
+    if len(members) > 1:
+        return ensemble_checkpoint(members, postprocessing=rule.as_dict(), tta=tta,
+                                   metrics={"cross_validation": summary})
+    pooled = summary["pooled"]
+    figures = {"dice_raw": pooled["raw"]["dice"], "dice_postprocessed": pooled["postprocessed"]["dice"],
+               "default_rule": pooled["raw"], "postprocessed": pooled["postprocessed"]}
+    return members[0] | {"postprocessing": rule.as_dict(), "tta": tta, "metrics": members[0]["metrics"] | figures}
+
+
+def publish(checkpoint: dict, summary: dict, *, run_dir: Path, model_path: str, pictures: Path) -> None:
+    """Write the published model to `model_path`, and into the run's folder summary.json and the pictures (also
+    drawn in `pictures`): one split's training curves (and its model, as best.pt), or the cross-validation's."""
+    save_torch(model_path, checkpoint)
+    cross_validated = "ensemble" in checkpoint
+    if cross_validated:
+        plot_cross_validation(summary, run_dir / "cross_validation.png")
+        plot_cross_validation(summary, pictures / "cross_validation.png")
+    else:
+        save_torch(run_dir / "best.pt", checkpoint)
+        plot_training_curves(read_torch_file(run_dir / "last.pt")["history"], pictures / "training_curves.png")
+    write_json(run_dir / "summary.json", {
+        "folds": len(summary["folds"]),
+        "best_epochs": [fold["best_epoch"] for fold in summary["folds"]],
+        "metrics": summary if cross_validated else checkpoint["metrics"],
+        "postprocessing": checkpoint["postprocessing"],
+        "test_time_augmentation": checkpoint["tta"],
+        "model_path": model_path,
+    })
+
+
+def describe_result(checkpoint: dict, summary: dict, *, default_rule: PostProcessing) -> str:
+    """The end of training in words: result_summary for one split, the cross-validation's table for --folds."""
+    tta = checkpoint["tta"]
+    if "ensemble" in checkpoint:
+        return describe_cross_validation(summary, tta_dice=tta["validation_dice"], use_tta=tta["use"])
+    pooled = summary["pooled"]
+    return result_summary(checkpoint["epoch"], pooled["raw"], pooled["postprocessed"],
+                          PostProcessing(**checkpoint["postprocessing"]), default_rule=default_rule,
+                          tta_dice=tta["validation_dice"], use_tta=tta["use"])

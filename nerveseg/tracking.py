@@ -7,11 +7,12 @@ folder:  tensorboard --logdir runs
 """
 
 import importlib.util
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from nerveseg.transforms import network_input
+from nerveseg.transforms import collate_keep_sizes, network_input
 
 PICTURE_INTERVAL = 5
 SCALARS = {  # metrics.csv column -> TensorBoard tag
@@ -41,12 +42,14 @@ def overlay(images: torch.Tensor, predictions: torch.Tensor, truths: torch.Tenso
 
 
 class TrainingLog:
-    """A run's TensorBoard log, or nothing where it is off (`enabled` false, another rank, no tensorboard).
+    """A run's TensorBoard log, or nothing where it is off (`enabled` false, another rank, no tensorboard); its
+    pictures show the first few images of the validation set `pictured`.
 
     The event file is opened with the first completed epoch: a run that stops before leaves none."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, *, enabled: bool, pictured: Sequence[dict] = ()) -> None:
         self.run_dir, self.enabled, self.writer = run_dir, enabled, None
+        self.picture_batch = collate_keep_sizes([pictured[i] for i in range(min(4, len(pictured)))]) if enabled else {}
 
     def open(self) -> None:
         """Open the event file (once)."""
@@ -71,8 +74,9 @@ class TrainingLog:
         return self.enabled and (epoch % PICTURE_INTERVAL == 0 or epoch == last_epoch)
 
     @torch.no_grad()
-    def pictures(self, model: torch.nn.Module, batch: dict, epoch: int) -> None:
-        """The model's predictions on a batch of validation images ("image", "label"), drawn over them."""
+    def pictures(self, model: torch.nn.Module, epoch: int) -> None:
+        """The model's predictions on the pictured validation images, drawn over them."""
+        batch = self.picture_batch
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()

@@ -3,11 +3,12 @@ follow the data, and one step's forward and backward passes.
 
 A batch can go through the network in slices (micro-batches) whose gradients add up before the optimiser
 steps, as nanoGPT's gradient accumulation does: the step sees BATCH_SIZE images while only one slice's
-activations are held at a time. On the CPU this is also faster (slices fit the caches better). Measured on
-2 cores at 128x176, batch 128: whole batch 48 images/s at 2.6 GB, slices of 64 45 images/s at 1.9 GB.
+activations are held at a time. On the CPU, slices of 64 hold about half the memory at about the same speed
+(the figures: docs/performance.md, "What changed").
 """
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 
@@ -75,6 +76,12 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.length
 
 
+def augmentation_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one epoch's augmentation on one process: a function of (seed, epoch, rank) only, so a resumed
+    run augments as the uninterrupted one did, and each process differently."""
+    return seed * 1000 + epoch * 64 + rank
+
+
 def micro_batch_size(setting: int, batch_size: int, device: torch.device) -> int:
     """Images per forward/backward pass: `setting`, or for 0 (auto) 64 on the CPU and the whole batch elsewhere."""
     if setting == 0:
@@ -110,6 +117,17 @@ def backward_in_micro_batches(
             scaler.scale(loss).backward()
         total += loss.detach()
     return total
+
+
+def make_optimizer(model: nn.Module, *, learning_rate: float, weight_decay: float, warmup_steps: int,
+                   total_steps: int, device: torch.device, amp: bool) -> tuple:
+    """Adam, its learning-rate schedule (warmup_cosine, a step per optimiser step) and the loss scaler, which only
+    float16 needs (mixed precision on a GPU without bfloat16)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    schedule = functools.partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps)
+    use_scaler = amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=use_scaler)
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:

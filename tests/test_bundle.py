@@ -163,6 +163,7 @@ def assert_same_masks(predicted: Path, bundled: Path) -> dict[str, np.ndarray]:
     return expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["single", "ensemble"])
 def test_stock_monai_runs_the_bundle_to_predict_pys_masks_pixel_for_pixel(kind, bundles, checkpoints, images,
                                                                            fresh_environment, tmp_path):
@@ -179,6 +180,7 @@ def test_stock_monai_runs_the_bundle_to_predict_pys_masks_pixel_for_pixel(kind, 
     assert all(set(np.unique(mask)) <= {0, 255} for mask in masks.values())
 
 
+@pytest.mark.slow
 def test_a_smaller_batch_and_a_changed_rule_on_the_command_line(bundles, checkpoints, images, fresh_environment,
                                                                  tmp_path):
     run_bundle(bundles["single"], images, tmp_path / "bundled", fresh_environment, "--batch_size", "5",
@@ -190,6 +192,7 @@ def test_a_smaller_batch_and_a_changed_rule_on_the_command_line(bundles, checkpo
     assert sum(mask.any() for mask in changed.values()) > sum(mask.any() for mask in default.values())
 
 
+@pytest.mark.slow
 @needs_kaggle_sample
 def test_stock_monai_gives_predict_pys_masks_on_the_real_images(bundles, checkpoints, fresh_environment, tmp_path):
     folder = KAGGLE_SAMPLE / "train"  # 55 images and their truth masks, read in place
@@ -201,6 +204,7 @@ def test_stock_monai_gives_predict_pys_masks_on_the_real_images(bundles, checkpo
     assert len(masks) == 55 and any(mask.any() for mask in masks.values())
 
 
+@pytest.mark.slow
 def test_the_bundle_reads_the_images_predict_py_reads_in_its_order(bundles, images, tmp_path):
     folder = tmp_path / "order"
     shutil.copytree(images, folder)
@@ -217,6 +221,7 @@ def test_the_bundle_reads_the_images_predict_py_reads_in_its_order(bundles, imag
 # %% What the bundle holds
 
 
+@pytest.mark.slow
 def test_the_metadata_passes_monais_schema_check_and_the_network_its_shapes(bundles, tmp_path):
     assert hashlib.md5(SCHEMA.read_bytes()).hexdigest() == SCHEMA_MD5
     schema = tmp_path / "schema.json"
@@ -233,6 +238,7 @@ def test_the_metadata_passes_monais_schema_check_and_the_network_its_shapes(bund
         verify_metadata(meta_file=str(tmp_path / "broken.json"), filepath=str(schema), hash_val=SCHEMA_MD5)
 
 
+@pytest.mark.slow
 def test_the_metadata_records_the_data_the_figures_and_the_rule(bundles):
     single = json.loads((bundles["single"] / "configs" / "metadata.json").read_text())
     ensemble = json.loads((bundles["ensemble"] / "configs" / "metadata.json").read_text())
@@ -300,6 +306,7 @@ def test_a_model_that_cannot_be_traced_or_traces_wrongly_gets_a_clear_message():
 # %% Bad input: an existing folder, the licence
 
 
+@pytest.mark.slow
 def test_an_existing_bundle_is_replaced_only_with_overwrite_and_a_foreign_folder_never(bundles, checkpoints, tmp_path):
     shutil.copytree(bundles["single"], tmp_path / "bundle")
     before = tree_hashes(tmp_path / "bundle")
@@ -333,6 +340,7 @@ def test_the_licence_is_an_spdx_identifier_a_file_or_a_request_to_fill_it_in(tmp
         license_text("my licence.txt", authors="")
 
 
+@pytest.mark.slow
 def test_export_help_and_a_bad_format(tmp_path):
     help_text = run_script("export.py", "-h", cwd=tmp_path).stdout
     assert all(option in help_text for option in ("--format", "--license", "--authors", "--overwrite", "--target"))

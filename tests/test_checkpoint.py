@@ -120,6 +120,7 @@ class RunsCode:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(small_checkpoint, tmp_path):
     def malicious(marker: Path, name: str) -> Path:
         return edit_checkpoint(small_checkpoint, lambda c: c.update(payload=RunsCode(marker))).rename(tmp_path / name)

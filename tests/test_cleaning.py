@@ -61,6 +61,7 @@ def clean_contents(clean: Path) -> dict[str, str]:
     return hashes
 
 
+@pytest.mark.slow
 def test_every_form_gives_the_same_clean_copy(tiny_download, tmp_path):
     download, planted = tiny_download
     forms = make_forms(download, tmp_path / "forms")
@@ -87,6 +88,7 @@ def test_every_form_gives_the_same_clean_copy(tiny_download, tmp_path):
     assert sum(r["kept"] == "1" for r in manifest.values()) == 24 - len(planted)
 
 
+@pytest.mark.slow
 def test_clean_copy_is_exact_and_a_second_run_changes_nothing(tiny_download, tmp_path):
     download, _ = tiny_download
     output = tmp_path / "clean"
@@ -101,6 +103,7 @@ def test_clean_copy_is_exact_and_a_second_run_changes_nothing(tiny_download, tmp
     assert {p: p.stat().st_mtime_ns for p in output.rglob("*")} == before
 
 
+@pytest.mark.slow
 def test_planted_contradictions_are_found_and_each_policy_does_what_it_says(tiny_download, tmp_path):
     download, planted = tiny_download
     assert planted
@@ -169,6 +172,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_a_bad_pair_is_skipped_with_its_reason_and_strict_stops(case, tiny_download, tmp_path):
     download = copy_download(tiny_download[0], tmp_path)
@@ -198,6 +202,7 @@ def test_a_bad_pair_is_skipped_with_its_reason_and_strict_stops(case, tiny_downl
     assert tree_hashes(download) == originals
 
 
+@pytest.mark.slow
 def test_a_zero_one_mask_is_repaired(tiny_download, tmp_path):
     download = copy_download(tiny_download[0], tmp_path)
     mask_path = download / "train" / "3_2_mask.tif"
@@ -210,6 +215,7 @@ def test_a_zero_one_mask_is_repaired(tiny_download, tmp_path):
     assert np.array_equal(np.asarray(Image.open(output / "masks" / "3_2.tif")), mask)
 
 
+@pytest.mark.slow
 def test_a_mask_that_disagrees_with_train_masks_csv_is_reported(tiny_download, tmp_path):
     download = copy_download(tiny_download[0], tmp_path)
     rows = (download / "train_masks.csv").read_text().splitlines()
@@ -221,6 +227,7 @@ def test_a_mask_that_disagrees_with_train_masks_csv_is_reported(tiny_download, t
     assert "differs from its train_masks.csv row" in read_manifest(output)["4_1"]["reason"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["../evil.txt", "/tmp/evil.txt", "link"])
 def test_an_archive_with_an_unsafe_entry_is_refused(entry, tiny_download, tmp_path):
     archive = tmp_path / "ultrasound-nerve-segmentation.zip"
@@ -236,6 +243,7 @@ def test_an_archive_with_an_unsafe_entry_is_refused(entry, tiny_download, tmp_pa
     assert not (tmp_path / "clean").exists() and not (tmp_path.parent / "evil.txt").exists()
 
 
+@pytest.mark.slow
 def test_an_empty_or_missing_source_says_what_was_expected(tmp_path):
     (tmp_path / "empty").mkdir()
     for source in ("empty", "missing"):
@@ -244,6 +252,7 @@ def test_an_empty_or_missing_source_says_what_was_expected(tmp_path):
         assert "train" in result.stderr and source in result.stderr
 
 
+@pytest.mark.slow
 def test_an_output_holding_another_clean_is_not_mixed(tiny_download, train_download, tmp_path):
     output = tmp_path / "clean"
     assert (
@@ -273,6 +282,7 @@ def test_an_output_holding_another_clean_is_not_mixed(tiny_download, train_downl
     assert len(read_manifest(output)) == 60 and not (output / "images" / "4_6.tif").read_bytes() == b""
 
 
+@pytest.mark.slow
 @needs_kaggle_sample
 def test_real_kaggle_files_are_kept_exactly(tmp_path):
     output = tmp_path / "clean"
@@ -301,6 +311,7 @@ def test_real_kaggle_files_are_kept_exactly(tmp_path):
     assert manifest["1_9"]["duplicate_of"] == "1_14", "the known contradictory twin of the real data"
 
 
+@pytest.mark.slow
 def test_help_lists_every_setting_with_its_default(tmp_path):
     result = run_script("data_cleaning.py", "-h", cwd=tmp_path)
     assert result.returncode == 0
@@ -365,6 +376,7 @@ def medium_download(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow  # in process, but 240 pairs cleaned again and again: minutes on 2 busy cores
 @pytest.mark.parametrize("workers", [0, 2])
 def test_zips_in_any_member_order_clean_like_the_folders_with_several_workers(medium_download, tmp_path, workers):
     expected = clean_in_process(medium_download, tmp_path / "clean-folders", workers=1)
@@ -403,6 +415,7 @@ def pack_real_sample_as_the_kaggle_cli(archive: Path, order: tuple[str, ...]) ->
     return folder
 
 
+@pytest.mark.slow
 @needs_kaggle_sample
 def test_the_real_sample_zipped_by_the_kaggle_cli_cleans_with_the_default_workers(tmp_path):
     archive = tmp_path / "data" / "ultrasound-nerve-segmentation.zip"
@@ -460,6 +473,7 @@ def test_an_unforeseen_failure_in_a_worker_is_one_line_naming_the_file(tiny_down
     assert not (tmp_path / "clean").exists()
 
 
+@pytest.mark.slow
 def test_a_damaged_member_is_named_and_skipped(tiny_download, tmp_path):
     archive = tmp_path / "src" / "ultrasound-nerve-segmentation.zip"
     zip_in_order(tiny_download[0], archive, MEMBER_ORDERS["kaggle-cli"])

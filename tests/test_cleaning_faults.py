@@ -98,25 +98,30 @@ def assert_skipped(damaged: types.SimpleNamespace, row_id: str, *reasons: str) -
     assert damaged.unchanged, "the originals were modified"
 
 
+@pytest.mark.slow
 def test_a_16_bit_image_is_skipped_with_its_reason(damaged_clean):
     assert_skipped(damaged_clean, "3_2", "3_2.tif is mode I;16, expected 8-bit grayscale (L)")
 
 
+@pytest.mark.slow
 def test_a_mask_with_anti_aliased_edges_is_refused_not_guessed(damaged_clean):
     assert_skipped(damaged_clean, "4_4", "4_4_mask.tif: mask is not binary (values [0, ", "expected 0/255")
 
 
+@pytest.mark.slow
 def test_names_that_do_not_follow_subject_n_are_skipped(damaged_clean):
     for name in damaged_clean.bad_names:
         assert_skipped(damaged_clean, name, f"train/{name}: name is not <subject>_<n>.tif")
         assert damaged_clean.manifest[name]["subject"] == ""
 
 
+@pytest.mark.slow
 def test_an_id_in_two_places_with_different_content_is_skipped(damaged_clean):
     zipped = f"{damaged_clean.source / 'train.zip'}:train/2_3.tif"
     assert_skipped(damaged_clean, "2_3", "2_3.tif was found 2 times with different content", zipped, "keep only")
 
 
+@pytest.mark.slow
 def test_an_id_in_two_places_with_the_same_content_is_kept_once(damaged_clean):
     row = damaged_clean.manifest["3_3"]
     assert row["kept"] == "1" and row["reason"] == "", row
@@ -126,6 +131,7 @@ def test_an_id_in_two_places_with_the_same_content_is_kept_once(damaged_clean):
     assert damaged_clean.unchanged
 
 
+@pytest.mark.slow
 def test_strict_stops_on_these_problems_and_writes_nothing(damaged_clean):
     assert_user_error(damaged_clean.strict, "--strict: 7 problem(s)", "mode I;16", "not binary", "different content")
     assert not (damaged_clean.where / "strict").exists()
@@ -149,6 +155,7 @@ def test_a_problem_is_counted_as_one_whatever_its_message_says(tiny_download, tm
         clean_download(found, tmp_path / "strict", CleaningOptions(strict=True, workers=1, quiet=True))
 
 
+@pytest.mark.slow
 def test_an_output_that_cannot_be_a_folder_is_refused(tiny_download, tmp_path):
     source = tiny_download[0]
     before = tree_hashes(source)
@@ -306,6 +313,7 @@ def clean_measured(source: Path, output: Path) -> tuple[dict | UserError, int]:
     return outcome, peak
 
 
+@pytest.mark.slow
 def test_a_zip_bomb_member_is_refused_from_its_headers_without_expanding_it(tiny_download, tmp_path):
     train = tiny_download[0] / "train"
     members = {f"train/{path.name}": path.read_bytes() for path in sorted(train.glob("1_*.tif"))}

@@ -1,4 +1,4 @@
-"""export.py and ONNX Runtime in predict.py; TensorBoard logging in train.py."""
+"""export.py and ONNX Runtime in predict.py."""
 
 import json
 import os
@@ -10,14 +10,13 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nerveseg.checkpoint import FORMAT, VERSION, load_checkpoint
 from nerveseg.errors import UserError
 from nerveseg.model import build_model, model_config
 from nerveseg.postprocess import PostProcessing
 from nerveseg.runtime import METADATA_KEY, TorchPredictor, add_metadata, import_onnxruntime, load_onnx, onnx_graph
-from tests.helpers import FAST_TRAINING, KAGGLE_SAMPLE, assert_user_error, needs_kaggle_sample, run_script
+from tests.helpers import KAGGLE_SAMPLE, assert_user_error, needs_kaggle_sample, run_script
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +29,7 @@ def exported(trained_run, train_clean, tmp_path_factory) -> tuple:
     return work / "model.onnx", result
 
 
+@pytest.mark.slow
 def test_export_writes_a_graph_with_its_metadata_that_matches_pytorch(exported, trained_run):
     path, result = exported
     assert "ONNX Runtime matches PyTorch within" in result.stdout and "on 6 images of" in result.stdout
@@ -49,6 +49,7 @@ def test_export_writes_a_graph_with_its_metadata_that_matches_pytorch(exported, 
         assert np.allclose(onnx_presence, torch_presence, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_predict_with_the_onnx_model_writes_the_same_masks(exported, trained_run, train_clean, tmp_path):
     path, _ = exported
     outputs = {}
@@ -62,6 +63,7 @@ def test_predict_with_the_onnx_model_writes_the_same_masks(exported, trained_run
     assert outputs["pt"] == outputs["onnx"] == outputs["pt-onnxruntime"] and outputs["pt"].count("\n") == 7
 
 
+@pytest.mark.slow
 @needs_kaggle_sample
 def test_the_onnx_model_gives_the_same_masks_on_the_real_images(exported, trained_run, tmp_path):
     folder = tmp_path / "real"
@@ -86,6 +88,7 @@ def foreign_model() -> bytes:
     return helper.make_model(graph).SerializeToString()
 
 
+@pytest.mark.slow
 def test_a_corrupt_foreign_or_bare_onnx_file_is_refused_with_a_message(exported, train_clean, tmp_path):
     graph = exported[0].read_bytes()
     bare = onnx.load_from_string(graph)
@@ -110,6 +113,7 @@ def test_without_onnxruntime_an_onnx_model_gets_a_message_that_says_how_to_insta
         import_onnxruntime()
 
 
+@pytest.mark.slow
 def test_export_refuses_to_write_a_model_that_does_not_match(trained_run, tmp_path):
     result = run_script("export.py", "--checkpoint", str(trained_run / "2D_Nerve_Segmentation.pt"), "--output",
                         "model.onnx", "--tolerance", "1e-12", cwd=tmp_path)
@@ -118,27 +122,13 @@ def test_export_refuses_to_write_a_model_that_does_not_match(trained_run, tmp_pa
     assert not list(tmp_path.iterdir())  # no temporary file left either
 
 
+@pytest.mark.slow
 def test_export_help_and_bad_settings(tmp_path):
     assert "--tolerance" in run_script("export.py", "-h", cwd=tmp_path).stdout
     result = run_script("export.py", "--output", "model.pt", cwd=tmp_path)
     assert result.returncode == 1 and "must be a .onnx file" in result.stderr
     missing = run_script("export.py", cwd=tmp_path)
     assert missing.returncode == 1 and "does not exist" in missing.stderr
-
-
-def test_training_writes_tensorboard_logs_unless_asked_not_to(trained_run, train_clean, tmp_path):
-    events = EventAccumulator(str(trained_run / "runs" / "first"), size_guidance={"images": 0})
-    events.Reload()
-    scalars = set(events.Tags()["scalars"])
-    assert {"loss/train", "loss/validation", "kaggle_dice/all", "kaggle_dice/empty_truths",
-            "kaggle_dice/with_target", "learning_rate", "speed/training_images_per_second"} <= scalars
-    assert [event.step for event in events.Scalars("kaggle_dice/all")] == [1, 2]
-    pictures = events.Images("validation/prediction_red_truth_green")
-    assert [picture.step for picture in pictures] == [2]  # every 5 epochs and at the last
-    result = run_script("train.py", "--data-dir", str(train_clean), "--max-epochs", "1", "--run-name", "quiet",
-                        "--tensorboard", "false", *FAST_TRAINING, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert not list((tmp_path / "runs" / "quiet").glob("events.out.tfevents.*"))
 
 
 def test_an_onnx_model_whose_metadata_was_copied_from_another_is_refused_on_load(tmp_path):
@@ -164,11 +154,15 @@ def test_an_onnx_model_whose_metadata_was_copied_from_another_is_refused_on_load
     assert load_onnx(tmp_path / "right.onnx")[1]["preprocessing"] == {"image_size": [32, 48]}
 
 
+@pytest.mark.slow
 def test_export_of_an_onnx_model_says_it_is_one_already(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07 an ONNX protobuf")
     result = run_script("export.py", "--checkpoint", "model.onnx", "--output", "again.onnx", cwd=tmp_path)
     assert_user_error(result, "model.onnx is already an ONNX model (export.py wrote it): predict with it (python "
                       "predict.py --checkpoint model.onnx); to export again, pass the .pt checkpoint")
+
+
+@pytest.mark.slow
 def test_unreadable_check_images_are_skipped_and_an_empty_folder_names_check_input(trained_run, train_clean, tmp_path):
     folder = tmp_path / "check"
     folder.mkdir()

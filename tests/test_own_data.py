@@ -61,6 +61,7 @@ def own_pairs(tiny_download) -> list:
     return kaggle_pairs(tiny_download[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["images-masks", "suffix", "class-folders", "class-images-masks"])
 def test_every_layout_is_found_and_cleaned_exactly(layout, own_pairs, tiny_download, tmp_path):
     source = tmp_path / "mine"
@@ -83,6 +84,7 @@ def test_every_layout_is_found_and_cleaned_exactly(layout, own_pairs, tiny_downl
     assert "warning" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_clean_of_own_data_trains_and_predicts_the_held_out_subjects(own_pairs, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs, "class-folders")
@@ -115,6 +117,7 @@ def test_a_clean_of_own_data_trains_and_predicts_the_held_out_subjects(own_pairs
         assert Image.open(written).size == Image.open(path).size
 
 
+@pytest.mark.slow
 def test_formats_and_modes_are_converted_and_said_once(own_pairs, tmp_path):
     source = tmp_path / "mine"
     (source / "images").mkdir(parents=True)
@@ -158,6 +161,7 @@ def test_formats_and_modes_are_converted_and_said_once(own_pairs, tmp_path):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "clean" / row["mask"])), pair[2])
 
 
+@pytest.mark.slow
 def test_several_mask_values_need_the_target_named(own_pairs, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs[:6], "images-masks")
@@ -176,6 +180,7 @@ def test_several_mask_values_need_the_target_named(own_pairs, tmp_path):
     assert all(row["mask_area"] == "0" for other, row in rows.items() if other != name)  # 255 is not named
 
 
+@pytest.mark.slow
 def test_extra_masks_of_one_image_are_merged(own_pairs, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs[:4], "suffix")
@@ -189,6 +194,7 @@ def test_extra_masks_of_one_image_are_merged(own_pairs, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "clean" / rows[name]["mask"])), np.maximum(mask, extra))
 
 
+@pytest.mark.slow
 def test_bad_pairs_are_named_and_skipped(own_pairs, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs[:8], "images-masks")
@@ -213,6 +219,7 @@ def test_bad_pairs_are_named_and_skipped(own_pairs, tmp_path):
     assert strict.returncode == 1 and "--strict: 5 problem(s)" in strict.stderr
 
 
+@pytest.mark.slow
 def test_an_ambiguous_unrecognised_or_empty_source_says_what_it_found(own_pairs, tmp_path):
     both = tmp_path / "both"
     write_own(both, own_pairs[:4], "images-masks")
@@ -234,6 +241,7 @@ def test_an_ambiguous_unrecognised_or_empty_source_says_what_it_found(own_pairs,
     assert result.returncode == 1 and "it is empty" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_subjects_come_from_a_csv_a_pattern_or_each_image_with_a_warning(own_pairs, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs, "images-masks")
@@ -255,6 +263,7 @@ def test_subjects_come_from_a_csv_a_pattern_or_each_image_with_a_warning(own_pai
     assert result.returncode == 1 and "its columns are image, label" in result.stderr
 
 
+@pytest.mark.slow
 def test_near_duplicates_are_found_across_images_when_subjects_are_unknown(own_pairs, tiny_download, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs, "images-masks")
@@ -266,6 +275,7 @@ def test_near_duplicates_are_found_across_images_when_subjects_are_unknown(own_p
     assert dropped == planted_empty
 
 
+@pytest.mark.slow
 def test_predict_reads_nested_folders_and_truths_beside_the_images(trained_run, own_pairs, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs[:6], "class-folders")
@@ -355,6 +365,7 @@ def test_images_to_segment_skips_truths_beside_their_image_and_refuses_two_of_on
 
 
 # The real breast-ultrasound data, in its own layout -------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.skipif(not BUS_UCLM.is_dir(), reason="../shared/data/bus-uclm is absent")
 def test_the_real_bus_uclm_folder_cleans_by_patient(tmp_path):
     result, rows = clean(BUS_UCLM, tmp_path / "clean", "--subjects", "^(?P<subject>[A-Z]{4})_", "--hold-out", "0.25")
@@ -410,6 +421,7 @@ def awkward_clean(own_pairs, tmp_path_factory) -> tuple:
     return result, rows, where / "clean", own_pairs
 
 
+@pytest.mark.slow
 def test_an_image_is_turned_upright_by_its_exif_orientation(awkward_clean):
     result, rows, clean_copy, pairs = awkward_clean
     assert result.returncode == 0, result.stderr
@@ -419,6 +431,7 @@ def test_an_image_is_turned_upright_by_its_exif_orientation(awkward_clean):
     assert upright.shape == (420, 580) and np.abs(upright - pairs[0][1]).mean() < 3  # JPEG's loss only
 
 
+@pytest.mark.slow
 def test_a_float_image_with_a_nan_is_stretched_over_its_finite_pixels(awkward_clean):
     result, rows, clean_copy, pairs = awkward_clean
     row = rows[f"normal/{pairs[1][0]}"]
@@ -431,6 +444,7 @@ def test_a_float_image_with_a_nan_is_stretched_over_its_finite_pixels(awkward_cl
     assert np.abs(pixels - stretched).max() <= 1
 
 
+@pytest.mark.slow
 def test_a_multi_frame_image_uses_its_first_frame_and_says_so(awkward_clean):
     result, rows, clean_copy, pairs = awkward_clean
     row = rows[f"normal/{pairs[2][0]}"]
@@ -438,6 +452,7 @@ def test_a_multi_frame_image_uses_its_first_frame_and_says_so(awkward_clean):
     assert np.array_equal(np.asarray(Image.open(clean_copy / row["image"])), pairs[2][1])
 
 
+@pytest.mark.slow
 def test_an_image_of_too_many_pixels_is_skipped_before_it_is_decoded(own_pairs, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs[:2], "suffix")
@@ -450,6 +465,7 @@ def test_an_image_of_too_many_pixels_is_skipped_before_it_is_decoded(own_pairs, 
     assert "(--max-image-pixels)" in rows["big"]["reason"]
 
 
+@pytest.mark.slow
 def test_symbolic_links_to_folders_are_followed_once(awkward_clean):
     result, rows, _, pairs = awkward_clean
     linked = {f"linked/{name}" for name, _, _ in pairs[3:6]}
@@ -458,6 +474,7 @@ def test_symbolic_links_to_folders_are_followed_once(awkward_clean):
     assert len(rows) == 3 + 3  # the three awkward pairs, the three linked pairs
 
 
+@pytest.mark.slow
 def test_a_named_pipe_named_like_an_image_is_skipped_not_waited_for(own_pairs, tmp_path):
     source = tmp_path / "mine"
     write_own(source, own_pairs[:3], "suffix")
@@ -470,6 +487,7 @@ def test_a_named_pipe_named_like_an_image_is_skipped_not_waited_for(own_pairs, t
     assert "3 pairs kept" in result.stdout
 
 
+@pytest.mark.slow
 def test_masks_of_another_suffix_get_a_hint_at_mask_suffix(own_pairs, tmp_path):
     beside, folders = tmp_path / "beside", tmp_path / "folders"
     for folder in (beside, folders / "images", folders / "masks"):
@@ -488,6 +506,7 @@ def test_masks_of_another_suffix_get_a_hint_at_mask_suffix(own_pairs, tmp_path):
     assert_user_error(suffix, "no file below", "pass --mask-suffix _seg")
 
 
+@pytest.mark.slow
 def test_a_source_that_is_an_image_or_a_device_says_what_to_pass(own_pairs, tmp_path):
     image = tmp_path / "scan.png"
     Image.fromarray(own_pairs[0][1]).save(image)

@@ -1,4 +1,4 @@
-"""Stage 3: predict.py, the run-length encoding, the submission and the post-processing."""
+"""Stage 3: predict.py: masks, the submission, pictures and the Dice against truths."""
 
 import csv
 import stat
@@ -9,34 +9,10 @@ import torch
 from PIL import Image
 
 from nerveseg.files import current_umask
-from nerveseg.postprocess import THRESHOLDS, choose_postprocessing, to_mask, tuning_scores, upsample
-from nerveseg.rle import rle_decode, rle_encode
+from nerveseg.rle import rle_encode
 from tests.helpers import KAGGLE_SAMPLE, needs_kaggle_sample, run_script
 
-
-@needs_kaggle_sample
-def test_rle_reproduces_the_competition_rows_exactly():
-    with open(KAGGLE_SAMPLE / "train_masks.csv", newline="") as file:
-        rows = list(csv.DictReader(file))
-    assert len(rows) == 55
-    for row in rows:
-        mask = np.asarray(Image.open(KAGGLE_SAMPLE / "train" / f"{row['subject']}_{row['img']}_mask.tif"))
-        assert rle_encode(mask) == row["pixels"]
-        assert np.array_equal(rle_decode(row["pixels"], mask.shape) * 255, mask)
-
-
-def test_rle_round_trips_and_follows_the_kaggle_numbering():
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        mask = rng.random((rng.integers(1, 30), rng.integers(1, 30))) > rng.random()
-        assert np.array_equal(rle_decode(rle_encode(mask), mask.shape), mask)
-    assert rle_encode(np.zeros((4, 5))) == ""
-    column_major = np.zeros((3, 2), np.uint8)
-    column_major[1:, 0] = 1  # pixels 2 and 3: down the first column
-    column_major[0, 1] = 1  # pixel 4: top of the second column
-    assert rle_encode(column_major) == "2 3"
-    with pytest.raises(ValueError):
-        rle_decode("5 2 3 1", (3, 3))  # not ascending
+pytestmark = pytest.mark.slow  # every test here runs predict.py, most on a model trained by train.py
 
 
 def valid_pairs(text: str, pixels: int) -> bool:
@@ -100,25 +76,6 @@ def test_masks_give_the_dice_and_other_image_sizes_work(trained_run, tmp_path):
         rows = {row["img"]: row for row in csv.DictReader(file)}
     assert sorted(rows) == ["a", "b", "c"] and all(0 <= float(row["presence"]) <= 1 for row in rows.values())
     assert all(row["dice"] in ("0.0000", "1.0000") and not row["skipped_because"] for row in rows.values())
-
-
-def test_post_processing_never_lowers_the_validation_dice():
-    generator = torch.Generator().manual_seed(0)
-    for trial in range(3):
-        total = 0
-        for index in range(6):
-            truth = torch.zeros(1, 42, 58, dtype=torch.bool)
-            if index % 2:
-                truth[:, 10:20, 20:35] = True
-            probability = torch.rand(1, 1, 21, 29, generator=generator) * (0.4 + 0.2 * trial)
-            probability[..., 5:10, 10:17] += 0.5 * (index % 2)
-            full = upsample(probability.clamp(0, 1), [(42, 58)])[0]
-            assert full.shape == truth.shape
-            total = total + tuning_scores(full, 1.0, truth, has_presence=False)
-        chosen, best, raw = choose_postprocessing(total, images=6, has_presence=False)
-        assert best >= raw
-        assert chosen.threshold in THRESHOLDS
-    assert best > raw, "on the last trial a higher threshold or a minimum area beats 0.5"
 
 
 def test_bad_inputs_give_clear_messages(trained_run, tmp_path):
@@ -212,65 +169,3 @@ def test_real_images_read_by_worker_processes_give_the_same_masks_as_in_process(
         assert result.returncode == 0, result.stderr
         outputs[workers] = (tmp_path / f"out-{workers}" / "submission.csv").read_text()
     assert outputs["0"] == outputs["2"] and outputs["0"].count("\n") == 56
-
-
-def test_the_presence_rule_empties_images_judged_empty_where_area_cannot():
-    """Spurious blobs on empty images as large as the real targets: only presence tells them apart."""
-    truths, maps, presences = [], [], []
-    for index in range(6):
-        truth = torch.zeros(1, 40, 60, dtype=torch.bool)
-        probability = torch.full((1, 40, 60), 0.05)
-        probability[:, 10:25, 20:40] = 0.95  # the same blob everywhere
-        if index % 2:
-            truth[:, 10:25, 20:40] = True
-        truths.append(truth)
-        maps.append(probability)
-        presences.append(0.8 if index % 2 else 0.15)
-    with_presence = sum(
-        tuning_scores(p, q, t, has_presence=True) for p, q, t in zip(maps, presences, truths, strict=True)
-    )
-    chosen, best, default = choose_postprocessing(with_presence, images=6, has_presence=True)
-    assert best == pytest.approx(6.0) and default == pytest.approx(6.0)  # the default 0.5 already separates
-    assert 0.15 < chosen.presence_threshold <= 0.8
-    without = sum(tuning_scores(p, 1.0, t, has_presence=False) for p, t in zip(maps, truths, strict=True))
-    _, best_without, _ = choose_postprocessing(without, images=6, has_presence=False)
-    assert best_without == pytest.approx(3.0)  # every choice of threshold and area: all blobs or none
-    assert choose_postprocessing(without, images=6, has_presence=False)[0].presence_threshold == 0.0
-    assert not to_mask(maps[0], 0.15, chosen).any() and to_mask(maps[1], 0.8, chosen).sum() == 15 * 20
-
-
-def test_the_presence_loss_follows_the_augmented_mask_and_its_weight():
-    from nerveseg.training import SegmentationLoss
-
-    labels = torch.zeros(2, 1, 8, 8)
-    labels[1, :, 2:4, 2:4] = 1
-    mask_logits = torch.zeros(2, 1, 8, 8)
-    presence_logits = torch.tensor([-3.0, 3.0])  # right on both
-    plain = SegmentationLoss(0.0)((mask_logits, presence_logits), labels)
-    weighted = SegmentationLoss(0.5)((mask_logits, presence_logits), labels)
-    wrong = SegmentationLoss(0.5)((mask_logits, -presence_logits), labels)
-    expected = 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(presence_logits, torch.tensor([0.0, 1.0]))
-    assert float(weighted - plain) == pytest.approx(float(expected), rel=1e-5)
-    assert float(wrong) > float(weighted) + 1
-    assert float(SegmentationLoss(0.5)((mask_logits, None), labels)) == pytest.approx(float(plain))
-
-
-@pytest.mark.parametrize(
-    ("gains", "adopted"),
-    [([1.0] + [0.0] * 59, False), ([0.2] * 60, True), ([0.3, -0.1] * 30, True), ([1.0, -0.9] * 30, False)],
-    ids=["one image flips", "every image gains", "most gain a little", "large gains and losses"],
-)
-def test_a_rule_replaces_the_default_only_when_its_gain_beats_the_noise(gains, adopted):
-    from nerveseg.postprocess import MIN_AREA_FRACTIONS, PRESENCE_THRESHOLDS, default_index
-
-    shape = (len(PRESENCE_THRESHOLDS), 2, len(THRESHOLDS), len(MIN_AREA_FRACTIONS))
-    default, other = default_index(has_presence=True), (PRESENCE_THRESHOLDS.index(0.7), 1, 0, 3)
-    tuning = torch.zeros(2, *shape, dtype=torch.float64)
-    for gain in gains:
-        table = torch.full(shape, 0.5, dtype=torch.float64)
-        table[other] += gain
-        tuning[0] += table
-        tuning[1] += (table - table[default]) ** 2
-    chosen, best, default_sum = choose_postprocessing(tuning, images=len(gains), has_presence=True)
-    assert (chosen.presence_threshold == 0.7 and chosen.keep_largest) == adopted
-    assert best >= default_sum

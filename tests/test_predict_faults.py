@@ -167,6 +167,7 @@ def test_predict_stopped_by_sigterm_leaves_no_building_folder(small_model, tmp_p
     assert hidden == [] and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_pictures_that_cannot_be_written_are_refused_before_any_mask(small_model, tmp_path):
     images_folder(tmp_path / "input", ["1"])
     (tmp_path / "a_file").write_text("not a folder")
@@ -176,6 +177,7 @@ def test_pictures_that_cannot_be_written_are_refused_before_any_mask(small_model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "input"]
 
 
+@pytest.mark.slow
 def test_no_picture_is_claimed_and_names_a_spreadsheet_would_run_stay_text(small_model, tmp_path):
     names = ["=HYPERLINK(1)", "+A1", "-2+3", "@SUM(1)", "-3"]
     images_folder(tmp_path / "input", names)
@@ -226,6 +228,7 @@ def awkward_predictions(trained_run, train_clean, tmp_path_factory) -> types.Sim
     return types.SimpleNamespace(result=result, rows=rows, folder=folder, masks=where / "out" / "masks")
 
 
+@pytest.mark.slow
 def test_an_image_of_too_many_pixels_is_skipped_before_it_is_decoded(awkward_predictions):
     result, rows = awkward_predictions.result, awkward_predictions.rows
     assert result.returncode == 0, result.stderr
@@ -234,16 +237,19 @@ def test_an_image_of_too_many_pixels_is_skipped_before_it_is_decoded(awkward_pre
     assert not (awkward_predictions.masks / "huge.png").exists()
 
 
+@pytest.mark.slow
 def test_a_named_pipe_is_skipped_not_waited_for(awkward_predictions):
     row = awkward_predictions.rows["scan"]
     assert row["skipped_because"] == "a named pipe, not an image file; move it out of the folder", row
     assert f"{awkward_predictions.folder / 'scan.png'}: a named pipe" in awkward_predictions.result.stderr
 
 
+@pytest.mark.slow
 def test_the_mask_of_a_rotated_jpeg_has_the_orientation_it_is_shown_in(awkward_predictions):
     assert PIL.Image.open(awkward_predictions.masks / "rotated.png").size == (580, 420)  # as every viewer shows it
 
 
+@pytest.mark.slow
 def test_nan_pixels_and_extra_frames_are_noted(awkward_predictions):
     rows, stderr = awkward_predictions.rows, awkward_predictions.result.stderr
     assert rows["nan"]["note"] == "1 non-finite pixels shown black" and rows["nan"]["mask_area"] != ""
@@ -251,6 +257,7 @@ def test_nan_pixels_and_extra_frames_are_noted(awkward_predictions):
     assert rows["1"]["note"] == ""
 
 
+@pytest.mark.slow
 def test_images_in_linked_folders_are_segmented_once(awkward_predictions):
     written = sorted(path.relative_to(awkward_predictions.masks).as_posix()
                      for path in awkward_predictions.masks.rglob("*.png"))

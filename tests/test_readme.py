@@ -1,4 +1,5 @@
-"""docs/options.md documents every option of every script, with its current default."""
+"""docs/options.md documents every option of every script, with its current default; docs/pipeline.md lists
+train.py's cells as the script has them."""
 
 import pytest
 
@@ -13,3 +14,11 @@ def test_every_option_is_in_the_readme_with_its_default(script):
     for setting in read_settings_block((ROOT / script).read_text()):
         row = f"| `{option_name(setting.name)}` | `{format_default(defaults[setting.name])}` |"
         assert row in readme, f"docs/options.md lacks the row for {script} {option_name(setting.name)}"
+
+
+def test_pipeline_md_lists_the_cells_of_train_py_in_order():
+    cells = [line.removeprefix("# %% ").split(":")[0] for line in (ROOT / "train.py").read_text().splitlines()
+             if line.startswith("# %% ")]
+    pipeline = (ROOT / "docs" / "pipeline.md").read_text()
+    listed = [line.split("**")[1].rstrip(".") for line in pipeline.splitlines() if line[:1].isdigit() and "**" in line]
+    assert len(cells) == 6 and listed[: len(cells)] == cells, (cells, listed)

@@ -1,4 +1,5 @@
-"""The training step's micro-batches, and keeping freed memory for reuse."""
+"""nerveseg/training.py: the loss, the batch and epoch that follow the data, the training step's micro-batches;
+and keeping freed memory for reuse."""
 
 import subprocess
 import sys
@@ -133,3 +134,19 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     pages = 3 * (64 << 20) // 4096
     assert faults["default"] > 0.9 * pages  # every page of every batch, again
     assert faults["keep"] < 0.05 * pages, faults
+
+
+def test_the_presence_loss_follows_the_augmented_mask_and_its_weight():
+    from nerveseg.training import SegmentationLoss
+
+    labels = torch.zeros(2, 1, 8, 8)
+    labels[1, :, 2:4, 2:4] = 1
+    mask_logits = torch.zeros(2, 1, 8, 8)
+    presence_logits = torch.tensor([-3.0, 3.0])  # right on both
+    plain = SegmentationLoss(0.0)((mask_logits, presence_logits), labels)
+    weighted = SegmentationLoss(0.5)((mask_logits, presence_logits), labels)
+    wrong = SegmentationLoss(0.5)((mask_logits, -presence_logits), labels)
+    expected = 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(presence_logits, torch.tensor([0.0, 1.0]))
+    assert float(weighted - plain) == pytest.approx(float(expected), rel=1e-5)
+    assert float(wrong) > float(weighted) + 1
+    assert float(SegmentationLoss(0.5)((mask_logits, None), labels)) == pytest.approx(float(plain))

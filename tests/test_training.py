@@ -1,9 +1,6 @@
-"""Stage 2: train.py end to end, its split, its reading of images, its metric, resume and determinism."""
+"""Stage 2: train.py end to end, its split, its reading of images, its metric and its augmentation (stopping and
+resuming, and seeded runs that agree: test_training_faults.py)."""
 
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +12,10 @@ from nerveseg.data import read_manifest, split_by_subject
 from nerveseg.images import read_gray
 from nerveseg.metrics import DiceTally, describe_scores, kaggle_dice
 from nerveseg.transforms import BatchAugment, load_transforms, network_input, unpack_mask
-from tests.helpers import FAST_TRAINING, ROOT, read_metrics, run_script
+from tests.helpers import read_metrics, run_script
 
 
+@pytest.mark.slow
 def test_a_short_run_writes_its_checkpoint_metrics_and_pictures(trained_run):
     run = trained_run / "runs" / "first"
     for name in ("best.pt", "last.pt", "metrics.csv", "curves.png", "settings.json", "summary.json"):
@@ -40,6 +38,7 @@ def test_a_short_run_writes_its_checkpoint_metrics_and_pictures(trained_run):
     assert mask_logits.shape == (3, 1, 64, 96) and presence_logits.shape == (3,)
 
 
+@pytest.mark.slow
 def test_bad_settings_are_refused_with_a_clear_message(train_clean, tmp_path):
     """The command line's side (the checks of the values themselves are a table in test_runs.py)."""
     for args, message in (
@@ -54,6 +53,7 @@ def test_bad_settings_are_refused_with_a_clear_message(train_clean, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_help_lists_each_setting_with_default_and_comment(tmp_path):
     result = run_script("train.py", "-h", cwd=tmp_path)
     assert result.returncode == 0
@@ -63,6 +63,7 @@ def test_help_lists_each_setting_with_default_and_comment(tmp_path):
         assert option in result.stdout
 
 
+@pytest.mark.slow
 def test_the_split_keeps_subjects_apart_reproducibly_and_balanced(train_clean):
     items = read_manifest(train_clean)
     train, val = split_by_subject(items, 0.34, seed=5)
@@ -75,6 +76,7 @@ def test_the_split_keeps_subjects_apart_reproducibly_and_balanced(train_clean):
     assert len({i["subject"] for i in val}) == 8 and abs(share[0] - share[1]) < 0.05
 
 
+@pytest.mark.slow
 def test_a_loaded_image_has_the_orientation_and_pixels_pil_shows(train_clean):
     path = train_clean / "images" / "2_4.tif"
     pil = np.asarray(Image.open(path))
@@ -118,51 +120,6 @@ def test_the_dice_follows_the_kaggle_rule():
     assert nerve_only.summary()["dice_empty"] is None and "empty truths: none, target: 0.5000 on 1" in describe_scores(
         nerve_only.summary()
     )
-
-
-def start_training(train_clean: Path, work: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "--data-dir",
-            str(train_clean),
-            "--max-epochs",
-            "6",
-            *FAST_TRAINING,
-            *extra,
-        ],
-        cwd=work,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        # a job started in the background inherits SIGINT as ignored; a user at a terminal does not
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-
-
-def test_interrupted_and_resumed_equals_uninterrupted_and_seeded_runs_agree(train_clean, tmp_path):
-    straight = run_script(
-        "train.py", "--data-dir", str(train_clean), "--max-epochs", "6", "--run-name", "a", *FAST_TRAINING, cwd=tmp_path
-    )
-    assert straight.returncode == 0, straight.stderr
-    process = start_training(train_clean, tmp_path, "--run-name", "b")
-    for line in process.stdout:
-        if line.startswith("epoch   2/6"):
-            process.send_signal(signal.SIGINT)  # inside epoch 3 (or, on a fast machine, a little later)
-            break
-    output = process.communicate(timeout=120)[0]
-    assert process.returncode == 130 and "--resume" in output
-    assert 2 <= len(read_metrics(tmp_path / "runs" / "b")) < 6
-    resumed = run_script("train.py", "--resume", "--run-name", "b", "--quiet", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    keys = ("epoch", "train_loss", "val_loss", "val_dice", "lr")
-    rows_a = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "runs" / "a")]
-    rows_b = [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "runs" / "b")]
-    assert rows_a == rows_b
-    weights_a = torch.load(tmp_path / "runs" / "a" / "last.pt", weights_only=True)["model"]
-    weights_b = torch.load(tmp_path / "runs" / "b" / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
 def test_batch_augmentation_is_seeded_keeps_masks_binary_and_can_be_switched_off():

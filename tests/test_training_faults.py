@@ -99,19 +99,25 @@ def wait_for(process: subprocess.Popen, event: str | int) -> str:
 
 @pytest.fixture(scope="module")
 def sigterm_run(train_clean, tmp_path_factory) -> types.SimpleNamespace:
-    """A 3-epoch run stopped by SIGTERM (a job scheduler's stop) soon after epoch 1. Do not modify it."""
+    """A 3-epoch run stopped by SIGTERM (a job scheduler's stop) soon after epoch 1, and beside it the same run
+    uninterrupted (`reference`). Do not modify them."""
     work = tmp_path_factory.mktemp("sigterm")
     data_hashes = tree_hashes(train_clean)
+    reference_work = tmp_path_factory.mktemp("uninterrupted")
+    reference = start_training(reference_work, "--run-name", "term", data=train_clean)
     process = start_training(work, "--run-name", "term", data=train_clean)
     output = wait_for(process, 1)
     epoch_seconds = float(re.search(r", ([\d.]+) s$", output.rstrip())[1])
     time.sleep(max(epoch_seconds / 4, 0.02))  # inside epoch 2, on a fast machine or a slow one
     process.send_signal(signal.SIGTERM)
     output += process.communicate(timeout=120)[0]
+    reference.communicate(timeout=300)
     stopped = re.search(r"interrupted in epoch (\d+)", output)
+    assert reference.returncode == 0
     return types.SimpleNamespace(
         work=work,
         run=work / "runs" / "term",
+        reference=reference_work / "runs" / "term",
         returncode=process.returncode,
         output=output,
         epoch=int(stopped[1]) if stopped else None,
@@ -127,18 +133,19 @@ def copy_run(sigterm_run: types.SimpleNamespace, where: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def sigterm_resumed(sigterm_run, tmp_path_factory) -> types.SimpleNamespace:
-    """The SIGTERM run resumed, stopped by SIGTERM again while it publishes the model, and resumed again."""
+    """The SIGTERM run resumed, stopped by SIGTERM again when it starts to publish the model (all epochs and the
+    fold's validation done), and resumed again."""
     work = copy_run(sigterm_run, tmp_path_factory.mktemp("sigterm-resumed"))
-    process = start_training(work, "--resume", "--run-name", "term")
-    output = wait_for(process, 3)
-    process.send_signal(signal.SIGTERM)  # all epochs done: now choosing the post-processing and saving
-    output += process.communicate(timeout=120)[0]
-    second = types.SimpleNamespace(returncode=process.returncode, output=output)
+    (work.parent / "sitecustomize.py").write_text(FAULTS)
+    environment = {"PYTHONPATH": f"{work.parent}{os.pathsep}{ROOT}", "FAULT": "sigterm-publishing"}
+    second = run_script("train.py", "--resume", "--run-name", "term", "--quiet", cwd=work, env=environment)
     second.last_epoch = read_torch_file(work / "runs" / "term" / "last.pt")["epoch"]
+    second.published = (work / "2D_Nerve_Segmentation.pt").exists()
     final = run_script("train.py", "--resume", "--run-name", "term", "--quiet", cwd=work)
     return types.SimpleNamespace(work=work, run=work / "runs" / "term", second=second, final=final)
 
 
+@pytest.mark.slow
 def test_a_run_started_before_the_presence_output_resumes_as_it_started(sigterm_run, tmp_path):
     """A last.pt and best.pt of the previous version (no presence head, no presence_weight or
     min_steps_per_epoch setting) finish as a model without presence, in one-pass epochs."""
@@ -168,6 +175,7 @@ def test_a_run_started_before_the_presence_output_resumes_as_it_started(sigterm_
     assert read_torch_file(run / "last.pt")["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_last_epoch_and_resume_finishes_the_run(sigterm_run, sigterm_resumed):
     assert sigterm_run.returncode == 130 and "Traceback" not in sigterm_run.output, sigterm_run.output
     assert sigterm_run.epoch and sigterm_run.epoch >= 2, sigterm_run.output
@@ -175,19 +183,23 @@ def test_sigterm_saves_the_last_epoch_and_resume_finishes_the_run(sigterm_run, s
     state = read_torch_file(sigterm_run.run / "last.pt")
     assert state["epoch"] == sigterm_run.epoch - 1 == len(read_metrics(sigterm_run.run))
     assert not list(sigterm_run.run.glob(".*.tmp")) and not (sigterm_run.work / "2D_Nerve_Segmentation.pt").exists()
-    second = sigterm_resumed.second
-    if second.returncode != 0:  # the signal came while the model was published (else it had just finished)
-        assert second.returncode in (130, -signal.SIGINT), second.output
-        # after the last epoch's line: "train.py: interrupted" (publishing), or still inside the epoch loop
-        stopped = ("train.py: interrupted", "interrupted in epoch 3; the last completed epoch is saved")
-        assert any(text in second.output for text in stopped) and "Traceback" not in second.output, second.output
-        assert second.last_epoch == 3
+    second = sigterm_resumed.second  # stopped when it began to publish: "train.py: interrupted", nothing written
+    assert second.returncode in (130, -signal.SIGINT), (second.returncode, second.stdout, second.stderr)
+    assert "train.py: interrupted" in second.stderr and "Traceback" not in second.stderr, second.stderr
+    assert second.last_epoch == 3 and not second.published
     final = sigterm_resumed.final
     assert final.returncode == 0, final.stderr
-    assert "resuming" in final.stdout and "after epoch 3 of 3" in final.stdout
+    assert "resuming" in final.stdout and "completed before: kept" in final.stdout
     assert [row["epoch"] for row in read_metrics(sigterm_resumed.run)] == ["1", "2", "3"]
     model, checkpoint = load_checkpoint(sigterm_resumed.work / "2D_Nerve_Segmentation.pt")
     assert 1 <= checkpoint["epoch"] <= 3 and model(torch.zeros(1, 1, 64, 96))[0].shape == (1, 1, 64, 96)
+    # stopped and resumed twice, the run ends as the same run uninterrupted: the same epochs and weights
+    keys = ("epoch", "train_loss", "val_loss", "val_dice", "lr")
+    runs = (sigterm_resumed.run, sigterm_run.reference)
+    rows = [[{k: r[k] for k in keys} for r in read_metrics(run)] for run in runs]
+    assert rows[0] == rows[1]
+    weights = [read_torch_file(run / "last.pt")["model"] for run in runs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
     assert sigterm_run.data_unchanged
 
 
@@ -202,7 +214,8 @@ def set_learning_rate(last: Path, value: float) -> None:
 
 
 FAULTS = textwrap.dedent("""
-    # Loaded by Python at start-up (PYTHONPATH): simulates a GPU running out of memory in the training step.
+    # Loaded by Python at start-up (PYTHONPATH): simulates a GPU running out of memory in the training step, or
+    # sends SIGTERM (a job scheduler's stop) to train.py when it starts to publish the model.
     import os
     if os.environ.get("FAULT") == "cuda-oom":
         import monai.losses
@@ -216,6 +229,18 @@ FAULTS = textwrap.dedent("""
             return real_forward(self, *args, **kwargs)
 
         monai.losses.DiceCELoss.forward = forward
+    if os.environ.get("FAULT") == "sigterm-publishing":
+        import signal
+
+        import nerveseg.runs
+
+        real_publish = nerveseg.runs.publish
+
+        def publish(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)  # handled before the next line runs
+            return real_publish(*args, **kwargs)
+
+        nerveseg.runs.publish = publish
 """)
 
 
@@ -275,6 +300,7 @@ def stopped_runs(train_clean, sigterm_run, tmp_path_factory) -> dict[str, types.
     return cases
 
 
+@pytest.mark.slow
 def test_a_manifest_that_lists_a_missing_file_stops_training(stopped_runs):
     case = stopped_runs["missing file"]
     data = case.work / "data"
@@ -285,6 +311,7 @@ def test_a_manifest_that_lists_a_missing_file_stops_training(stopped_runs):
     assert case.after == case.before and not (case.work / "runs").exists()
 
 
+@pytest.mark.slow
 def test_one_subject_is_too_few_for_a_split_by_subject(stopped_runs):
     case = stopped_runs["one subject"]
     assert_user_error(
@@ -293,6 +320,7 @@ def test_one_subject_is_too_few_for_a_split_by_subject(stopped_runs):
     assert case.after == case.before and not (case.work / "runs").exists()
 
 
+@pytest.mark.slow
 def test_settings_that_cannot_work_are_refused_before_any_work(stopped_runs):
     """The script's side of the settings checks (their cases: tests/test_runs.py): one line, no traceback."""
     case = stopped_runs["learning rate 0"]
@@ -300,6 +328,7 @@ def test_settings_that_cannot_work_are_refused_before_any_work(stopped_runs):
     assert case.after == case.before and not (case.work / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_model_path_under_a_file_is_refused_before_training(stopped_runs):
     case = stopped_runs["model path"]
     blocker = case.work / "a_file"
@@ -308,6 +337,7 @@ def test_a_model_path_under_a_file_is_refused_before_training(stopped_runs):
     assert case.after == case.before
 
 
+@pytest.mark.slow
 @needs_unwritable_sys
 def test_a_runs_dir_that_cannot_be_made_is_refused(stopped_runs):
     case = stopped_runs["runs dir"]
@@ -315,6 +345,7 @@ def test_a_runs_dir_that_cannot_be_made_is_refused(stopped_runs):
     assert not list(case.work.iterdir()) and case.after == case.before
 
 
+@pytest.mark.slow
 def test_a_loss_that_becomes_nan_in_the_first_epoch_stops_and_says_so(stopped_runs):
     case = stopped_runs["nan in epoch 1"]
     assert_user_error(
@@ -325,6 +356,7 @@ def test_a_loss_that_becomes_nan_in_the_first_epoch_stops_and_says_so(stopped_ru
     assert not (case.work / "2D_Nerve_Segmentation.pt").exists() and case.after == case.before
 
 
+@pytest.mark.slow
 def test_resume_with_nothing_to_resume_says_to_start_again(stopped_runs):
     """What a run killed before its first epoch ended leaves: no last.pt (the kill test then starts afresh)."""
     case = stopped_runs["nothing to resume"]
@@ -336,6 +368,7 @@ def test_resume_with_nothing_to_resume_says_to_start_again(stopped_runs):
     assert not list(case.work.iterdir())
 
 
+@pytest.mark.slow
 def test_a_loss_that_becomes_nan_later_keeps_the_last_good_checkpoint(stopped_runs, sigterm_run):
     case, good = stopped_runs["nan later"], sigterm_run.epoch - 1
     assert_user_error(
@@ -351,6 +384,7 @@ def test_a_loss_that_becomes_nan_later_keeps_the_last_good_checkpoint(stopped_ru
     assert case.data_unchanged
 
 
+@pytest.mark.slow
 def test_cuda_out_of_memory_stops_with_advice_and_keeps_the_last_epoch(stopped_runs, sigterm_run):
     """No GPU is needed: the error torch raises on a GPU is raised by the training step itself."""
     case, good = stopped_runs["cuda oom"], sigterm_run.epoch - 1
@@ -369,6 +403,7 @@ def test_cuda_out_of_memory_stops_with_advice_and_keeps_the_last_epoch(stopped_r
 KILL_POINTS = [(None, (0.5, 3.0)), ("training on", (0.0, 0.8)), (0, (0.0, 0.8)), (0, (0.0, 0.8)), (0, (0.0, 0.3))]
 
 
+@pytest.mark.slow
 def test_a_run_killed_at_random_points_resumes_to_the_same_end(train_clean, sigterm_resumed, tmp_path):
     data_before = tree_hashes(train_clean)
     rng = random.Random(20240611)
@@ -482,6 +517,7 @@ def test_a_checkpoint_write_killed_by_sigkill_leaves_the_previous_file_whole(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
+@pytest.mark.slow
 def test_training_data_whose_masks_are_all_empty_is_refused(train_clean, tmp_path):
     """A model trained on it finds nothing and still scores Dice 1.0 on such images: not published."""
     data = copy_clean(train_clean, tmp_path)
@@ -494,6 +530,7 @@ def test_training_data_whose_masks_are_all_empty_is_refused(train_clean, tmp_pat
         read_manifest(data)
 
 
+@pytest.mark.slow
 def test_resume_with_more_max_epochs_trains_on_to_them(sigterm_run, tmp_path):
     """--max-epochs on the command line of --resume is honoured (and recorded), not silently ignored: the learning
     rate then follows the cosine to zero at the new last epoch."""

@@ -1,0 +1,84 @@
+"""nerveseg/postprocess.py: from probabilities to masks, and choosing the rule on validation."""
+
+import pytest
+import torch
+
+from nerveseg.metrics import kaggle_dice
+from nerveseg.postprocess import THRESHOLDS, PostProcessing, choose_postprocessing, to_mask, tuning_scores, upsample
+
+
+def dice_sum(rule: PostProcessing, maps: list[torch.Tensor], truths: list[torch.Tensor]) -> float:
+    """The summed Kaggle Dice of the masks that `rule` makes of full-size probability maps (no presence output)."""
+    masks = [torch.from_numpy(to_mask(probability, 1.0, rule)).bool()[None, None] for probability in maps]
+    return sum(float(kaggle_dice(mask, truth[None])) for mask, truth in zip(masks, truths, strict=True))
+
+
+def test_post_processing_never_lowers_the_validation_dice():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(3):
+        total, maps, truths = 0, [], []
+        for index in range(6):
+            truth = torch.zeros(1, 42, 58, dtype=torch.bool)
+            if index % 2:
+                truth[:, 10:20, 20:35] = True
+            probability = torch.rand(1, 1, 21, 29, generator=generator) * (0.4 + 0.2 * trial)
+            probability[..., 5:10, 10:17] += 0.5 * (index % 2)
+            full = upsample(probability.clamp(0, 1), [(42, 58)])[0]
+            assert full.shape == truth.shape
+            maps.append(full)
+            truths.append(truth)
+            total = total + tuning_scores(full, 1.0, truth, has_presence=False)
+        chosen, best, raw = choose_postprocessing(total, images=6, has_presence=False)
+        # the sums it reports are those of applying the rules to the maps, and the chosen one scores no lower
+        assert best == pytest.approx(dice_sum(chosen, maps, truths))
+        assert raw == pytest.approx(dice_sum(PostProcessing(), maps, truths))
+        assert dice_sum(chosen, maps, truths) >= dice_sum(PostProcessing(), maps, truths) - 1e-9
+        assert chosen.threshold in THRESHOLDS
+    assert best > raw, "on the last trial a higher threshold or a minimum area beats 0.5"
+
+
+def test_the_presence_rule_empties_images_judged_empty_where_area_cannot():
+    """Spurious blobs on empty images as large as the real targets: only presence tells them apart."""
+    truths, maps, presences = [], [], []
+    for index in range(6):
+        truth = torch.zeros(1, 40, 60, dtype=torch.bool)
+        probability = torch.full((1, 40, 60), 0.05)
+        probability[:, 10:25, 20:40] = 0.95  # the same blob everywhere
+        if index % 2:
+            truth[:, 10:25, 20:40] = True
+        truths.append(truth)
+        maps.append(probability)
+        presences.append(0.8 if index % 2 else 0.15)
+    with_presence = sum(
+        tuning_scores(p, q, t, has_presence=True) for p, q, t in zip(maps, presences, truths, strict=True)
+    )
+    chosen, best, default = choose_postprocessing(with_presence, images=6, has_presence=True)
+    assert best == pytest.approx(6.0) and default == pytest.approx(6.0)  # the default 0.5 already separates
+    assert 0.15 < chosen.presence_threshold <= 0.8
+    without = sum(tuning_scores(p, 1.0, t, has_presence=False) for p, t in zip(maps, truths, strict=True))
+    _, best_without, _ = choose_postprocessing(without, images=6, has_presence=False)
+    assert best_without == pytest.approx(3.0)  # every choice of threshold and area: all blobs or none
+    assert choose_postprocessing(without, images=6, has_presence=False)[0].presence_threshold == 0.0
+    assert not to_mask(maps[0], 0.15, chosen).any() and to_mask(maps[1], 0.8, chosen).sum() == 15 * 20
+
+
+@pytest.mark.parametrize(
+    ("gains", "adopted"),
+    [([1.0] + [0.0] * 59, False), ([0.2] * 60, True), ([0.3, -0.1] * 30, True), ([1.0, -0.9] * 30, False)],
+    ids=["one image flips", "every image gains", "most gain a little", "large gains and losses"],
+)
+def test_a_rule_replaces_the_default_only_when_its_gain_beats_the_noise(gains, adopted):
+    from nerveseg.postprocess import MIN_AREA_FRACTIONS, PRESENCE_THRESHOLDS, default_index
+
+    shape = (len(PRESENCE_THRESHOLDS), 2, len(THRESHOLDS), len(MIN_AREA_FRACTIONS))
+    default, other = default_index(has_presence=True), (PRESENCE_THRESHOLDS.index(0.7), 1, 0, 3)
+    tuning = torch.zeros(2, *shape, dtype=torch.float64)
+    for gain in gains:
+        table = torch.full(shape, 0.5, dtype=torch.float64)
+        table[other] += gain
+        tuning[0] += table
+        tuning[1] += (table - table[default]) ** 2
+    chosen, best, default_sum = choose_postprocessing(tuning, images=len(gains), has_presence=True)
+    assert (chosen.presence_threshold == 0.7 and chosen.keep_largest) == adopted
+    assert default_sum == pytest.approx(0.5 * len(gains))  # the sums of the rule kept, and of the default
+    assert best == pytest.approx(default_sum + sum(gains) if adopted else default_sum)
