@@ -194,4 +194,4 @@ if scores["images"]:
           f"{scores['all_empty_baseline']:.4f}")
     judged = [(float(row["uncertainty"]), float(row["dice"])) for row in image_rows if row.get("dice")]
     if check := uncertainty_check([u for u, _ in judged], [d for _, d in judged]):
-        print(describe_check(check))
+        print(f"uncertainty: {describe_check(check)}")

@@ -41,12 +41,12 @@ class MemberOutputs:
             len(tta.views) if tta is not None else 1
         )
         if self.members:
-            for fold in folds:
+            for fold in {id(fold): fold for fold in folds}.values():  # a model listed twice is called twice
                 fold.register_forward_hook(self.record)
 
     def record(self, module: nn.Module, inputs: tuple, outputs: tuple) -> None:
         """One member's outputs for a batch: its mask at the threshold (in the image's frame) and where it saw."""
-        view = len(self.recorded) // self.folds
+        view = len(self.recorded) // self.folds if self.views is not None else 0
         mask_logits, presence_logits = outputs
         probability = torch.sigmoid(mask_logits.float())
         seen = torch.ones_like(probability, dtype=torch.bool)
@@ -130,7 +130,7 @@ def uncertainty_check(uncertainties: list[float], dices: list[float]) -> dict | 
 
 
 def describe_check(check: dict) -> str:
-    """One line of uncertainty_check's figures."""
+    """uncertainty_check's figures in words."""
     auc = "none (no wrong image, or all wrong)" if check["auc"] is None else f"{check['auc']:.3f}"
-    return (f"uncertainty: {check['wrong_in_top_tenth']:.0%} of the most uncertain tenth ({check['top_tenth']} "
+    return (f"{check['wrong_in_top_tenth']:.0%} of the most uncertain tenth ({check['top_tenth']} "
             f"images) have a Dice below {WRONG_BELOW}, {check['wrong_in_rest']:.0%} of the rest; AUC {auc}")
