@@ -174,7 +174,8 @@ def describe_prediction(checkpoint_path: str, checkpoint: dict, *, engine: str, 
     tta = checkpoint.get("tta") or {}
     lines.append(("test-time augmentation", "on" if tta.get("use") else "off"))
     post = checkpoint.get("postprocessing") or {}
+    largest = "on" if post.get("keep_largest") else "off"
     lines.append(("post-processing", f"presence below {post.get('presence_threshold')} means empty, threshold "
-                                     f"{post.get('threshold')}, largest component {'on' if post.get('keep_largest') else 'off'}"
-                                     f", minimum area {post.get('min_area_fraction', 0):.2%} of the image"))
+                                     f"{post.get('threshold')}, largest component {largest}, minimum area "
+                                     f"{post.get('min_area_fraction', 0):.2%} of the image"))
     return lines
