@@ -273,14 +273,18 @@ def test_members_disagree_only_when_they_differ_and_the_prediction_is_unchanged(
     same = network(0)
     for model, disagreeing in ((Ensemble([same, same]), False), (Ensemble([network(0), network(1)]), True),
                                (TestTimeAugmentation(network(0), size=(32, 48), zoom=0.05, shift=0.03, flip=True),
-                                True)):
+                                True),
+                               (TestTimeAugmentation(Ensemble([network(0), network(1)]), size=(32, 48), zoom=0.05,
+                                                     shift=0.0, flip=False), True)):
         with torch.no_grad():
             before = model(images)
             members = MemberOutputs(Predictor(model), post)
             after = model(images)
             figures = members.uncertainty(torch.sigmoid(after[0]), torch.sigmoid(after[1]).tolist())
         assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])  # the hooks change nothing
-        assert members.members == (2 if isinstance(model, Ensemble) else len(model.views))
+        folds = len(model.members) if isinstance(model, Ensemble) else len(getattr(model.model, "members", [1]))
+        views = 1 if isinstance(model, Ensemble) else len(model.views)
+        assert members.members == folds * views and not members.recorded  # each batch's records used up
         assert len(figures) == 3 and all(0 <= figure <= 1 for figure in figures)
         assert (max(figures) > 0) == disagreeing, figures
     single = MemberOutputs(Predictor(network(0)), post)
