@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from nerveseg.errors import UserError
 from nerveseg.files import atomic_write
 from nerveseg.images import to_grayscale
 from nerveseg.metrics import describe_scores
@@ -31,6 +32,8 @@ PICTURES = "report"  # the folder of the pictures, beside report.html
 THUMBNAIL_SIDE = 192  # a thumbnail's longer side, in pixels
 FULL_SIZE_LIMIT = 1000  # full-size views are written for up to this many images (each is read again)
 PREDICTED, TRUTH = (255, 40, 40), (40, 255, 80)  # outline colours
+# What the page knows of each file, written as one list per file in this order (the page's script reads them by
+# these names): a list of lists keeps a page of 5,508 images small
 COLUMNS = ["name", "file", "kind", "presence", "area", "dice", "uncertainty", "truth_empty", "thumb", "width",
            "height", "full", "reason"]
 
@@ -77,7 +80,7 @@ class Report:
         self.folder, self.has_truths = folder, has_truths
         self.full_size = images <= FULL_SIZE_LIMIT
         (folder / PICTURES).mkdir()
-        self.rows: list[list] = []
+        self.rows: list[dict] = []  # one per file, with the keys of COLUMNS
 
     def add(self, *, name: str, file: str, network_image: np.ndarray, mask: np.ndarray, truth: np.ndarray | None,
             presence: float, dice: float | None, uncertainty: float) -> None:
@@ -90,44 +93,60 @@ class Report:
         small = np.asarray(Image.fromarray(network_image).resize(size, Image.Resampling.BILINEAR))
         small_truth = None if truth is None else resized_mask(truth, size)
         thumb = f"{PICTURES}/{number}.jpg"
-        draw_outlines(small, resized_mask(mask, size), small_truth, 1).save(self.folder / thumb, quality=85)
+        self.save(draw_outlines(small, resized_mask(mask, size), small_truth, 1), thumb, quality=85)
         full = ""
         if self.full_size:
             with Image.open(file) as original:
                 image = np.asarray(to_grayscale(original))
             full = f"{PICTURES}/{number}-full.jpg"
             line = max(1, round(max(height, width) / 300))
-            draw_outlines(image, mask.astype(bool), truth, line).save(self.folder / full, quality=90)
+            self.save(draw_outlines(image, mask.astype(bool), truth, line), full, quality=90)
         truth_is_empty = None if truth is None else not truth.any()
-        kind = kind_of_case(not mask.any(), truth_is_empty, dice)
-        self.rows.append([name, file, kind, round(presence, 4), int(np.count_nonzero(mask)),
-                          None if dice is None else round(dice, 4), round(uncertainty, 4), truth_is_empty, thumb,
-                          size[0], size[1], full, ""])
+        self.rows.append({
+            "name": name, "file": file, "kind": kind_of_case(not mask.any(), truth_is_empty, dice),
+            "presence": round(presence, 4), "area": int(np.count_nonzero(mask)),
+            "dice": None if dice is None else round(dice, 4), "uncertainty": round(uncertainty, 4),
+            "truth_empty": truth_is_empty, "thumb": thumb, "width": size[0], "height": size[1], "full": full,
+            "reason": "",
+        })
 
     def add_skipped(self, *, name: str, file: str, reason: str) -> None:
         """A file that could not be read, and why."""
-        self.rows.append([name, file, "skipped", None, 0, None, None, None, "", 0, 0, "", reason])
+        self.rows.append({"name": name, "file": file, "kind": "skipped", "presence": None, "area": 0, "dice": None,
+                          "uncertainty": None, "truth_empty": None, "thumb": "", "width": 0, "height": 0, "full": "",
+                          "reason": reason})
+
+    def save(self, picture: Image.Image, relative: str, *, quality: int) -> None:
+        """A JPEG beside the page; a full disk is a UserError that names it."""
+        path = self.folder / relative
+        try:
+            picture.save(path, quality=quality)
+        except OSError as error:
+            path.unlink(missing_ok=True)
+            raise UserError(f"cannot write {path}: {error.strerror}; free some space, choose another --output, or "
+                            "pass --report false") from None
 
     def write(self, path: Path, *, about: list[tuple[str, str]], scores: dict | None) -> None:
         """The page, atomically: `about` the lines of what predicted with what, `scores` DiceTally.summary() with
         its all-empty baseline where truths were given."""
-        kinds = [row[2] for row in self.rows]
-        summary = [*about,
-                   ("images", f"{len(kinds) - kinds.count('skipped')} predicted, {kinds.count('skipped')} skipped; "
-                              f"{sum(row[4] == 0 for row in self.rows if row[2] != 'skipped')} empty masks")]
-        summary += [(f"skipped {row[1]}", row[12]) for row in self.rows if row[2] == "skipped"][:20]
+        kinds = [row["kind"] for row in self.rows]
+        predicted = [row for row in self.rows if row["kind"] != "skipped"]
+        skipped = [row for row in self.rows if row["kind"] == "skipped"]
+        summary = [*about, ("images", f"{len(predicted)} predicted, {len(skipped)} skipped; "
+                                      f"{sum(row['area'] == 0 for row in predicted)} empty masks")]
+        summary += [(f"skipped {row['file']}", row["reason"]) for row in skipped[:20]]
         if scores:
             summary.append(("Kaggle Dice", f"{describe_scores(scores)}; all-empty baseline "
                                            f"{scores['all_empty_baseline']:.4f}"))
-            counts = ", ".join(f"{sum(kind == name for kind in kinds)} {name}" for name in
+            counts = ", ".join(f"{kinds.count(kind)} {kind}" for kind in
                                ("hit", "miss", "true empty", "false empty", "stray mask"))
             summary.append(("cases", counts))
-            judged = [(row[6], row[5]) for row in self.rows if row[5] is not None]
-            check = uncertainty_check([u for u, _ in judged], [d for _, d in judged])
+            judged = [row for row in predicted if row["dice"] is not None]
+            check = uncertainty_check([row["uncertainty"] for row in judged], [row["dice"] for row in judged])
             if check:
                 summary.append(("uncertainty", describe_check(check)))
-        data = {"columns": COLUMNS, "rows": self.rows, "summary": summary, "has_truths": self.has_truths,
-                "full_size_limit": FULL_SIZE_LIMIT}
+        data = {"columns": COLUMNS, "rows": [[row[column] for column in COLUMNS] for row in self.rows],
+                "summary": summary, "has_truths": self.has_truths, "full_size_limit": FULL_SIZE_LIMIT}
         with atomic_write(path) as file:
             file.write(page(data))
 

@@ -1,6 +1,7 @@
 """predict.py's report.html, seen in a real browser (headless Chromium), and the uncertainty figure."""
 
 import csv
+import errno
 import json
 import re
 import shutil
@@ -15,11 +16,12 @@ import torch
 from PIL import Image
 
 from nerveseg.ensemble import Ensemble, TestTimeAugmentation
+from nerveseg.errors import UserError
 from nerveseg.model import build_model, model_config
 from nerveseg.postprocess import PostProcessing
 from nerveseg.report import FULL_SIZE_LIMIT, Report, kind_of_case, page
 from nerveseg.uncertainty import MemberOutputs, roc_auc, single_model_uncertainty, uncertainty_check
-from tests.helpers import run_script
+from tests.helpers import NO_SPACE, run_script
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
@@ -297,3 +299,17 @@ def test_page_escapes_what_would_end_its_script():
     data = re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1)
     assert json.loads(data)["rows"] == [["</script><!--\u2028&"]]
     assert "<" not in data and "&" not in data
+
+
+def test_a_full_disk_while_writing_a_thumbnail_is_a_clear_error(tmp_path, monkeypatch):
+    report = Report(tmp_path, images=5000, has_truths=False)
+
+    def full_disk(picture, path, **options):
+        Path(path).write_bytes(b"part")
+        raise OSError(errno.ENOSPC, NO_SPACE)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(UserError, match="cannot write .*0.jpg: No space left on device"):
+        report.add(name="a", file="a.png", network_image=np.zeros((8, 8), np.uint8), mask=np.zeros((8, 8), np.uint8),
+                   truth=None, presence=0.5, dice=None, uncertainty=0.0)
+    assert not (tmp_path / "report" / "0.jpg").exists()  # no partial picture left
