@@ -156,7 +156,8 @@ if not rows:
 if write_submission:
     write_csv(output.building / "submission.csv", rows, ["img", "pixels"])
 write_csv(output.building / "images.csv", image_rows, IMAGE_COLUMNS)
-scores = tally.summary() | {"all_empty_baseline": tally.count_empty / max(tally.summary()["images"], 1)}
+scores = tally.summary()
+scores["all_empty_baseline"] = tally.count_empty / max(scores["images"], 1)
 if report:
     about = describe_prediction(CHECKPOINT, checkpoint, engine=engine, input_folder=INPUT, masks_folder=MASKS)
     report.write(output.building / "report.html", about=about, scores=scores if scores["images"] else None)

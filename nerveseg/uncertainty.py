@@ -35,23 +35,21 @@ class MemberOutputs:
         tta = model if isinstance(model, TestTimeAugmentation) else None
         inner = tta.model if tta is not None else model
         folds = list(inner.members) if isinstance(inner, Ensemble) else [inner]
-        self.views = tta
-        self.folds = len(folds)
-        self.members = 0 if model is None or (tta is None and self.folds == 1) else self.folds * (
-            len(tta.views) if tta is not None else 1
-        )
+        self.augmentation, self.folds = tta, len(folds)
+        count = self.folds * (len(tta.views) if tta is not None else 1)
+        self.members = count if model is not None and count > 1 else 0
         if self.members:
             for fold in {id(fold): fold for fold in folds}.values():  # a model listed twice is called twice
                 fold.register_forward_hook(self.record)
 
     def record(self, module: nn.Module, inputs: tuple, outputs: tuple) -> None:
         """One member's outputs for a batch: its mask at the threshold (in the image's frame) and where it saw."""
-        view = len(self.recorded) // self.folds if self.views is not None else 0
+        view = len(self.recorded) // self.folds if self.augmentation is not None else 0
         mask_logits, presence_logits = outputs
         probability = torch.sigmoid(mask_logits.float())
         seen = torch.ones_like(probability, dtype=torch.bool)
         if view > 0:  # a shifted or zoomed view: back to the image's frame; only where it showed the image counts
-            back = self.views.back_grids[view - 1].expand(probability.shape[0], -1, -1, -1)
+            back = self.augmentation.back_grids[view - 1].expand(probability.shape[0], -1, -1, -1)
             probability = F.grid_sample(probability, back, mode="bilinear", padding_mode="zeros", align_corners=False)
             seen = F.grid_sample(torch.ones_like(probability), back, align_corners=False) > 0.99
         mask = probability > self.post.threshold
