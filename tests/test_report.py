@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,19 @@ def test_the_browser_shows_a_card_per_image_sorted_and_filtered(predicted):
     assert [unescape(card["name"]) for card in empty_truths] == sorted(n for n, e in truth_is_empty.items() if e)
     skipped, _ = shown_cards(predicted["page"], "#filter=skipped")
     assert [card["name"] for card in skipped] == ["broken"]
+
+
+@needs_chromium
+def test_a_picture_opens_at_full_size(predicted):
+    name = ODD_NAMES[2]  # the view of any image can be opened by the address, as a click opens it
+    result = browser("--dump-dom", url=predicted["page"].as_uri() + "#view=" + urllib.parse.quote(name),
+                     cwd=predicted["root"])
+    viewer = re.search(r'<div id="viewer"( hidden="")?><img id="viewer-image" alt="" src="([^"]+)"[^>]*><p '
+                       r'id="viewer-caption">(.*?)</p>', result.stdout)
+    assert viewer and not viewer.group(1), result.stdout[-3000:]
+    assert viewer.group(2).endswith("-full.jpg") and unescape(viewer.group(3)).startswith(name)
+    with Image.open(predicted["page"].parent / viewer.group(2)) as view:
+        assert view.size == (130, 90)
 
 
 @needs_chromium
