@@ -180,6 +180,7 @@ if examples:
     plot_predictions(examples, picture, f"Predicted outlines ({Path(CHECKPOINT).name}, {INPUT})")
 seconds = time.perf_counter() - started
 submission = f", {OUTPUT}/submission.csv" if write_submission else ""
+submission += f", {OUTPUT}/report.html" if REPORT else ""
 print(
     f"wrote {len(rows)} masks to {OUTPUT}/masks, {OUTPUT}/images.csv{submission} and {picture} in {seconds:.1f} s "
     f"({len(rows) / seconds:.1f} images/s)"
