@@ -6,10 +6,11 @@
 
 Writes OUTPUT/masks/<name>.png (0/255, each image's own size and name, in its subfolder), OUTPUT/submission.csv
 (Kaggle format, for a Kaggle test set or with --submission true), OUTPUT/images.csv (per image: the presence
-probability, the mask's area, the Dice where a truth is given, or why the file was skipped) and a picture of
-a few predictions in PICTURES. The rule chosen on the validation subjects at the end of training (presence
-threshold, threshold, largest component, minimum area) is read from the checkpoint. A cross-validated
-checkpoint (train.py --folds) predicts with the mean of its fold models (--fold k: fold k alone), and
+probability, the mask's area, the Dice where a truth is given, an uncertainty from 0 to 1, or why the file was
+skipped), OUTPUT/report.html (every image with its outlines, to sort and filter in a browser; see
+docs/pipeline.md) and a picture of a few predictions in PICTURES. The rule chosen on the validation subjects at
+the end of training (presence threshold, threshold, largest component, minimum area) is read from the checkpoint.
+A cross-validated checkpoint (train.py --folds) predicts with the mean of its fold models (--fold k: fold k alone), and
 test-time augmentation is used where validation chose it (--tta).
 An unreadable file is skipped and named, unless --strict.
 """
@@ -36,10 +37,12 @@ from nerveseg.memory import keep_freed_memory
 from nerveseg.metrics import DiceTally, describe_scores, kaggle_dice
 from nerveseg.pictures import plot_predictions
 from nerveseg.postprocess import PostProcessing, to_mask, upsample
+from nerveseg.report import Report, describe_prediction
 from nerveseg.rle import rle_encode
 from nerveseg.runtime import load_predictor
 from nerveseg.settings import parse_settings
 from nerveseg.transforms import collate_keep_sizes, load_transforms
+from nerveseg.uncertainty import MemberOutputs, describe_check, uncertainty_check
 
 # %% Settings
 # -----------------------------------------------------------------------------
@@ -51,6 +54,7 @@ SUBMISSION = "auto"  # write submission.csv: auto (for a Kaggle test set, images
 PICTURES = "Images"  # where the picture of example predictions goes
 NUM_PICTURES = 4  # how many images the picture shows
 MAX_IMAGE_PIXELS = 25_000_000  # an image of more pixels (width x height) is skipped before decoding (memory bound)
+REPORT = True  # write OUTPUT/report.html: every image with its outlines and figures, to sort and filter in a browser
 # Truth masks
 MASKS = ""  # a folder of truth masks (<name>.png, <name>_mask.png, ...; may be INPUT itself): also report the Dice
 MASK_SUFFIX = "_mask"  # how a truth mask's name ends (<name>_mask.png); files so named in INPUT are not segmented
@@ -100,12 +104,14 @@ loader = torch.utils.data.DataLoader(
     dataset, batch_size=BATCH_SIZE, num_workers=workers, collate_fn=collate_keep_sizes
 )
 output = OutputFolder(Path(OUTPUT), reads=[INPUT, *filter(None, [MASKS]), *(item["image"] for item in items)])
+report = Report(output.building, images=len(items), has_truths=bool(truths)) if REPORT else None
+members = MemberOutputs(predictor, post)  # the ensemble's members and test-time augmentation's views, for uncertainty
 predicting_with = checkpoint.get("predicting_with") or f"epoch {checkpoint['epoch']}"  # an older export: one model
 print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} ({predicting_with}) on {device} "
       f"({'ONNX Runtime' if engine == 'onnxruntime' else 'PyTorch'})")
 
 # %% Segment: network at its own size, then each mask back at its image's size
-IMAGE_COLUMNS = ["img", "file", "presence", "mask_area", "dice", "skipped_because", "note"]
+IMAGE_COLUMNS = ["img", "file", "presence", "mask_area", "dice", "uncertainty", "skipped_because", "note"]
 rows, image_rows, tally, examples = [], [], DiceTally(), []
 with torch.no_grad():
     for batch in tqdm(loader, desc="predicting", unit="batch", disable=QUIET or None):
@@ -115,18 +121,25 @@ with torch.no_grad():
                 raise UserError(f"{batch['error'][index]} (--strict); remove or replace it")
             image_rows.append({"img": batch["id"][index], "file": batch["image_path"][index],
                                "skipped_because": batch["error"][index].split(": ", 1)[1]})
+            if report:
+                report.add_skipped(name=batch["id"][index], file=batch["image_path"][index],
+                                   reason=image_rows[-1]["skipped_because"])
         if not readable:
             continue
         probabilities, presences = predictor(batch["image"][readable])
+        uncertainties = members.uncertainty(probabilities, presences)
         sizes = [tuple(batch["original_size"][index].tolist()) for index in readable]
         probabilities = upsample(probabilities, sizes)
-        for index, probability, presence in zip(readable, probabilities, presences, strict=True):
+        for index, probability, presence, uncertainty in zip(readable, probabilities, presences, uncertainties,
+                                                             strict=True):
             name = batch["id"][index]
             mask = to_mask(probability, presence, post)
             output.write_mask(name, mask)
             rows.append({"img": name, "pixels": rle_encode(mask)})
             image_row = {"img": name, "file": batch["image_path"][index], "presence": f"{presence:.4f}",
-                         "mask_area": int(np.count_nonzero(mask)), "note": batch["notes"][index]}
+                         "mask_area": int(np.count_nonzero(mask)), "uncertainty": f"{uncertainty:.4f}",
+                         "note": batch["notes"][index]}
+            truth = None
             if name in truths:
                 truth = torch.as_tensor(truths[name]()).bool()[None, None]
                 if truth.shape[-2:] != mask.shape:
@@ -136,6 +149,10 @@ with torch.no_grad():
                 tally.add(dice, ~truth.flatten(1).any(1), torch.tensor([not mask.any()]))
                 image_row["dice"] = f"{float(dice[0]):.4f}"
             image_rows.append(image_row)
+            if report:
+                report.add(name=name, file=batch["image_path"][index], network_image=batch["image"][index, 0].numpy(),
+                           mask=mask, truth=None if truth is None else truth[0, 0].numpy(), presence=presence,
+                           dice=float(dice[0]) if truth is not None else None, uncertainty=uncertainty)
 
 # %% Submission, pictures and the Dice
 if not rows:
@@ -144,6 +161,11 @@ if not rows:
 if write_submission:
     write_csv(output.building / "submission.csv", rows, ["img", "pixels"])
 write_csv(output.building / "images.csv", image_rows, IMAGE_COLUMNS)
+scores = tally.summary()
+scores["all_empty_baseline"] = tally.count_empty / max(scores["images"], 1)
+if report:
+    about = describe_prediction(CHECKPOINT, checkpoint, engine=engine, input_folder=INPUT, masks_folder=MASKS)
+    report.write(output.building / "report.html", about=about, scores=scores if scores["images"] else None)
 output.finish()
 predicted = {row["img"]: row["pixels"] for row in rows}
 for item in pick_examples([item for item in items if item["id"] in predicted], predicted, NUM_PICTURES):
@@ -163,6 +185,7 @@ if examples:
 seconds = time.perf_counter() - started
 submission = f", {OUTPUT}/submission.csv" if write_submission else ""
 pictured = f" and {picture}" if examples else ""
+submission += f", {OUTPUT}/report.html" if REPORT else ""
 print(
     f"wrote {len(rows)} masks to {OUTPUT}/masks, {OUTPUT}/images.csv{submission}{pictured} in {seconds:.1f} s "
     f"({len(rows) / seconds:.1f} images/s)"
@@ -178,7 +201,9 @@ if noted:
     print(f"{len(noted)} image(s) to look at (also in {OUTPUT}/images.csv):", file=sys.stderr)
     for row in noted[:20]:
         print(f"  {row['file']}: {row['note']}", file=sys.stderr)
-if tally.count_empty + tally.count_nonempty:
-    scores = tally.summary()
+if scores["images"]:
     print(f"Kaggle {describe_scores(scores)} on {scores['images']} images with truth masks; all-empty baseline "
-          f"{tally.count_empty / scores['images']:.4f}")
+          f"{scores['all_empty_baseline']:.4f}")
+    judged = [(float(row["uncertainty"]), float(row["dice"])) for row in image_rows if row.get("dice")]
+    if check := uncertainty_check([u for u, _ in judged], [d for _, d in judged]):
+        print(f"uncertainty: {describe_check(check)}")

@@ -1,0 +1,200 @@
+"""predict.py's report.html: a page of every image with its outlines and figures, to open from disk in a browser.
+
+The page (the template report.html beside this file) holds the figures of every image as JSON and makes the
+cards with a small script: sorting, filters and the full-size view need no server and no network. Its
+Content-Security-Policy allows only its own style and script (by their sha256) and images from disk, so nothing
+can be fetched, and a file name is only ever text: the JSON escapes <, > and &, the script sets textContent.
+
+Each image's picture is a small JPEG in report/ beside the page, loaded when it scrolls into view: a thumbnail
+drawn from the image as the network saw it (no second read of the file) with the outlines of the mask (red)
+and of the truth (green); for up to FULL_SIZE_LIMIT images also a view at the image's own size, read again.
+The page and its pictures are written into predict.py's output folder while it is built, so a new report
+replaces an older one at once, with the rest of the folder (inference.OutputFolder).
+"""
+
+import base64
+import hashlib
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from nerveseg.errors import UserError
+from nerveseg.files import atomic_write
+from nerveseg.images import to_grayscale
+from nerveseg.metrics import describe_scores
+from nerveseg.uncertainty import WRONG_BELOW, describe_check, uncertainty_check
+
+PICTURES = "report"  # the folder of the pictures, beside report.html
+THUMBNAIL_SIDE = 192  # a thumbnail's longer side, in pixels
+FULL_SIZE_LIMIT = 1000  # full-size views are written for up to this many images (each is read again)
+PREDICTED, TRUTH = (255, 40, 40), (40, 255, 80)  # outline colours
+# What the page knows of each file, written as one list per file in this order (the page's script reads them by
+# these names): a list of lists keeps a page of 5,508 images small
+COLUMNS = ["name", "file", "kind", "presence", "area", "dice", "uncertainty", "truth_empty", "thumb", "width",
+           "height", "full", "reason"]
+
+
+def kind_of_case(mask_is_empty: bool, truth_is_empty: bool | None, dice: float | None) -> str:
+    """What kind of case an image is: true empty, false empty, hit, miss, stray mask (a mask on an empty truth);
+    without a truth: empty or mask."""
+    if truth_is_empty is None:
+        return "empty" if mask_is_empty else "mask"
+    if truth_is_empty:
+        return "true empty" if mask_is_empty else "stray mask"
+    if mask_is_empty:
+        return "false empty"
+    return "hit" if dice is not None and dice >= WRONG_BELOW else "miss"
+
+
+def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """The pixels of a bool mask that touch its outside (4-neighbours), `width` pixels deep."""
+    inner = mask.copy()
+    for _ in range(width):
+        padded = np.pad(inner, 1)
+        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def draw_outlines(image: np.ndarray, mask: np.ndarray, truth: np.ndarray | None, width: int) -> Image.Image:
+    """An 8-bit grayscale image in colour with the outlines of the truth (under) and the mask."""
+    picture = np.repeat(image[..., None], 3, axis=2)
+    if truth is not None:
+        picture[outline(truth, width)] = TRUTH
+    picture[outline(mask, width)] = PREDICTED
+    return Image.fromarray(picture)
+
+
+def resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A bool mask at (width, height) `size`."""
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
+
+
+class Report:
+    """Collects the images of a prediction, writing each one's pictures at once, then writes the page."""
+
+    def __init__(self, folder: Path, *, images: int, has_truths: bool) -> None:
+        self.folder, self.has_truths = folder, has_truths
+        self.full_size = images <= FULL_SIZE_LIMIT
+        (folder / PICTURES).mkdir()
+        self.rows: list[dict] = []  # one per file, with the keys of COLUMNS
+
+    def add(self, *, name: str, file: str, network_image: np.ndarray, mask: np.ndarray, truth: np.ndarray | None,
+            presence: float, dice: float | None, uncertainty: float) -> None:
+        """One predicted image: `network_image` the (h, w) 8-bit image the network saw, `mask` and `truth` (bool,
+        or None) at the image's own (H, W) size."""
+        number = len(self.rows)
+        height, width = mask.shape
+        scale = THUMBNAIL_SIDE / max(height, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small = np.asarray(Image.fromarray(network_image).resize(size, Image.Resampling.BILINEAR))
+        small_truth = None if truth is None else resized_mask(truth, size)
+        thumb = f"{PICTURES}/{number}.jpg"
+        self.save(draw_outlines(small, resized_mask(mask, size), small_truth, 1), thumb, quality=85)
+        full = ""
+        if self.full_size:
+            with Image.open(file) as original:
+                image = np.asarray(to_grayscale(original))
+            full = f"{PICTURES}/{number}-full.jpg"
+            line = max(1, round(max(height, width) / 300))
+            self.save(draw_outlines(image, mask.astype(bool), truth, line), full, quality=90)
+        truth_is_empty = None if truth is None else not truth.any()
+        self.rows.append({
+            "name": name, "file": file, "kind": kind_of_case(not mask.any(), truth_is_empty, dice),
+            "presence": round(presence, 4), "area": int(np.count_nonzero(mask)),
+            "dice": None if dice is None else round(dice, 4), "uncertainty": round(uncertainty, 4),
+            "truth_empty": truth_is_empty, "thumb": thumb, "width": size[0], "height": size[1], "full": full,
+            "reason": "",
+        })
+
+    def add_skipped(self, *, name: str, file: str, reason: str) -> None:
+        """A file that could not be read, and why."""
+        self.rows.append({"name": name, "file": file, "kind": "skipped", "presence": None, "area": 0, "dice": None,
+                          "uncertainty": None, "truth_empty": None, "thumb": "", "width": 0, "height": 0, "full": "",
+                          "reason": reason})
+
+    def save(self, picture: Image.Image, relative: str, *, quality: int) -> None:
+        """A JPEG beside the page; a full disk is a UserError that names it."""
+        path = self.folder / relative
+        try:
+            picture.save(path, quality=quality)
+        except OSError as error:
+            path.unlink(missing_ok=True)
+            raise UserError(f"cannot write {path}: {error.strerror}; free some space, choose another --output, or "
+                            "pass --report false") from None
+
+    def write(self, path: Path, *, about: list[tuple[str, str]], scores: dict | None) -> None:
+        """The page, atomically: `about` the lines of what predicted with what, `scores` DiceTally.summary() with
+        its all-empty baseline where truths were given."""
+        kinds = [row["kind"] for row in self.rows]
+        predicted = [row for row in self.rows if row["kind"] != "skipped"]
+        skipped = [row for row in self.rows if row["kind"] == "skipped"]
+        summary = [*about, ("images", f"{len(predicted)} predicted, {len(skipped)} skipped; "
+                                      f"{sum(row['area'] == 0 for row in predicted)} empty masks")]
+        summary += [(f"skipped {row['file']}", row["reason"]) for row in skipped[:20]]
+        if scores:
+            summary.append(("Kaggle Dice", f"{describe_scores(scores)}; all-empty baseline "
+                                           f"{scores['all_empty_baseline']:.4f}"))
+            counts = ", ".join(f"{kinds.count(kind)} {kind}" for kind in
+                               ("hit", "miss", "true empty", "false empty", "stray mask"))
+            summary.append(("cases", counts))
+            judged = [row for row in predicted if row["dice"] is not None]
+            check = uncertainty_check([row["uncertainty"] for row in judged], [row["dice"] for row in judged])
+            if check:
+                summary.append(("uncertainty", describe_check(check)))
+        data = {"columns": COLUMNS, "rows": [[row[column] for column in COLUMNS] for row in self.rows],
+                "summary": summary, "has_truths": self.has_truths, "full_size_limit": FULL_SIZE_LIMIT}
+        with atomic_write(path) as file:
+            file.write(page(data))
+
+
+def page(data: dict) -> str:
+    """The template filled with `data`: its JSON made safe inside a script element, the policy with the hashes
+    of the template's own style and script."""
+    template = resources.files("nerveseg").joinpath("report.html").read_text(encoding="utf-8")
+    hashes = {kind: f"'sha256-{digest(text)}'" for kind, text in (
+        ("style", re.search(r"<style>(.*?)</style>", template, re.S).group(1)),
+        ("script", re.search(r"<script>(.*?)</script>", template, re.S).group(1)),
+    )}
+    policy = (f"default-src 'none'; img-src 'self' file:; style-src {hashes['style']}; "
+              f"script-src {hashes['script']}; base-uri 'none'; form-action 'none'")
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    text = text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")  # never ends the element
+    text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return template.replace("@CSP@", policy, 1).replace("@DATA@", text, 1)
+
+
+def digest(text: str) -> str:
+    """A CSP hash source's value: base64 of the sha256 of the UTF-8 text."""
+    return base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+
+
+def describe_prediction(checkpoint_path: str, checkpoint: dict, *, engine: str, input_folder: str,
+                        masks_folder: str) -> list[tuple[str, str]]:
+    """The page's lines on what was predicted with what: the model, its training data and validation figures,
+    ensemble and test-time augmentation, post-processing."""
+    settings, metrics = checkpoint.get("settings") or {}, checkpoint.get("metrics") or {}
+    predicting_with = checkpoint.get("predicting_with") or f"epoch {checkpoint.get('epoch')}"
+    lines = [("images", input_folder + (f" (truths: {masks_folder})" if masks_folder else "")),
+             ("model", f"{checkpoint_path}: {predicting_with}, run by "
+                       f"{'ONNX Runtime' if engine == 'onnxruntime' else 'PyTorch'}")]
+    if settings:
+        size = f"{settings.get('image_height', '?')}x{settings.get('image_width', '?')}"
+        lines.append(("trained on", f"{settings.get('data_dir', '?')}, up to {settings.get('max_epochs', '?')} "
+                                    f"epochs at {size}"))
+    if "postprocessed" in metrics:
+        lines.append(("validation", f"{describe_scores(metrics['postprocessed'])} on the validation images"))
+    elif "cross_validation" in metrics:
+        pooled = metrics["cross_validation"]["pooled"]["postprocessed"]
+        lines.append(("validation", f"{describe_scores(pooled)}, all folds' validation images pooled"))
+    tta = checkpoint.get("tta") or {}
+    lines.append(("test-time augmentation", "on" if tta.get("use") else "off"))
+    post = checkpoint.get("postprocessing") or {}
+    largest = "on" if post.get("keep_largest") else "off"
+    lines.append(("post-processing", f"presence below {post.get('presence_threshold')} means empty, threshold "
+                                     f"{post.get('threshold')}, largest component {largest}, minimum area "
+                                     f"{post.get('min_area_fraction', 0):.2%} of the image"))
+    return lines
