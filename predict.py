@@ -104,7 +104,8 @@ loader = torch.utils.data.DataLoader(
     dataset, batch_size=BATCH_SIZE, num_workers=workers, collate_fn=collate_keep_sizes
 )
 output = OutputFolder(Path(OUTPUT), reads=[INPUT, *filter(None, [MASKS]), *(item["image"] for item in items)])
-report = Report(output.building, images=len(items), has_truths=bool(truths)) if REPORT else None
+report = (Report(output.building, images=len(items), has_truths=bool(truths), max_pixels=MAX_IMAGE_PIXELS)
+          if REPORT else None)  # report.html: each image's pictures are drawn as its mask is written
 members = MemberOutputs(predictor, post)  # the ensemble's members and test-time augmentation's views, for uncertainty
 predicting_with = checkpoint.get("predicting_with") or f"epoch {checkpoint['epoch']}"  # an older export: one model
 print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} ({predicting_with}) on {device} "

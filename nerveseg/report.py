@@ -24,7 +24,7 @@ from PIL import Image
 
 from nerveseg.errors import UserError
 from nerveseg.files import atomic_write
-from nerveseg.images import to_grayscale
+from nerveseg.images import MAX_IMAGE_PIXELS, read_gray
 from nerveseg.metrics import describe_scores
 from nerveseg.uncertainty import WRONG_BELOW, describe_check, uncertainty_check
 
@@ -76,8 +76,8 @@ def resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 class Report:
     """Collects the images of a prediction, writing each one's pictures at once, then writes the page."""
 
-    def __init__(self, folder: Path, *, images: int, has_truths: bool) -> None:
-        self.folder, self.has_truths = folder, has_truths
+    def __init__(self, folder: Path, *, images: int, has_truths: bool, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+        self.folder, self.has_truths, self.max_pixels = folder, has_truths, max_pixels
         self.full_size = images <= FULL_SIZE_LIMIT
         (folder / PICTURES).mkdir()
         self.rows: list[dict] = []  # one per file, with the keys of COLUMNS
@@ -96,8 +96,7 @@ class Report:
         self.save(draw_outlines(small, resized_mask(mask, size), small_truth, 1), thumb, quality=85)
         full = ""
         if self.full_size:
-            with Image.open(file) as original:
-                image = np.asarray(to_grayscale(original))
+            image = read_gray(file, max_pixels=self.max_pixels).pixels  # upright, as predict.py read it
             full = f"{PICTURES}/{number}-full.jpg"
             line = max(1, round(max(height, width) / 300))
             self.save(draw_outlines(image, mask.astype(bool), truth, line), full, quality=90)

@@ -83,12 +83,13 @@ def checkpoints(images, tmp_path_factory) -> dict[str, Path]:
     def checkpoint(post: PostProcessing) -> dict:
         return make_checkpoint(build_model(config), model_config=config, preprocessing={"image_size": IMAGE_SIZE},
                                postprocessing=post.as_dict(), settings={"max_epochs": 1}, epoch=1,
-                               metrics={"postprocessed": {"dice": 0.61, "all_empty_baseline": 0.42, "images": 9}})
+                               metrics={"postprocessed": {"dice": 0.61, "all_empty_baseline": 0.42, "images": 9,
+                                                         "images_empty": 4}})
 
     single_rule = PostProcessing(threshold=0.5, keep_largest=True, min_area_fraction=0.002)
     members = [checkpoint(single_rule) for _ in range(2)]
     summary = {"folds": [{}, {}], "mean": {"postprocessed": {"dice": 0.7}}, "sd": {"postprocessed": {"dice": 0.05}},
-               "pooled": {"postprocessed": {"dice": 0.69, "all_empty_baseline": 0.55, "images": 12}}}
+               "pooled": {"postprocessed": {"dice": 0.69, "all_empty_baseline": 0.55, "images": 12, "images_empty": 7}}}
     paths = {"single": folder / "single.pt", "ensemble": folder / "ensemble.pt"}
     save_torch(paths["single"], members[0])
     save_torch(paths["ensemble"], ensemble_checkpoint(
@@ -249,7 +250,7 @@ def test_the_metadata_records_the_data_the_figures_and_the_rule(bundles):
     assert single["authors"] == "Test Lab" and "Test Lab" in single["copyright"]
     assert single["version"] in single["changelog"] and single["monai_version"] and single["numpy_version"]
     assert single["eval_metrics"] == {"validation_kaggle_dice": 0.61, "validation_images": 9,
-                                      "all_empty_baseline": 0.42}
+                                      "validation_images_empty": 4, "all_empty_baseline": 0.42}
     assert ensemble["eval_metrics"]["cross_validated_kaggle_dice_mean"] == 0.7
     assert ensemble["eval_metrics"]["cross_validated_kaggle_dice_sd"] == 0.05
     assert ensemble["eval_metrics"]["all_empty_baseline"] == 0.55

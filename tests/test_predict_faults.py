@@ -184,7 +184,8 @@ def test_no_picture_is_claimed_and_names_a_spreadsheet_would_run_stay_text(small
     result = run_script("predict.py", "--checkpoint", str(small_model), "--input", "input", "--output", "out",
                         "--num-pictures", "0", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "wrote 5 masks to out/masks, out/images.csv in" in result.stdout and "png" not in result.stdout
+    assert "wrote 5 masks to out/masks, out/images.csv, out/report.html in" in result.stdout
+    assert "png" not in result.stdout
     assert not (tmp_path / "Images").exists()
     with open(tmp_path / "out" / "images.csv", newline="") as file:
         written = [row["img"] for row in csv.DictReader(file)]
