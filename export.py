@@ -31,17 +31,10 @@ from nerveseg.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from nerveseg.checkpoint import VERSION as CHECKPOINT_VERSION
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.files import atomic_write
-from nerveseg.inference import ReadableDataset, read_some
 from nerveseg.layouts import images_to_segment
-from nerveseg.runtime import (
-    CHECKPOINT_FIELDS,
-    OnnxPredictor,
-    TorchPredictor,
-    add_metadata,
-    max_difference,
-    onnx_graph,
-    prediction_model,
-)
+from nerveseg.onnx_export import CHECKPOINT_FIELDS, add_metadata, onnx_graph
+from nerveseg.predict_io import ReadableDataset, read_some
+from nerveseg.predictors import OnnxPredictor, TorchPredictor, check_onnx_matches_torch, prediction_model
 from nerveseg.settings import parse_settings
 from nerveseg.transforms import load_transforms, network_input
 
@@ -54,6 +47,7 @@ CHECK_INPUT = "data/clean/test"  # images to compare ONNX Runtime with PyTorch o
 CHECK_IMAGES = 8  # how many of them
 MAX_IMAGE_PIXELS = 25_000_000  # a check image of more pixels (width x height) is skipped before decoding
 TOLERANCE = 0.0001  # the largest difference of probabilities allowed between ONNX Runtime and PyTorch
+# (TOLERANCE's default is nerveseg.predictors.ONNX_TOLERANCE, which predict.py --engine onnxruntime uses)
 FOLD = 0  # with a cross-validated checkpoint: 0 exports the ensemble of all folds, k only fold k's model
 TTA = "auto"  # include test-time augmentation: auto (where validation chose it), true or false
 # MONAI Bundle (--format bundle)
@@ -112,11 +106,9 @@ fields = (*CHECKPOINT_FIELDS, "tta", "predicting_with")
 metadata = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             **{field: checkpoint.get(field) for field in fields}}
 graph = add_metadata(onnx_graph(model, image_size, has_presence=has_presence), metadata)
-difference = max_difference(OnnxPredictor(graph, str(output)), TorchPredictor(model, torch.device("cpu"), amp=False),
-                            images)
-if difference > TOLERANCE:
-    raise UserError(f"ONNX Runtime's probabilities differ from PyTorch's by {difference:.2g} (more than --tolerance "
-                    f"{TOLERANCE}) on {checked_on}; {output} was not written")
+difference = check_onnx_matches_torch(OnnxPredictor(graph, str(output)),
+                                      TorchPredictor(model, torch.device("cpu"), amp=False), images,
+                                      tolerance=TOLERANCE, what=f"on {checked_on}; {output} was not written")
 with atomic_write(output, "wb") as file:
     file.write(graph)
 print(f"wrote {output} ({checkpoint['predicting_with']}; {len(graph) / 1e6:.1f} MB;"
