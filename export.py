@@ -16,7 +16,8 @@ augmentation inside where validation chose it (--tta).
 
 Before writing, ONNX Runtime's probabilities are compared with PyTorch's on CHECK_IMAGES images of
 CHECK_INPUT (random images where that folder is absent); a model that differs by more than TOLERANCE is
-not written.
+not written. TOLERANCE's default is nerveseg.predictors.ONNX_TOLERANCE, the limit of predict.py --engine
+onnxruntime too (the settings block holds literals only; tests/test_export.py keeps the two equal).
 """
 
 # %% Imports
@@ -47,7 +48,6 @@ CHECK_INPUT = "data/clean/test"  # images to compare ONNX Runtime with PyTorch o
 CHECK_IMAGES = 8  # how many of them
 MAX_IMAGE_PIXELS = 25_000_000  # a check image of more pixels (width x height) is skipped before decoding
 TOLERANCE = 0.0001  # the largest difference of probabilities allowed between ONNX Runtime and PyTorch
-# (TOLERANCE's default is nerveseg.predictors.ONNX_TOLERANCE, which predict.py --engine onnxruntime uses)
 FOLD = 0  # with a cross-validated checkpoint: 0 exports the ensemble of all folds, k only fold k's model
 TTA = "auto"  # include test-time augmentation: auto (where validation chose it), true or false
 # MONAI Bundle (--format bundle)
@@ -106,9 +106,9 @@ fields = (*CHECKPOINT_FIELDS, "tta", "predicting_with")
 metadata = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             **{field: checkpoint.get(field) for field in fields}}
 graph = add_metadata(onnx_graph(model, image_size, has_presence=has_presence), metadata)
-difference = check_onnx_matches_torch(OnnxPredictor(graph, str(output)),
-                                      TorchPredictor(model, torch.device("cpu"), amp=False), images,
-                                      tolerance=TOLERANCE, what=f"on {checked_on}; {output} was not written")
+torch_predictor = TorchPredictor(model, torch.device("cpu"), amp=False)
+difference = check_onnx_matches_torch(OnnxPredictor(graph, str(output)), torch_predictor, images, tolerance=TOLERANCE,
+                                      what=f"on {checked_on}; {output} was not written (--tolerance sets the limit)")
 with atomic_write(output, "wb") as file:
     file.write(graph)
 print(f"wrote {output} ({checkpoint['predicting_with']}; {len(graph) / 1e6:.1f} MB;"
