@@ -16,7 +16,8 @@ augmentation inside where validation chose it (--tta).
 
 Before writing, ONNX Runtime's probabilities are compared with PyTorch's on CHECK_IMAGES images of
 CHECK_INPUT (random images where that folder is absent); a model that differs by more than TOLERANCE is
-not written.
+not written. TOLERANCE's default is nerveseg.predictors.ONNX_TOLERANCE, the limit of predict.py --engine
+onnxruntime too (the settings block holds literals only; tests/test_export.py keeps the two equal).
 """
 
 # %% Imports
@@ -31,17 +32,10 @@ from nerveseg.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from nerveseg.checkpoint import VERSION as CHECKPOINT_VERSION
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.files import atomic_write
-from nerveseg.inference import ReadableDataset, read_some
 from nerveseg.layouts import images_to_segment
-from nerveseg.runtime import (
-    CHECKPOINT_FIELDS,
-    OnnxPredictor,
-    TorchPredictor,
-    add_metadata,
-    max_difference,
-    onnx_graph,
-    prediction_model,
-)
+from nerveseg.onnx_export import CHECKPOINT_FIELDS, add_metadata, onnx_graph
+from nerveseg.predict_io import ReadableDataset, read_some
+from nerveseg.predictors import OnnxPredictor, TorchPredictor, check_onnx_matches_torch, prediction_model
 from nerveseg.settings import parse_settings
 from nerveseg.transforms import load_transforms, network_input
 
@@ -112,11 +106,9 @@ fields = (*CHECKPOINT_FIELDS, "tta", "predicting_with")
 metadata = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             **{field: checkpoint.get(field) for field in fields}}
 graph = add_metadata(onnx_graph(model, image_size, has_presence=has_presence), metadata)
-difference = max_difference(OnnxPredictor(graph, str(output)), TorchPredictor(model, torch.device("cpu"), amp=False),
-                            images)
-if difference > TOLERANCE:
-    raise UserError(f"ONNX Runtime's probabilities differ from PyTorch's by {difference:.2g} (more than --tolerance "
-                    f"{TOLERANCE}) on {checked_on}; {output} was not written")
+torch_predictor = TorchPredictor(model, torch.device("cpu"), amp=False)
+difference = check_onnx_matches_torch(OnnxPredictor(graph, str(output)), torch_predictor, images, tolerance=TOLERANCE,
+                                      what=f"on {checked_on}; {output} was not written (--tolerance sets the limit)")
 with atomic_write(output, "wb") as file:
     file.write(graph)
 print(f"wrote {output} ({checkpoint['predicting_with']}; {len(graph) / 1e6:.1f} MB;"

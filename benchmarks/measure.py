@@ -30,8 +30,9 @@ from nerveseg.checkpoint import load_checkpoint, read_torch_file, save_torch
 from nerveseg.data import read_manifest, split_by_subject
 from nerveseg.ensemble import Ensemble, TestTimeAugmentation, augmentation_for
 from nerveseg.model import build_model, model_config
+from nerveseg.onnx_export import onnx_graph
 from nerveseg.postprocess import PostProcessing
-from nerveseg.runtime import OnnxPredictor, TorchPredictor, max_difference, onnx_graph
+from nerveseg.predictors import OnnxPredictor, TorchPredictor, max_difference
 from nerveseg.settings import script_defaults
 from nerveseg.training import (
     SegmentationLoss,

@@ -34,8 +34,8 @@ from nerveseg.ensemble import TestTimeAugmentation
 from nerveseg.errors import UserError
 from nerveseg.files import building_folder, swap_into_place
 from nerveseg.images import IMAGE_SUFFIXES, WIDE_MODES
+from nerveseg.onnx_export import CHECKPOINT_FIELDS, Probabilities
 from nerveseg.postprocess import PostProcessing
-from nerveseg.runtime import CHECKPOINT_FIELDS, Probabilities
 
 BUNDLE_FORMAT = "nerveseg-bundle"  # metadata["nerveseg"]["format"]: a bundle export.py wrote
 BUNDLE_FILES = ("configs/metadata.json", "configs/inference.json", "models/model.ts", "models/model.pt",

@@ -1,17 +1,16 @@
 """Running under torchrun (DistributedDataParallel) or as a single process, with the same code.
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process and every helper here
-is a no-op. NCCL is used on CUDA, gloo on the CPU.
+is a no-op. NCCL is used on CUDA, gloo on the CPU. The device is chosen by nerveseg/device.py.
 """
 
-import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from nerveseg.errors import UserError
+from nerveseg.device import choose_device
 
 
 @dataclass(frozen=True)
@@ -26,19 +25,6 @@ class Process:
     def is_main(self) -> bool:
         """Rank 0 prints, draws and writes files."""
         return self.rank == 0
-
-
-def choose_device(name: str, local_rank: int) -> torch.device:
-    """ "auto" picks CUDA when there is a GPU; under torchrun each process takes GPU LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but PyTorch sees no GPU; use --device cpu or auto")
-        return torch.device("cuda", local_rank if name == "cuda" else torch.device(name).index)
-    if name not in ("cpu", "mps"):
-        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {name!r}")
-    return torch.device(name)
 
 
 def start(device_name: str) -> Process:
@@ -75,11 +61,3 @@ def stop() -> None:
     """Leave the process group."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bfloat16 where supported, else float16); a no-op elsewhere."""
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nerveseg.distributed import Process, all_reduce_sum, autocast
+from nerveseg.device import autocast
+from nerveseg.distributed import Process, all_reduce_sum
 from nerveseg.metrics import DiceTally, kaggle_dice
 from nerveseg.postprocess import (
     MIN_AREA_FRACTIONS,

@@ -9,7 +9,7 @@ Each image's picture is a small JPEG in report/ beside the page, loaded when it 
 drawn from the image as the network saw it (no second read of the file) with the outlines of the mask (red)
 and of the truth (green); for up to FULL_SIZE_LIMIT images also a view at the image's own size, read again.
 The page and its pictures are written into predict.py's output folder while it is built, so a new report
-replaces an older one at once, with the rest of the folder (inference.OutputFolder).
+replaces an older one at once, with the rest of the folder (predict_io.OutputFolder).
 """
 
 import base64

@@ -24,9 +24,10 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from nerveseg.errors import UserError
+from nerveseg.images import IMAGE_SUFFIXES
 
 KAGGLE_ZIP = "ultrasound-nerve-segmentation.zip"
-IMAGE_SUFFIXES = (".tif", ".tiff")
+TIFF_SUFFIXES = (".tif", ".tiff")  # the Kaggle download's images and masks
 MAX_MEMBER_MB = 64  # the default bound on a file read whole into memory (Kaggle's largest, train_masks.csv: ~2 MB)
 MAX_COMPRESSION_RATIO = 200  # a member expanding more than this (past RATIO_CHECKED_FROM bytes) is a zip bomb
 RATIO_CHECKED_FROM = 1 << 20  # small members may expand more: 1 MiB of zeros is still only 1 MiB
@@ -174,7 +175,7 @@ class DownloadFinder:
             self.download.train_masks_csv = locator
         elif name in ("sample_submission.csv", "sample_submission.csv.zip"):
             self.download.sample_submission_csv = locator
-        elif parent in ("train", "test") and name.lower().endswith(IMAGE_SUFFIXES):
+        elif parent in ("train", "test") and name.lower().endswith(TIFF_SUFFIXES):
             folder = self.download.train if parent == "train" else self.download.test
             folder.setdefault(name, []).append(locator)
 
@@ -234,7 +235,7 @@ def check_source(source: Path) -> None:
     if source.is_dir() or (source.is_file() and (source.suffix.lower() == ".zip" or zipfile.is_zipfile(source))):
         return
     mode = source.stat().st_mode
-    kind = ("an image file" if source.suffix.lower() in (*IMAGE_SUFFIXES, ".png", ".jpg", ".jpeg", ".bmp") else
+    kind = ("an image file" if source.suffix.lower() in IMAGE_SUFFIXES else
             "a file" if stat.S_ISREG(mode) else "a device, a named pipe or a socket")
     raise UserError(
         f"--source {source} is {kind}, not a folder or a zip archive. Pass --source with the folder that holds the "

@@ -18,7 +18,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from nerveseg.distributed import autocast
+from nerveseg.device import autocast
 
 CPU_MICRO_BATCH_SIZE = 64  # what MICRO_BATCH_SIZE = 0 (auto) means on the CPU
 LARGEST_AUTOMATIC_BATCH = 128  # BATCH_SIZE = 0 (auto): this many images a step on large data sets ...

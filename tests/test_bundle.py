@@ -22,7 +22,7 @@ from nerveseg.errors import UserError
 from nerveseg.layouts import images_to_segment
 from nerveseg.model import build_model, model_config
 from nerveseg.postprocess import PostProcessing
-from nerveseg.runtime import TorchPredictor, prediction_model
+from nerveseg.predictors import TorchPredictor, prediction_model
 from nerveseg.transforms import load_transforms
 from tests.helpers import KAGGLE_SAMPLE, assert_user_error, needs_kaggle_sample, run_script, tree_hashes
 

@@ -14,9 +14,18 @@ from onnx import TensorProto, helper
 from nerveseg.checkpoint import FORMAT, VERSION, load_checkpoint
 from nerveseg.errors import UserError
 from nerveseg.model import build_model, model_config
+from nerveseg.onnx_export import METADATA_KEY, add_metadata, onnx_graph
 from nerveseg.postprocess import PostProcessing
-from nerveseg.runtime import METADATA_KEY, TorchPredictor, add_metadata, import_onnxruntime, load_onnx, onnx_graph
-from tests.helpers import KAGGLE_SAMPLE, assert_user_error, needs_kaggle_sample, run_script
+from nerveseg.predictors import (
+    ONNX_TOLERANCE,
+    OnnxPredictor,
+    TorchPredictor,
+    check_onnx_matches_torch,
+    import_onnxruntime,
+    load_onnx,
+)
+from nerveseg.settings import script_defaults
+from tests.helpers import KAGGLE_SAMPLE, ROOT, assert_user_error, needs_kaggle_sample, run_script
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +120,23 @@ def test_without_onnxruntime_an_onnx_model_gets_a_message_that_says_how_to_insta
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an import of a missing package raises
     with pytest.raises(UserError, match="pip install onnxruntime"):
         import_onnxruntime()
+
+
+def test_one_check_of_onnx_runtime_against_pytorch_with_one_tolerance():
+    """export.py and predict.py --engine onnxruntime share check_onnx_matches_torch and its ONNX_TOLERANCE."""
+    assert script_defaults(ROOT / "export.py")["TOLERANCE"] == ONNX_TOLERANCE
+    config = model_config((4, 8), (2,), 0, 0.0)
+    model, other = build_model(config).eval(), build_model(config).eval()
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(0.1)
+    onnx_predictor = OnnxPredictor(onnx_graph(model, (32, 48), has_presence=True), "model.onnx")
+    images = torch.randint(0, 256, (2, 1, 32, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    same = TorchPredictor(model, torch.device("cpu"), amp=False)
+    assert 0 <= check_onnx_matches_torch(onnx_predictor, same, images, what="on 2 images") <= ONNX_TOLERANCE
+    with pytest.raises(UserError, match=r"differ from PyTorch's by .* \(more than 0.0001\) on 2 images; stop"):
+        check_onnx_matches_torch(onnx_predictor, TorchPredictor(other, torch.device("cpu"), amp=False), images,
+                                 what="on 2 images; stop")
 
 
 @pytest.mark.slow

@@ -1,79 +1,28 @@
-"""Running a trained model with PyTorch or with ONNX Runtime, and exporting it to ONNX.
-
-The ONNX graph maps images (N, 1, height, width), floats in [0, 1], to probabilities: the mask's
-(N, 1, height, width) and, for a model with a presence output, the presence's (N,). The batch size is
-free. What prediction needs besides the weights (the network's image size, the intensity scaling, the
-post-processing and presence rule) and the record of the model (its configuration, epoch and validation
-figures) are stored in the graph's metadata under "nerveseg", as JSON: a .onnx file is as complete as the
-checkpoint it came from.
+"""Running a trained model with PyTorch or with ONNX Runtime: the predictors, and the check of one against the other.
 
 Both kinds of predictor are called the same way, `probabilities, presences = predictor(images)` with
-8-bit images as the transforms load them, so predict.py does not care which one runs. On the 2-core CPU
-ONNX Runtime's forward pass is 1.4 times PyTorch's, but predict.py end to end is no faster (reading,
-resizing and writing share the same cores) and needs 0.2 GB more memory, so a .pt checkpoint runs with
-PyTorch unless --engine onnxruntime is asked for (see docs/performance.md).
+8-bit images as the transforms load them, so predict.py does not care which one runs. An .onnx file
+(written by export.py, nerveseg/onnx_export.py) carries its checkpoint's fields in its metadata. On the
+2-core CPU ONNX Runtime's forward pass is 1.4 times PyTorch's, but predict.py end to end is no faster
+(reading, resizing and writing share the same cores) and needs 0.2 GB more memory, so a .pt checkpoint
+runs with PyTorch unless --engine onnxruntime is asked for (see docs/performance.md).
 """
 
-import io
 import json
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from nerveseg.checkpoint import FORMAT, VERSION, check_postprocessing, describe_model, load_checkpoint
-from nerveseg.distributed import autocast
+from nerveseg.device import autocast
 from nerveseg.ensemble import TestTimeAugmentation, augmentation_for
 from nerveseg.errors import UserError
 from nerveseg.evaluation import presence_probabilities
+from nerveseg.onnx_export import CHECKPOINT_FIELDS, METADATA_KEY, onnx_graph
 from nerveseg.transforms import network_input
 
-METADATA_KEY = "nerveseg"
-OPSET = 17
-CHECKPOINT_FIELDS = ("model_config", "preprocessing", "postprocessing", "epoch", "metrics")
-
-
-class Probabilities(nn.Module):
-    """A model whose outputs pass through the sigmoid: what the ONNX graph computes."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        mask_logits, presence_logits = self.model(images)
-        if presence_logits is None:
-            return (torch.sigmoid(mask_logits),)
-        return torch.sigmoid(mask_logits), torch.sigmoid(presence_logits)
-
-
-def onnx_graph(model: nn.Module, image_size: tuple[int, int], *, has_presence: bool) -> bytes:
-    """The model (on the CPU, in eval mode) as an ONNX graph with a free batch size.
-
-    PyTorch's TorchScript-based exporter (dynamo=False) is used: it needs no extra package and exports this
-    network exactly; the newer exporter would add onnxscript for no gain here.
-    """
-    outputs = ["mask_probability", "presence_probability"] if has_presence else ["mask_probability"]
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # the exporter warns that it is deprecated and about instance norm in eval
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            Probabilities(model).eval(), (torch.rand(1, 1, *image_size),), buffer, input_names=["image"],
-            output_names=outputs, dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]},
-            opset_version=OPSET, dynamo=False,
-        )
-    return buffer.getvalue()
-
-
-def add_metadata(graph: bytes, metadata: dict) -> bytes:
-    """The graph with `metadata` stored as JSON under METADATA_KEY."""
-    import onnx  # only exporting needs it
-
-    model = onnx.load_from_string(graph)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
-    return model.SerializeToString()
+ONNX_TOLERANCE = 1e-4  # the largest difference of probabilities allowed between ONNX Runtime and PyTorch
 
 
 def import_onnxruntime():  # noqa: ANN201 (the module)
@@ -174,6 +123,17 @@ def max_difference(first: "OnnxPredictor | TorchPredictor", second: "OnnxPredict
     return max(masks, presences)
 
 
+def check_onnx_matches_torch(onnx: OnnxPredictor, torch_predictor: TorchPredictor, images: torch.Tensor, *,
+                             what: str, tolerance: float = ONNX_TOLERANCE) -> float:
+    """The largest difference of ONNX Runtime's probabilities from PyTorch's on `images`; a UserError where it
+    exceeds `tolerance`, the message ending with `what` (what was checked, and what follows)."""
+    difference = max_difference(onnx, torch_predictor, images)
+    if difference > tolerance:
+        raise UserError(f"ONNX Runtime's probabilities differ from PyTorch's by {difference:.2g} (more than "
+                        f"{tolerance:g}) {what}")
+    return difference
+
+
 def prediction_model(path: str | Path, device: torch.device, *, fold: int, tta: str) -> tuple[nn.Module, dict]:
     """The model that predicts from a .pt checkpoint (its ensemble, or with `fold` k one fold's model), with
     test-time augmentation where `tta` says so ("auto": where validation chose it, "true", "false"); and the
@@ -219,8 +179,6 @@ def load_predictor(path: str | Path, device: torch.device, *, engine: str, amp: 
     predictor = OnnxPredictor(onnx_graph(model, image_size, has_presence=has_presence), str(path))
     generator = torch.Generator().manual_seed(0)
     check_images = torch.randint(0, 256, (4, 1, *image_size), dtype=torch.uint8, generator=generator)
-    difference = max_difference(predictor, torch_predictor, check_images)
-    if difference > 1e-4:
-        raise UserError(f"ONNX Runtime's probabilities differ from PyTorch's by {difference:.2g} for {path}; "
-                        "predict with --engine torch (and report this line)")
+    check_onnx_matches_torch(predictor, torch_predictor, check_images,
+                             what=f"for {path}; predict with --engine torch (and report this line)")
     return predictor, checkpoint, "onnxruntime"

@@ -1,4 +1,4 @@
-"""Helpers of predict.py: reading images with clear errors, the output folder, truth masks, examples."""
+"""predict.py's input and output: reading images with clear errors, the output folder, truth masks, examples."""
 
 import os
 import shutil
