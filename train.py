@@ -69,12 +69,17 @@ SCALE = 0.1  # random zoom, up to this share in or out
 SHIFT = 0.05  # random shift, up to this share of the image side
 FLIP_PROB = 0.0  # chance of a left-right flip (off: it mirrors the anatomy)
 INTENSITY_PROB = 0.3  # chance of each gamma, gain and noise change
+AUGMENTATION = "light"  # light (the above) or nnunet (adds nnU-Net 2-D zoom 0.7-1.4, blur, low resolution, contrast)
 # Model
+MODEL = "unet"  # the network: unet, unetplusplus, attentionunet, segresnet or dynunet (see nerveseg/model.py)
 CHANNELS = (16, 32, 64, 128, 256)  # UNet feature channels per level
 STRIDES = (2, 2, 2, 2)  # UNet down-sampling per level (image sides must be multiples of their product)
 NUM_RES_UNITS = 2  # residual units per UNet block
 DROPOUT = 0.0  # dropout in the UNet blocks
 PRESENCE_WEIGHT = 0.5  # weight of the image-level "is the target there at all" loss (0: no presence output)
+PRESENCE_BALANCE = False  # images with and without a target weigh the same in the presence loss (no prior learnt)
+PRESENCE_SIGNAL = "head"  # presence from the head, or head+mask: averaged with the mask's largest probability
+TARGET_SHARE = 0.0  # each batch holds at least this share of images with a target (nnU-Net: 0.33)
 # Optimisation
 BATCH_SIZE = 0  # training images per step and process (0: 128, fewer on small data sets, down to 16)
 MICRO_BATCH_SIZE = 0  # images per forward/backward pass, gradients summed up to BATCH_SIZE (0: 64 on CPU, all on GPU)
@@ -117,7 +122,8 @@ runs.check_output_folders(run_dir, settings)
 image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)
 has_presence = PRESENCE_WEIGHT > 0  # the model's image-level output (see nerveseg/model.py)
 default_rule = default_postprocessing(has_presence=has_presence)
-config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT, presence=has_presence)
+config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT, presence=has_presence, model=MODEL,
+                      presence_signal=PRESENCE_SIGNAL)
 keep_freed_memory()  # big CPU tensors are reused, not handed back and faulted in again (see nerveseg/memory.py)
 monai.data.set_track_meta(False)  # plain tensors: faster, and the metadata is not needed
 preprocessing = {"image_size": list(image_size), "intensity": "0..255 scaled to 0..1", "reader": "PIL, grayscale"}
@@ -131,9 +137,10 @@ if process.is_main:  # the data is readable: now the run's folder is made
     runs.prepare_run_folder(run, settings_json=saved_settings, model_path=Path(MODEL_PATH))
 signal.signal(signal.SIGTERM, signal.default_int_handler)  # a job scheduler's stop is handled like Ctrl-C
 # Dice over the whole batch plus cross-entropy (it does not collapse on the many empty masks), plus presence.
-loss_function = SegmentationLoss(PRESENCE_WEIGHT)
-augment = BatchAugment(
-    rotate_degrees=ROTATE_DEGREES, scale=SCALE, shift=SHIFT, flip_prob=FLIP_PROB, intensity_prob=INTENSITY_PROB
+loss_function = SegmentationLoss(PRESENCE_WEIGHT, balance_presence=PRESENCE_BALANCE)
+augment = BatchAugment.preset(
+    AUGMENTATION, rotate_degrees=ROTATE_DEGREES, scale=SCALE, shift=SHIFT, flip_prob=FLIP_PROB,
+    intensity_prob=INTENSITY_PROB
 )
 
 # %% Train one model per fold; each fold leaves its best model and that model's validation predictions
@@ -156,7 +163,7 @@ for fold, (train_items, val_items) in enumerate(folds, start=1):
     set_output_prior(
         raw_model,
         foreground_fraction=sum(i["mask_fraction"] for i in train_items) / len(train_items),
-        present_fraction=sum(not i["empty"] for i in train_items) / len(train_items),
+        present_fraction=0.5 if PRESENCE_BALANCE else sum(not i["empty"] for i in train_items) / len(train_items),
     )
     raw_model.to(process.device)
     if state is not None:
@@ -177,7 +184,8 @@ for fold, (train_items, val_items) in enumerate(folds, start=1):
     val_ds = CacheDataset(my_val_items, load_transforms(image_size, with_label=True, keep_full_label=True),
                           progress=show_progress)
     # The sampler makes each epoch's order a function of (SEED, epoch): a resumed run sees the same batches.
-    sampler = EpochSampler(len(train_ds), epoch_length, SEED)
+    sampler = EpochSampler(len(train_ds), epoch_length, SEED, present=[not i["empty"] for i in my_train_items],
+                           batch_size=batch_size, target_share=TARGET_SHARE)
     # ThreadDataLoader assembles the next batch in a background thread while the device works on this one.
     train_loader = ThreadDataLoader(
         train_ds, batch_size=batch_size, sampler=sampler, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes
