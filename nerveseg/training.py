@@ -18,7 +18,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nerveseg.distributed import autocast
-from nerveseg.errors import UserError
 
 CPU_MICRO_BATCH_SIZE = 64  # what MICRO_BATCH_SIZE = 0 (auto) means on the CPU
 LARGEST_AUTOMATIC_BATCH = 128  # BATCH_SIZE = 0 (auto): this many images a step on large data sets ...
@@ -87,8 +86,6 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         self, size: int, length: int, seed: int, *, present: list[bool] | None = None, batch_size: int = 1,
         target_share: float = 0.0,
     ) -> None:
-        if not 0 <= target_share <= 1:
-            raise UserError(f"TARGET_SHARE is a share of the batch, from 0 to 1, not {target_share}")
         self.size, self.length, self.seed, self.epoch = size, length, seed, 0
         self.with_target = [i for i, flag in enumerate(present or []) if flag]
         self.batch_size, self.target_share = batch_size, target_share
