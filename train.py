@@ -50,12 +50,17 @@ SCALE = 0.1  # random zoom, up to this share in or out
 SHIFT = 0.05  # random shift, up to this share of the image side
 FLIP_PROB = 0.0  # chance of a left-right flip (off: it mirrors the anatomy)
 INTENSITY_PROB = 0.3  # chance of each gamma, gain and noise change
+AUGMENTATION = "light"  # light (the above) or nnunet (adds nnU-Net 2-D zoom 0.7-1.4, blur, low resolution, contrast)
 # Model
+MODEL = "unet"  # the network: unet, unetplusplus, attentionunet, segresnet or dynunet (see nerveseg/model.py)
 CHANNELS = (16, 32, 64, 128, 256)  # UNet feature channels per level
 STRIDES = (2, 2, 2, 2)  # UNet down-sampling per level (image sides must be multiples of their product)
 NUM_RES_UNITS = 2  # residual units per UNet block
 DROPOUT = 0.0  # dropout in the UNet blocks
 PRESENCE_WEIGHT = 0.5  # weight of the image-level "is the target there at all" loss (0: no presence output)
+PRESENCE_BALANCE = False  # images with and without a target weigh the same in the presence loss (no prior learnt)
+PRESENCE_SIGNAL = "head"  # presence from the head, or head+mask: averaged with the mask's largest probability
+TARGET_SHARE = 0.0  # each batch holds at least this share of images with a target (nnU-Net: 0.33)
 # Optimisation
 BATCH_SIZE = 0  # training images per step and process (0: 128, fewer on small data sets, down to 16)
 MICRO_BATCH_SIZE = 0  # images per forward/backward pass, gradients summed up to BATCH_SIZE (0: 64 on CPU, all on GPU)
@@ -103,14 +108,16 @@ if process.is_main:  # the data is readable: now the run's folder is made
 # %% The model and the loaders: each fold builds them anew (train_fold below calls these functions)
 image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)
 has_presence = PRESENCE_WEIGHT > 0  # the model's image-level output (see nerveseg/model.py)
-config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT, presence=has_presence)
+config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT, presence=has_presence, model=MODEL,
+                      presence_signal=PRESENCE_SIGNAL)
 default_rule = default_postprocessing(has_presence=has_presence)
 preprocessing = {"image_size": list(image_size), "intensity": "0..255 scaled to 0..1", "reader": "PIL, grayscale"}
 record = {"model_config": config, "preprocessing": preprocessing, "postprocessing": default_rule.as_dict(),
           "settings": saved_settings}  # how each checkpoint's model was made
-loss_function = training.SegmentationLoss(PRESENCE_WEIGHT)  # Dice over the whole batch, cross-entropy, presence
-augment = BatchAugment(
-    rotate_degrees=ROTATE_DEGREES, scale=SCALE, shift=SHIFT, flip_prob=FLIP_PROB, intensity_prob=INTENSITY_PROB
+loss_function = training.SegmentationLoss(PRESENCE_WEIGHT, balance_presence=PRESENCE_BALANCE)  # Dice, CE, presence
+augment = BatchAugment.preset(
+    AUGMENTATION, rotate_degrees=ROTATE_DEGREES, scale=SCALE, shift=SHIFT, flip_prob=FLIP_PROB,
+    intensity_prob=INTENSITY_PROB
 )
 tta = augmentation_for_training(scale=SCALE, shift=SHIFT, flip_prob=FLIP_PROB)  # what validation will judge
 
@@ -120,8 +127,9 @@ def make_model(train_items: list[dict], seed: int) -> tuple[nn.Module, nn.Module
     pixels and of images with a target: the plain model, and what trains (compiled with COMPILE, DDP)."""
     monai.utils.set_determinism(seed)
     raw_model = build_model(config)  # the plain model: its weights are saved and loaded
+    present = 0.5 if PRESENCE_BALANCE else sum(not i["empty"] for i in train_items) / len(train_items)
     set_output_prior(raw_model, foreground_fraction=sum(i["mask_fraction"] for i in train_items) / len(train_items),
-                     present_fraction=sum(not i["empty"] for i in train_items) / len(train_items))
+                     present_fraction=present)
     raw_model.to(process.device)
     model = torch.compile(raw_model, dynamic=False) if COMPILE else raw_model
     return raw_model, nn.parallel.DistributedDataParallel(model) if process.world_size > 1 else model
@@ -138,7 +146,9 @@ def make_loaders(train_items: list[dict], val_items: list[dict]) -> tuple[Thread
                             copy_cache=False)
     val_ds = CacheDataset(partition(val_items, process.rank, process.world_size, pad=False),
                           load_transforms(image_size, with_label=True, keep_full_label=True), progress=show_progress)
-    sampler = training.EpochSampler(len(train_ds), epoch_length, SEED)
+    present = [not item["empty"] for item in my_train_items]  # TARGET_SHARE: batches that hold targets
+    sampler = training.EpochSampler(len(train_ds), epoch_length, SEED, present=present, batch_size=batch_size,
+                                    target_share=TARGET_SHARE)
     train_loader = ThreadDataLoader(train_ds, batch_size=batch_size, sampler=sampler, num_workers=NUM_WORKERS,
                                     collate_fn=collate_keep_sizes)
     val_loader = DataLoader(val_ds, batch_size=VAL_BATCH_SIZE, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes)

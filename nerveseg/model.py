@@ -1,19 +1,58 @@
-"""The one definition of the segmentation network, used by training, prediction and the benchmarks."""
+"""The one definition of the segmentation network, used by training, prediction and the benchmarks.
+
+MODEL chooses among MONAI's own 2-D networks; each gets the same image-level presence output (a head on its
+deepest features) and is called the same way, `mask_logits, presence_logits = model(images)`, so validation,
+prediction, the ensemble, test-time augmentation and the exports run any of them alike:
+
+    unet            MONAI's UNet (residual units): the default, and every checkpoint made before MODEL existed
+    unetplusplus    BasicUNetPlusPlus (Zhou et al., 2018: nested dense skip paths), deep supervision on its 4 outputs
+    attentionunet   AttentionUnet (Oktay et al., 2018: attention gates on the skip connections)
+    segresnet       SegResNet (Myronenko, 2018: residual encoder, light decoder)
+    dynunet         DynUNet (MONAI's nnU-Net-style network), deep supervision on its 2 coarser decoder levels
+
+All take the levels' feature channels (CHANNELS) and down-sampling (STRIDES); unetplusplus and segresnet halve the
+image at each level (strides of 2), unetplusplus has exactly 5 levels, and segresnet doubles its channels at each
+level from CHANNELS[0].
+"""
 
 import math
 from typing import Any
 
 import torch
 from monai.networks.layers import SkipConnection
-from monai.networks.nets import UNet
+from monai.networks.nets import AttentionUnet, BasicUNetPlusPlus, DynUNet, SegResNet, UNet
 from torch import nn
+
+from nerveseg.errors import UserError
+
+MODELS = ("unet", "unetplusplus", "attentionunet", "segresnet", "dynunet")
+PRESENCE_SIGNALS = ("head", "head+mask")  # the presence head alone, or averaged with the mask's largest probability
+DEEP_SUPERVISION_LEVELS = 2  # DynUNet's coarser decoder levels with an output of their own (nnU-Net uses all but two)
 
 
 def model_config(
-    channels: tuple[int, ...], strides: tuple[int, ...], num_res_units: int, dropout: float, *, presence: bool = True
+    channels: tuple[int, ...],
+    strides: tuple[int, ...],
+    num_res_units: int,
+    dropout: float,
+    *,
+    presence: bool = True,
+    model: str = "unet",
+    presence_signal: str = "head",
 ) -> dict[str, Any]:
     """The constructor arguments of the network, as stored in a checkpoint."""
-    return {
+    if model not in MODELS:
+        raise UserError(f"MODEL {model!r} is not one of {', '.join(MODELS)}")
+    if presence_signal not in PRESENCE_SIGNALS:
+        raise UserError(f"PRESENCE_SIGNAL {presence_signal!r} is not one of {', '.join(PRESENCE_SIGNALS)}")
+    if len(strides) != len(channels) - 1:
+        raise UserError(f"--strides needs one value fewer than --channels ({len(channels)} levels), not {len(strides)}")
+    if model in ("unetplusplus", "segresnet") and any(stride != 2 for stride in strides):
+        raise UserError(f"MODEL {model} halves the image at each level: --strides must be all 2, not {list(strides)}")
+    if model == "unetplusplus" and len(channels) != 5:
+        raise UserError(f"MODEL unetplusplus has exactly 5 levels: --channels needs 5 values, not {len(channels)}")
+    config = {
+        "model": model,  # which network (a checkpoint without it holds the UNet)
         "spatial_dims": 2,
         "in_channels": 1,  # grayscale ultrasound
         "out_channels": 1,  # one logit per pixel: nerve or not
@@ -23,6 +62,31 @@ def model_config(
         "dropout": dropout,
         "presence": presence,  # the image-level output: is the target in the image at all?
     }
+    if presence_signal != "head":  # a checkpoint without it uses the head alone
+        config["presence_signal"] = presence_signal
+    return config
+
+
+def presence_from_mask(mask_logits: torch.Tensor, presence_logits: torch.Tensor) -> torch.Tensor:
+    """The presence logit of two signals: the mean of the head's probability and the mask's largest pixel
+    probability (the two evidences a strong Kaggle solution averaged)."""
+    largest = torch.sigmoid(mask_logits.float()).flatten(1).amax(dim=1)
+    mean = (torch.sigmoid(presence_logits.float()) + largest) / 2
+    mean = mean.clamp(1e-7, 1 - 1e-7)
+    return torch.log(mean) - torch.log1p(-mean)
+
+
+class PresenceHead(nn.Module):
+    """The logit that the target is anywhere in the image, from a network's deepest features: their average and
+    their maximum over the image, then one linear layer."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2 * channels, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
+        return self.linear(pooled)[:, 0]
 
 
 class PresenceUNet(UNet):
@@ -34,12 +98,15 @@ class PresenceUNet(UNet):
     whole-image decision that a per-pixel threshold or a minimum area cannot make well.
 
     forward returns (mask logits (B, 1, H, W), presence logits (B,)), or (mask logits, None) with
-    presence=False (checkpoints made before the presence output existed load that way).
+    presence=False (checkpoints made before the presence output existed load that way). With
+    presence_signal "head+mask", the presence of a model in eval mode also weighs the mask (presence_from_mask).
     """
 
-    def __init__(self, presence: bool = False, **unet_arguments: Any) -> None:
+    def __init__(self, presence: bool = False, presence_signal: str = "head", **unet_arguments: Any) -> None:
         super().__init__(**unet_arguments)
+        # A plain Linear (not PresenceHead): the weights' names of the checkpoints made before MODEL existed
         self.presence_head = nn.Linear(2 * self.channels[-1], 1) if presence else None
+        self.presence_signal = presence_signal
         self._bottleneck: torch.Tensor | None = None
         if presence:
             bottleneck_block(self).register_forward_hook(self._keep_bottleneck)
@@ -53,7 +120,10 @@ class PresenceUNet(UNet):
             return mask_logits, None
         features, self._bottleneck = self._bottleneck, None
         pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
-        return mask_logits, self.presence_head(pooled)[:, 0]
+        presence_logits = self.presence_head(pooled)[:, 0]
+        if self.presence_signal == "head+mask" and not self.training:
+            presence_logits = presence_from_mask(mask_logits, presence_logits)
+        return mask_logits, presence_logits
 
 
 def bottleneck_block(unet: UNet) -> nn.Module:
@@ -64,9 +134,95 @@ def bottleneck_block(unet: UNet) -> nn.Module:
     return block
 
 
-def build_model(config: dict[str, Any]) -> PresenceUNet:
-    """The network of a model_config dict (one without "presence", from an older checkpoint, has none)."""
-    return PresenceUNet(**config)
+class PresenceNetwork(nn.Module):
+    """Another MONAI network (unetplusplus, attentionunet, segresnet, dynunet) with the presence output.
+
+    Called like PresenceUNet. In training mode a network with deep supervision also returns the mask logits of
+    its coarser outputs, at full size, as a third element (training.SegmentationLoss weighs them); in eval mode
+    (validation, prediction, export) it returns only the final mask and the presence.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.name = config["model"]
+        self.network, deepest, deepest_channels = monai_network(config)
+        self.presence_head = PresenceHead(deepest_channels) if config["presence"] else None
+        self.presence_signal = config.get("presence_signal", "head")
+        self._deepest: torch.Tensor | None = None
+        if self.presence_head is not None:
+            deepest.register_forward_hook(self._keep_deepest)
+
+    def _keep_deepest(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._deepest = output
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        output = self.network(images)
+        deep: list[torch.Tensor] = []
+        if self.name == "unetplusplus":  # a list, coarsest first; the last is the full network's
+            mask_logits, deep = output[-1], output[-2::-1]
+        elif self.name == "dynunet" and output.dim() == 5:  # training: (B, 1 + levels, C, H, W), final first
+            mask_logits, deep = output[:, 0], list(output[:, 1:].unbind(1))
+        else:
+            mask_logits = output
+        presence_logits = None
+        if self.presence_head is not None:
+            features, self._deepest = self._deepest, None
+            presence_logits = self.presence_head(features)
+            if self.presence_signal == "head+mask" and not self.training:
+                presence_logits = presence_from_mask(mask_logits, presence_logits)
+        if self.training and deep:
+            return mask_logits, presence_logits, deep
+        return mask_logits, presence_logits
+
+    def output_convolutions(self) -> list[nn.Module]:
+        """The convolutions that give mask logits: the final one and those of deep supervision."""
+        network = self.network
+        if self.name == "unetplusplus":
+            blocks = [network.final_conv_0_1, network.final_conv_0_2, network.final_conv_0_3, network.final_conv_0_4]
+        elif self.name == "dynunet":
+            blocks = [network.output_block, *(network.deep_supervision_heads if network.deep_supervision else [])]
+        elif self.name == "segresnet":
+            blocks = [network.conv_final]
+        else:
+            blocks = [network.model[-1]]  # attentionunet: its 1x1 reduce_channels convolution
+        return [[module for module in block.modules() if isinstance(module, nn.Conv2d)][-1] for block in blocks]
+
+
+def monai_network(config: dict[str, Any]) -> tuple[nn.Module, nn.Module, int]:
+    """The MONAI network of a config, its module with the deepest features, and their channel count."""
+    name, channels, strides, dropout = config["model"], config["channels"], config["strides"], config["dropout"]
+    common = {"spatial_dims": 2, "in_channels": config["in_channels"], "out_channels": config["out_channels"]}
+    if name == "unetplusplus":
+        network = BasicUNetPlusPlus(**common, features=(*channels, channels[0]), dropout=dropout,
+                                    deep_supervision=True)
+        return network, network.conv_4_0, channels[4]
+    if name == "attentionunet":
+        network = AttentionUnet(**common, channels=channels, strides=strides, dropout=dropout)
+        layer = network.model[1]
+        while isinstance(layer.submodule, nn.Sequential):  # each level: Sequential(down block, next level)
+            layer = layer.submodule[1]
+        return network, layer.submodule, channels[-1]
+    if name == "segresnet":
+        levels = len(channels)
+        network = SegResNet(**common, init_filters=channels[0], dropout_prob=dropout or None,
+                            blocks_down=(1, *[2] * (levels - 2), 4), blocks_up=(1,) * (levels - 1))
+        return network, network.down_layers[-1], channels[0] * 2 ** (levels - 1)
+    supervised = min(DEEP_SUPERVISION_LEVELS, len(strides) - 1)
+    network = DynUNet(**common, kernel_size=[3] * len(channels), strides=[1, *strides], upsample_kernel_size=strides,
+                      filters=channels, dropout=dropout or None, res_block=config["num_res_units"] > 0,
+                      deep_supervision=supervised > 0, deep_supr_num=max(supervised, 1))
+    return network, network.bottleneck, channels[-1]
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """The network of a model_config dict (one without "model", from an older checkpoint, is the UNet; one without
+    "presence" has no presence output)."""
+    arguments = {key: value for key, value in config.items() if key != "model"}
+    if config.get("model", "unet") == "unet":
+        return PresenceUNet(**arguments)
+    if config["model"] not in MODELS:
+        raise ValueError(f"unknown network {config['model']!r} (this version knows {', '.join(MODELS)})")
+    return PresenceNetwork({"presence": False, **config})
 
 
 def size_multiple(config: dict[str, Any]) -> int:
@@ -83,17 +239,24 @@ def log_odds(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def set_output_prior(model: PresenceUNet, foreground_fraction: float, present_fraction: float) -> None:
+def set_output_prior(model: nn.Module, foreground_fraction: float, present_fraction: float) -> None:
     """Start the network predicting the training set's share of target pixels everywhere, and its share of
     images with a target for presence.
 
-    The bias of the last convolution is set to log(p / (1 - p)) (the prior-probability start of Lin et
-    al., 2017, "Focal loss"). MONAI's UNet ends in a one-channel instance norm, so its output is centred
-    near zero (p = 0.5) and, with Adam's steps of about the learning rate, would need hundreds of steps
-    just to learn that nerve pixels are rare; with this start it learns the nerve from the first steps.
+    The bias of the last convolution (of each output, with deep supervision) is set to log(p / (1 - p)) (the
+    prior-probability start of Lin et al., 2017, "Focal loss"). MONAI's UNet ends in a one-channel instance norm,
+    so its output is centred near zero (p = 0.5) and, with Adam's steps of about the learning rate, would need
+    hundreds of steps just to learn that nerve pixels are rare; with this start it learns the nerve from the first
+    steps. With a class-balanced presence loss, pass present_fraction 0.5.
     """
-    last = [module for module in model.modules() if isinstance(module, nn.Conv2d | nn.ConvTranspose2d)][-1]
+    if isinstance(model, PresenceNetwork):
+        outputs = model.output_convolutions()
+        head = model.presence_head.linear if model.presence_head is not None else None
+    else:
+        outputs = [[module for module in model.modules() if isinstance(module, nn.Conv2d | nn.ConvTranspose2d)][-1]]
+        head = model.presence_head
     with torch.no_grad():
-        last.bias.fill_(log_odds(min(foreground_fraction, 0.5)))
-        if model.presence_head is not None:
-            model.presence_head.bias.fill_(log_odds(present_fraction))
+        for convolution in outputs:
+            convolution.bias.fill_(log_odds(min(foreground_fraction, 0.5)))
+        if head is not None:
+            head.bias.fill_(log_odds(present_fraction))

@@ -20,12 +20,16 @@ from nerveseg.distributed import Process
 from nerveseg.errors import UserError
 from nerveseg.files import FolderLock, check_can_be_folder, write_csv, write_json
 from nerveseg.metrics import describe_scores
+from nerveseg.model import MODELS, PRESENCE_SIGNALS
 from nerveseg.pictures import plot_cross_validation, plot_training_curves
 from nerveseg.postprocess import PostProcessing
+from nerveseg.transforms import AUGMENTATIONS
 
 LAST_STATE_KEYS = {"model", "optimizer", "epoch", "history", "settings"}  # what last.pt holds
 SYSTEM_SETTINGS = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME", "PICTURES", "TENSORBOARD"}  # a resume takes them anew
-ADDED_SETTINGS = {"PRESENCE_WEIGHT": 0.0, "MIN_STEPS_PER_EPOCH": 1, "FOLDS": 1}  # what runs made before them used
+ADDED_SETTINGS = {"PRESENCE_WEIGHT": 0.0, "MIN_STEPS_PER_EPOCH": 1, "FOLDS": 1,  # what runs made before them used
+                  "MODEL": "unet", "PRESENCE_BALANCE": False, "PRESENCE_SIGNAL": "head", "TARGET_SHARE": 0.0,
+                  "AUGMENTATION": "light"}
 RESUME_CAN_CHANGE = {"MAX_EPOCHS"}  # a resume takes them from its command line where given there (recorded)
 
 
@@ -40,6 +44,11 @@ def check_settings(settings: dict) -> None:
         raise UserError("--val-batch-size, --max-epochs, --val-interval and --min-steps-per-epoch must be at least 1")
     if s["PRESENCE_WEIGHT"] < 0:
         raise UserError(f"--presence-weight must be 0 (no presence output) or more, not {s['PRESENCE_WEIGHT']}")
+    for name, choices in (("MODEL", MODELS), ("PRESENCE_SIGNAL", PRESENCE_SIGNALS), ("AUGMENTATION", AUGMENTATIONS)):
+        if s[name] not in choices:
+            raise UserError(f"--{name.lower().replace('_', '-')} takes {', '.join(choices)}, not {s[name]!r}")
+    if not 0 <= s["TARGET_SHARE"] <= 1:
+        raise UserError(f"--target-share is a share of the batch, from 0 to 1, not {s['TARGET_SHARE']}")
     if s["MICRO_BATCH_SIZE"] < 0:
         raise UserError(f"--micro-batch-size must be 0 (automatic) or more, not {s['MICRO_BATCH_SIZE']}")
     if (not 0 < s["LEARNING_RATE"] < math.inf or s["WEIGHT_DECAY"] < 0 or not 0 <= s["DROPOUT"] < 1

@@ -30,20 +30,39 @@ class SegmentationLoss(nn.Module):
     the image-level presence output against "does this mask hold any target pixel".
 
     The Dice is computed over the whole batch (batch=True): a per-image Dice is undefined on empty masks.
+    With balance_presence, images with and without a target weigh half of the presence loss each (within the
+    batch), so the presence output does not learn the training set's share of empty images as a prior. Outputs
+    with a third element (deep supervision: coarser outputs' mask logits, finest first) add their mask losses,
+    weighted 1/2, 1/4, ... of the final output's, as nnU-Net does, the weights summing to 1.
     """
 
-    def __init__(self, presence_weight: float) -> None:
+    def __init__(self, presence_weight: float, *, balance_presence: bool = False) -> None:
         super().__init__()
         self.mask_loss = DiceCELoss(sigmoid=True, batch=True)
         self.presence_weight = presence_weight
+        self.balance_presence = balance_presence
 
-    def forward(self, outputs: tuple[torch.Tensor, torch.Tensor | None], labels: torch.Tensor) -> torch.Tensor:
-        mask_logits, presence_logits = outputs
-        loss = self.mask_loss(mask_logits.float(), labels)
+    def forward(self, outputs: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        mask_logits, presence_logits = outputs[:2]
+        masks = [mask_logits, *(outputs[2] if len(outputs) > 2 else [])]
+        weights = [0.5**level for level in range(len(masks))]
+        loss = sum(w * self.mask_loss(m.float(), labels) for w, m in zip(weights, masks, strict=True)) / sum(weights)
         if presence_logits is not None and self.presence_weight > 0:
             present = labels.flatten(1).amax(dim=1)  # after augmentation: a target moved out of view is gone
-            loss = loss + self.presence_weight * F.binary_cross_entropy_with_logits(presence_logits.float(), present)
+            loss = loss + self.presence_weight * F.binary_cross_entropy_with_logits(
+                presence_logits.float(), present, weight=self.presence_weights(present)
+            )
         return loss
+
+    def presence_weights(self, present: torch.Tensor) -> torch.Tensor | None:
+        """Each image's weight in the presence loss: None (all 1), or with balance_presence half of the batch's
+        weight to the images with a target and half to those without (all 1 where the batch holds one kind)."""
+        if not self.balance_presence:
+            return None
+        count, with_target = len(present), present.sum()
+        if with_target == 0 or with_target == count:
+            return None
+        return torch.where(present > 0, count / (2 * with_target), count / (2 * (count - with_target)))
 
 
 def automatic_batch_size(train_images: int, steps_per_pass: int) -> int:
@@ -58,10 +77,19 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
     With length = size this is exactly DistributedSampler's single-process order (randperm seeded with
     seed + epoch). A small data set gets length > size: an epoch of at least a set number of steps.
+
+    With target_share > 0 (and `present`, which images hold a target, and the batch size), each batch holds at
+    least that share of images with a target: where it holds fewer, its last images without one are replaced by
+    images with one drawn at random, as nnU-Net forces a third of each batch to contain foreground.
     """
 
-    def __init__(self, size: int, length: int, seed: int) -> None:
+    def __init__(
+        self, size: int, length: int, seed: int, *, present: list[bool] | None = None, batch_size: int = 1,
+        target_share: float = 0.0,
+    ) -> None:
         self.size, self.length, self.seed, self.epoch = size, length, seed, 0
+        self.with_target = [i for i, flag in enumerate(present or []) if flag]
+        self.batch_size, self.target_share = batch_size, target_share
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order __iter__ gives."""
@@ -70,7 +98,22 @@ class EpochSampler(torch.utils.data.Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         passes = [torch.randperm(self.size, generator=generator) for _ in range(math.ceil(self.length / self.size))]
-        return iter(torch.cat(passes)[: self.length].tolist())
+        order = torch.cat(passes)[: self.length].tolist()
+        if self.target_share > 0 and self.with_target:
+            order = self.force_targets(order, generator)
+        return iter(order)
+
+    def force_targets(self, order: list[int], generator: torch.Generator) -> list[int]:
+        """`order` with each batch holding at least target_share of images with a target."""
+        with_target = set(self.with_target)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            missing = math.ceil(self.target_share * len(batch)) - sum(index in with_target for index in batch)
+            empty_places = [place for place, index in enumerate(batch) if index not in with_target]
+            for place in empty_places[::-1][: max(missing, 0)]:
+                drawn = int(torch.randint(len(self.with_target), (1,), generator=generator))
+                order[start + place] = self.with_target[drawn]
+        return order
 
     def __len__(self) -> int:
         return self.length

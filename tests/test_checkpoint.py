@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from nerveseg.checkpoint import load_checkpoint, make_checkpoint, read_torch_file, save_torch
+from nerveseg.checkpoint import ensemble_checkpoint, load_checkpoint, make_checkpoint, read_torch_file, save_torch
 from nerveseg.errors import UserError
-from nerveseg.model import build_model, model_config
+from nerveseg.model import MODELS, build_model, model_config
 from nerveseg.postprocess import PostProcessing
 from tests.helpers import assert_user_error, run_script, tree_hashes
 
@@ -43,7 +43,8 @@ def test_a_checkpoint_from_before_the_presence_output_still_predicts(tmp_path):
     by presence, and the masks are those of its own rule."""
     from monai.networks.nets import UNet
 
-    config = {key: value for key, value in model_config((4, 8), (2,), 0, 0.0).items() if key != "presence"}
+    old_keys = ("presence", "model")  # neither existed then
+    config = {key: value for key, value in model_config((4, 8), (2,), 0, 0.0).items() if key not in old_keys}
     old_model = UNet(**config)
     old = {
         "format": "nerveseg-unet",
@@ -63,6 +64,49 @@ def test_a_checkpoint_from_before_the_presence_output_still_predicts(tmp_path):
     assert presence_logits is None and model.presence_head is None
     torch.testing.assert_close(mask_logits, old_model.eval()(images))
     assert PostProcessing(**checkpoint["postprocessing"]).presence_threshold == 0.0
+
+
+def test_a_checkpoint_from_before_the_model_setting_loads_as_the_unet(tmp_path):
+    """Version 3 before MODEL existed: a model_config without "model" is the UNet, its weights' names unchanged."""
+    config = {key: value for key, value in model_config((4, 8), (2,), 0, 0.0).items() if key != "model"}
+    old_model = build_model(config)
+    checkpoint = make_checkpoint(old_model, model_config=config, preprocessing={"image_size": [32, 48]},
+                                 postprocessing=PostProcessing(presence_threshold=0.5).as_dict(), settings={},
+                                 epoch=2, metrics={"dice": 0.5})
+    assert "presence_head.weight" in checkpoint["state_dict"] and "model" not in checkpoint["model_config"]
+    save_torch(tmp_path / "v3.pt", checkpoint)
+    model, _ = load_checkpoint(tmp_path / "v3.pt")
+    assert type(model).__name__ == "PresenceUNet"
+    images = torch.rand(2, 1, 32, 48)
+    for mine, theirs in zip(model(images), old_model.eval()(images), strict=True):
+        torch.testing.assert_close(mine, theirs)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_checkpoint_says_its_network_and_loads_it_alone_and_as_an_ensemble(name, tmp_path):
+    config = model_config((8, 16, 32, 64, 128), (2, 2, 2, 2), 1, 0.0, model=name)
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(make_checkpoint(build_model(config), model_config=config,
+                                       preprocessing={"image_size": [32, 48]},
+                                       postprocessing=PostProcessing(presence_threshold=0.5).as_dict(), settings={},
+                                       epoch=1, metrics={"dice": 0.5}))
+    save_torch(tmp_path / "one.pt", members[0])
+    save_torch(tmp_path / "two.pt", ensemble_checkpoint(members, postprocessing=PostProcessing().as_dict(),
+                                                        tta={"use": False}, metrics={}))
+    assert read_torch_file(tmp_path / "one.pt")["model_config"]["model"] == name
+    images = torch.rand(2, 1, 32, 48)
+    one, _ = load_checkpoint(tmp_path / "one.pt")
+    ensemble, _ = load_checkpoint(tmp_path / "two.pt")
+    with torch.no_grad():
+        first = [build_model(config).eval() for _ in members]
+        for model, member in zip(first, members, strict=True):
+            model.load_state_dict(member["state_dict"])
+        expected = [model(images) for model in first]
+        torch.testing.assert_close(one(images)[0], expected[0][0])
+        mean = (torch.sigmoid(expected[0][1]) + torch.sigmoid(expected[1][1])) / 2
+        torch.testing.assert_close(torch.sigmoid(ensemble(images)[1]), mean)
 
 
 def edit_checkpoint(path: Path, edit) -> Path:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from nerveseg.checkpoint import FORMAT, VERSION, load_checkpoint
+from nerveseg.checkpoint import FORMAT, VERSION, ensemble_checkpoint, load_checkpoint, make_checkpoint, save_torch
 from nerveseg.errors import UserError
-from nerveseg.model import build_model, model_config
+from nerveseg.model import build_model, model_config, set_output_prior
 from nerveseg.onnx_export import METADATA_KEY, add_metadata, onnx_graph
 from nerveseg.postprocess import PostProcessing
 from nerveseg.predictors import (
@@ -87,6 +87,34 @@ def test_the_onnx_model_gives_the_same_masks_on_the_real_images(exported, traine
         assert result.returncode == 0, result.stderr
         submissions.append((tmp_path / model.suffix[1:] / "submission.csv").read_text())
     assert submissions[0] == submissions[1]
+
+
+def test_another_network_exports_and_predicts_alone_as_an_ensemble_and_with_tta(train_clean, tmp_path):
+    """A DynUNet (deep supervision, presence head): its ensemble with test-time augmentation exports to ONNX and
+    predicts the same masks as its checkpoint; predict.py runs its single fold too."""
+    config = model_config((8, 16, 32, 64), (2, 2, 2), 1, 0.0, model="dynunet")
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model(config)
+        set_output_prior(model, foreground_fraction=0.3, present_fraction=0.6)  # untrained, but some masks drawn
+        members.append(make_checkpoint(model, model_config=config, preprocessing={"image_size": [64, 96]},
+                                       postprocessing={}, settings={}, epoch=1, metrics={}))
+    tta = {"use": True, "zoom": 0.05, "shift": 0.025, "flip": False}
+    rule = PostProcessing(presence_threshold=0.5).as_dict()
+    save_torch(tmp_path / "dyn.pt", ensemble_checkpoint(members, postprocessing=rule, tta=tta, metrics={}))
+    result = run_script("export.py", "--checkpoint", "dyn.pt", "--output", "dyn.onnx", "--check-input",
+                        str(train_clean / "test"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ONNX Runtime matches PyTorch" in result.stdout and "with the presence output" in result.stdout
+    submissions = {}
+    for name, model, *fold in (("pt", "dyn.pt"), ("onnx", "dyn.onnx"), ("fold", "dyn.pt", "--fold", "2")):
+        result = run_script("predict.py", "--checkpoint", model, "--input", str(train_clean / "test"), "--output",
+                            name, "--submission", "true", "--quiet", *fold, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        submissions[name] = (tmp_path / name / "submission.csv").read_text()
+    assert submissions["pt"] == submissions["onnx"] and submissions["pt"].count("\n") == 7
+    assert submissions["fold"].count("\n") == 7
 
 
 def foreign_model() -> bytes:

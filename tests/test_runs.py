@@ -34,6 +34,10 @@ REFUSED = [  # (settings changed from the defaults, the message)
     ({"IMAGE_HEIGHT": 100}, "must be multiples of 16 (the product of the strides), not 100x176"),
     ({"IMAGE_WIDTH": 8}, "not 128x8"),
     ({"STRIDES": (2, 2, 2, 3), "IMAGE_HEIGHT": 96}, "must be multiples of 24"),
+    ({"MODEL": "vnet"}, "--model takes unet, unetplusplus, attentionunet, segresnet, dynunet, not 'vnet'"),
+    ({"PRESENCE_SIGNAL": "mask"}, "--presence-signal takes head, head+mask, not 'mask'"),
+    ({"AUGMENTATION": "heavy"}, "--augmentation takes light, nnunet, not 'heavy'"),
+    ({"TARGET_SHARE": 1.5}, "--target-share is a share of the batch, from 0 to 1, not 1.5"),
 ]
 
 

@@ -5,12 +5,19 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from monai.losses import DiceCELoss
 
 from nerveseg.model import build_model, model_config
-from nerveseg.training import EpochSampler, automatic_batch_size, backward_in_micro_batches, micro_batch_size
+from nerveseg.training import (
+    EpochSampler,
+    SegmentationLoss,
+    automatic_batch_size,
+    backward_in_micro_batches,
+    micro_batch_size,
+)
 from tests.helpers import ROOT
 
 
@@ -56,6 +63,55 @@ def test_an_epoch_of_a_small_set_is_whole_shuffled_passes_that_repeat_exactly():
     distributed = torch.utils.data.DistributedSampler(range(10), num_replicas=1, rank=0, shuffle=True, seed=3)
     distributed.set_epoch(1)
     assert list(one_pass) == list(distributed)
+
+
+def test_each_batch_holds_the_target_share_and_the_order_still_repeats():
+    present = [index % 5 == 0 for index in range(40)]  # 8 of 40 images hold a target
+    sampler = EpochSampler(size=40, length=64, seed=2, present=present, batch_size=8, target_share=0.33)
+    sampler.set_epoch(1)
+    order = list(sampler)
+    assert len(order) == 64 and list(sampler) == order
+    batches = [order[start : start + 8] for start in range(0, 64, 8)]
+    assert all(sum(present[index] for index in batch) >= 3 for batch in batches)  # ceil(0.33 x 8)
+    plain = EpochSampler(size=40, length=64, seed=2)
+    plain.set_epoch(1)
+    kept = [mine == theirs for mine, theirs in zip(order, plain, strict=True)]
+    assert sum(kept) >= 64 - 3 * 8 and all(keep or present[index] for keep, index in zip(kept, order, strict=True))
+    unforced = EpochSampler(size=40, length=64, seed=2, present=present, batch_size=8, target_share=0.0)
+    unforced.set_epoch(1)
+    assert list(unforced) == list(plain)
+
+
+def test_the_balanced_presence_loss_weighs_both_kinds_of_image_alike():
+    labels = torch.zeros(4, 1, 8, 8)
+    labels[0, :, 2:4, 2:4] = 1  # one image of four holds a target
+    mask_logits, presence_logits = torch.zeros(4, 1, 8, 8), torch.tensor([-1.0, 0.5, -2.0, 1.0])
+    present = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    each = torch.nn.functional.binary_cross_entropy_with_logits(presence_logits, present, reduction="none")
+    mask_only = SegmentationLoss(0.0)((mask_logits, presence_logits), labels)
+    plain = SegmentationLoss(1.0)((mask_logits, presence_logits), labels) - mask_only
+    balanced = SegmentationLoss(1.0, balance_presence=True)((mask_logits, presence_logits), labels) - mask_only
+    assert float(plain) == pytest.approx(float(each.mean()), rel=1e-5)
+    assert float(balanced) == pytest.approx(float(0.5 * each[0] + 0.5 * each[1:].mean()), rel=1e-5)
+    # The best constant presence of this batch: the share of targets (0.25) plainly, even odds when balanced.
+    logits = torch.linspace(-3, 3, 601)
+    losses = [float(SegmentationLoss(1.0, balance_presence=True)((mask_logits, logit.repeat(4)), labels))
+              for logit in logits]
+    assert abs(float(logits[int(np.argmin(losses))])) < 0.02
+    one_kind = torch.ones(4, 1, 8, 8)  # a batch of one kind: the plain mean
+    assert float(SegmentationLoss(1.0, balance_presence=True)((mask_logits, presence_logits), one_kind)) == (
+        pytest.approx(float(SegmentationLoss(1.0)((mask_logits, presence_logits), one_kind)), rel=1e-6))
+
+
+def test_deep_supervision_outputs_weigh_half_as_much_at_each_coarser_level():
+    torch.manual_seed(0)
+    labels = (torch.rand(2, 1, 8, 8) > 0.8).float()
+    final, finer, coarser = (torch.randn(2, 1, 8, 8) for _ in range(3))
+    loss = SegmentationLoss(0.0)
+    deep = float(loss((final, None, [finer, coarser]), labels))
+    expected = (float(loss((final, None), labels)) + 0.5 * float(loss((finer, None), labels))
+                + 0.25 * float(loss((coarser, None), labels))) / 1.75
+    assert deep == pytest.approx(expected, rel=1e-5)
 
 
 def gradients_and_loss(loss_function, images, labels, micro_batch: int) -> tuple[list[torch.Tensor], float]:

@@ -136,3 +136,32 @@ def test_batch_augmentation_is_seeded_keeps_masks_binary_and_can_be_switched_off
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert not torch.equal(first[0], images)
     assert set(first[1].unique().tolist()) <= {0.0, 1.0} and 0 <= first[0].min() and first[0].max() <= 1
+
+
+def test_nnunets_augmentation_blurs_lowers_the_resolution_and_changes_contrast_only_where_drawn():
+    from nerveseg.transforms import gaussian_blur, lower_resolution
+
+    torch.manual_seed(0)
+    images = torch.rand(4, 1, 32, 48)
+    blurred = gaussian_blur(images, torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    torch.testing.assert_close(blurred[:2], images[:2])
+    assert blurred[2:].std() < images[2:].std() / 2  # white noise loses most of its spread under sigma 1
+    assert float((blurred[2:].mean() - images[2:].mean()).abs()) < 0.01
+    coarse = lower_resolution(images, torch.tensor([1.0, 0.5, 1.0, 0.5]))
+    torch.testing.assert_close(coarse[[0, 2]], images[[0, 2]])
+    small = torch.nn.functional.interpolate(images[1:2], size=(16, 24), mode="nearest-exact")
+    torch.testing.assert_close(coarse[1:2], torch.nn.functional.interpolate(small, size=(32, 48), mode="bilinear"))
+    labels = (torch.rand(4, 1, 32, 48) > 0.7).float()
+    options = {"rotate_degrees": 10, "scale": 0.1, "shift": 0.05, "flip_prob": 0.0, "intensity_prob": 0.3}
+    light, nnunet = BatchAugment.preset("light", **options), BatchAugment.preset("nnunet", **options)
+    assert light.zoom_range == (0.9, 1.1) and nnunet.zoom_range == (0.7, 1.4)
+    assert light.blur_prob == light.low_resolution_prob == light.contrast_prob == 0
+    assert (nnunet.blur_prob, nnunet.low_resolution_prob, nnunet.contrast_prob) == (0.2, 0.25, 0.15)
+    augmented, masks = nnunet(images, labels, torch.Generator().manual_seed(5))
+    assert set(masks.unique().tolist()) <= {0.0, 1.0} and 0 <= augmented.min() and augmented.max() <= 1
+    assert torch.equal(nnunet(images, labels, torch.Generator().manual_seed(5))[0], augmented)  # seeded
+    contrast = BatchAugment(rotate_degrees=0, scale=0, shift=0, flip_prob=0, intensity_prob=0, affine_prob=0,
+                            contrast_prob=1.0)
+    changed, _ = contrast(images * 0.5 + 0.25, labels, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(changed.mean(dim=(1, 2, 3)), (images * 0.5 + 0.25).mean(dim=(1, 2, 3)))
+    assert not torch.allclose(changed, images * 0.5 + 0.25)
