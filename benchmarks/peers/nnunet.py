@@ -12,20 +12,23 @@ Steps, each kept in WORK and skipped when run again (delete WORK to start over):
     splits_final.json holding that one split (nnU-Net's 5-fold cross-validation is not used).
  2. Ours: train.py --max-epochs EPOCHS, defaults otherwise; predict.py on the held-out images.
  3. nnU-Net plans and preprocesses its 2d configuration (nnunet_worker.py, run by --nnunet-python).
- 4. nnU-Net at the same number of training images seen as ours (EPOCHS epochs; iterations per epoch so that
-    epochs x iterations x its batch reaches ours; validation iterations a fifth of them, its default 50:250).
- 5. nnU-Net at the same CPU time as ours: the iterations that our run's CPU time buys at the CPU time per
-    iteration that step 4 measured (the same epochs where possible, so its poly schedule runs its course).
+ 4. nnU-Net at the same CPU time as ours: epochs a quarter as long as in step 5; after the first, the trainer
+    sets the number of epochs to what the rest of our run's CPU time buys, and stretches its poly schedule to it.
+ 5. nnU-Net at the same number of training images seen as ours (EPOCHS epochs; iterations per epoch so that
+    epochs x iterations x its batch reaches ours). Validation iterations are a fifth of the training ones (its
+    default 50:250), in both budgets.
  6. With --nnunet-defaults (meant for a GPU, --device cuda): nnU-Net's own 1000 epochs of 250 iterations.
 Each nnU-Net model predicts the held-out images; its target probability is resized bilinearly to each image's
 size (as predict.py does for ours) and thresholded at 0.5.
 
 Time is process CPU time (user + system, of the step's processes and their children, from getrusage), beside the
-wall clock: on a shared machine CPU time does not grow with other people's load, wall time does. The table
-goes to WORK/results.md and WORK/results.json.
+wall clock: on a shared machine CPU time grows little with other people's load, wall time does. nnU-Net augments
+in its training process (nnUNet_n_proc_DA=0), as train.py does, so that all its CPU time is counted and limited
+the same way. The table goes to WORK/results.md and WORK/results.json.
 """
 
 import argparse
+import functools
 import math
 import os
 import resource
@@ -133,12 +136,14 @@ def nnunet_environment(work: Path, results: Path) -> dict:
         "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"),
         "nnUNet_results": str(results),
         "nnUNet_compile": "false",
+        "nnUNet_n_proc_DA": "0",
     }
 
 
 def run_nnunet(arguments: argparse.Namespace, work: Path, test_items: list[dict], *, budget: str, epochs: int,
-               iterations: int) -> dict:
-    """Train nnU-Net (fold 0: train.py's split) for epochs x iterations, predict the held-out images, score."""
+               iterations: int, cpu_seconds: float = 0.0) -> dict:
+    """Train nnU-Net (fold 0: train.py's split) for epochs x iterations (or what cpu_seconds buys), predict the
+    held-out images, score."""
     folder = work / "nnunet" / budget
     folder.mkdir(parents=True, exist_ok=True)
     env = nnunet_environment(work, folder / "results")
@@ -146,7 +151,8 @@ def run_nnunet(arguments: argparse.Namespace, work: Path, test_items: list[dict]
     dataset = ["--dataset", str(arguments.dataset_id), "--device", arguments.device]
     val_iterations = max(1, round(iterations * VAL_SHARE))
     training = timed([*worker, "train", *dataset, "--epochs", str(epochs), "--iterations", str(iterations),
-                      "--val-iterations", str(val_iterations), "--report", str(folder / "train.json")],
+                      "--val-iterations", str(val_iterations), "--cpu-seconds", str(cpu_seconds),
+                      "--report", str(folder / "train.json")],
                      folder / "train.log", env=env)
     trained = read_json(folder / "train.json")
     prediction = timed([*worker, "predict", *dataset, "--output", str(folder / "predictions"),
@@ -156,16 +162,9 @@ def run_nnunet(arguments: argparse.Namespace, work: Path, test_items: list[dict]
         with np.load(folder / "predictions" / f"{item['id']}.npz") as saved:
             masks[item["id"]] = probabilities_to_mask(saved["probabilities"], read_binary_mask(item["label"]).shape)
     return {"system": "nnU-Net v2", "budget": budget, "images_seen": trained["images_seen"],
-            "epochs": epochs, "iterations_per_epoch": iterations, "val_iterations_per_epoch": val_iterations,
+            "epochs": trained["epochs"], "iterations_per_epoch": iterations, "val_iterations_per_epoch": val_iterations,
+            "epoch_cpu_seconds": trained["epoch_cpu_seconds"],
             "training": training, "prediction": prediction, "scores": score(masks, test_items)}
-
-
-def same_time_schedule(ours_cpu: float, nnunet: dict, epochs: int) -> tuple[int, int]:
-    """(epochs, iterations per epoch) of nnU-Net that our CPU time buys at the rate its same-images run had."""
-    seconds_per_iteration = nnunet["training"]["cpu_seconds"] / (nnunet["epochs"] * nnunet["iterations_per_epoch"])
-    iterations = max(1, math.floor(ours_cpu / seconds_per_iteration))
-    epochs = min(epochs, iterations)
-    return epochs, iterations // epochs
 
 
 def table(rows: list[dict], plan: dict, machine: str) -> str:
@@ -208,6 +207,7 @@ def machine_line() -> str:
 def main() -> None:
     """The steps of the module's docstring."""
     arguments = parse_arguments()
+    sys.stdout.reconfigure(line_buffering=True)  # each step's line shows at once in a log file
     work = arguments.work.resolve()
     arguments.data = arguments.data.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -238,26 +238,31 @@ def main() -> None:
     batch = plan_record["batch_size"]
     print(f"   plan: {plan_record}")
 
-    print("4. nnU-Net, the same images seen")
-    iterations = math.ceil(ours["images_seen"] / (arguments.epochs * batch))
-    same_images = once(work / "nnunet-same-images.json", lambda: run_nnunet(
-        arguments, work, test_items, budget="same images seen", epochs=arguments.epochs, iterations=iterations))
-    print("5. nnU-Net, the same CPU time")
-    epochs, iterations = same_time_schedule(ours["training"]["cpu_seconds"], same_images, arguments.epochs)
-    same_time = once(work / "nnunet-same-time.json", lambda: run_nnunet(
-        arguments, work, test_items, budget="same CPU time", epochs=epochs, iterations=iterations))
-    rows = [ours, same_images, same_time]
+    iterations = math.ceil(ours["images_seen"] / (arguments.epochs * batch))  # per epoch, for the same images
+    budgets = [  # (step, result file, budget, epochs, iterations per epoch, CPU seconds)
+        ("4. nnU-Net, the same CPU time", "nnunet-same-time.json", "same CPU time", 1000,
+         max(1, round(iterations / 4)), ours["training"]["cpu_seconds"]),
+        ("5. nnU-Net, the same images seen", "nnunet-same-images.json", "same images seen", arguments.epochs,
+         iterations, 0.0),
+    ]
     if arguments.nnunet_defaults:
-        print("6. nnU-Net, its own defaults")
-        rows.append(once(work / "nnunet-defaults.json", lambda: run_nnunet(
-            arguments, work, test_items, budget="nnU-Net's defaults", epochs=1000, iterations=250)))
+        budgets.append(("6. nnU-Net, its own defaults", "nnunet-defaults.json", "nnU-Net's defaults", 1000, 250, 0.0))
+    rows = [ours]
+    for step, result_file, budget, epochs, per_epoch, cpu_seconds in budgets:
+        print(step)
+        rows.append(once(work / result_file, functools.partial(
+            run_nnunet, arguments, work, test_items, budget=budget, epochs=epochs, iterations=per_epoch,
+            cpu_seconds=cpu_seconds)))
+        write_results(work, rows, plan_record)  # after every step: a stopped run keeps its table so far
 
+
+def write_results(work: Path, rows: list[dict], plan_record: dict) -> None:
+    """WORK/results.md and results.json, and the table printed."""
     text = table(rows, plan_record, machine_line())
     with atomic_write(work / "results.md") as file:
         file.write(text)
     write_json(work / "results.json", {"plan": plan_record, "rows": rows, "machine": machine_line()})
     print(text)
-
 
 if __name__ == "__main__":
     exit_on_user_error("benchmarks/peers/nnunet.py")

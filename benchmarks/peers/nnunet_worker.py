@@ -13,7 +13,9 @@ did (--report).
 
 import argparse
 import json
+import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -32,17 +34,52 @@ FOLD = 0  # the one fold of splits_final.json: train.py's split
 
 class nnUNetTrainerBudget(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming)
     """nnU-Net's default trainer with its number of epochs and iterations set (class attributes, set before it is
-    made); everything else (network, loss with deep supervision, augmentation, poly SGD, sampling) is nnU-Net's."""
+    made), and optionally a limit on the CPU time of its process; everything else (network, loss with deep
+    supervision, augmentation, poly SGD, foreground sampling) is nnU-Net's."""
 
     epochs = 1000  # nnU-Net's defaults
     iterations_per_epoch = 250
     val_iterations_per_epoch = 50
+    cpu_seconds = 0.0  # a limit on the process's CPU time (0: none): see on_epoch_end
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")) -> None:  # noqa: B008 (nnU-Net reads this signature)
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = self.epochs
         self.num_iterations_per_epoch = self.iterations_per_epoch
         self.num_val_iterations_per_epoch = self.val_iterations_per_epoch
+        self.epoch_cpu_seconds: list[float] = []
+
+    def on_epoch_start(self) -> None:
+        self.epoch_started = time.process_time()
+        super().on_epoch_start()
+
+    def on_epoch_end(self) -> None:
+        """nnU-Net's epoch end; under a CPU limit, after the first epoch, the number of epochs becomes what the
+        rest of the limit buys at that epoch's CPU time (at least one), and the poly schedule is stretched to it."""
+        super().on_epoch_end()
+        self.epoch_cpu_seconds.append(time.process_time() - self.epoch_started)
+        if self.cpu_seconds and self.current_epoch == 1:
+            left = self.cpu_seconds - time.process_time()
+            self.num_epochs = 1 + max(0, math.floor(left / self.epoch_cpu_seconds[0]))
+            self.lr_scheduler.max_steps = self.num_epochs
+
+    def run_training(self) -> None:
+        """nnU-Net's loop (nnUNetTrainer.run_training), reading num_epochs at every epoch, as on_epoch_end may
+        change it."""
+        self.on_train_start()
+        while self.current_epoch < self.num_epochs:
+            self.on_epoch_start()
+            self.on_train_epoch_start()
+            train_outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
+            self.on_train_epoch_end(train_outputs)
+            with torch.no_grad():
+                self.on_validation_epoch_start()
+                val_outputs = [self.validation_step(next(self.dataloader_val))
+                               for _ in range(self.num_val_iterations_per_epoch)]
+                self.on_validation_epoch_end(val_outputs)
+            self.on_epoch_end()
+        self.on_train_end()
 
 
 def plan(dataset: int) -> dict:
@@ -83,7 +120,8 @@ def build_network(plans_manager: PlansManager, configuration, dataset_json: dict
     )
 
 
-def train(dataset: int, *, epochs: int, iterations: int, val_iterations: int, device: torch.device) -> dict:
+def train(dataset: int, *, epochs: int, iterations: int, val_iterations: int, cpu_seconds: float,
+          device: torch.device) -> dict:
     """Train fold 0 (train.py's split) with the budget trainer; no final validation (the benchmark predicts the
     held-out images instead)."""
     name = maybe_convert_to_dataset_name(dataset)
@@ -91,8 +129,10 @@ def train(dataset: int, *, epochs: int, iterations: int, val_iterations: int, de
     nnUNetTrainerBudget.epochs = epochs
     nnUNetTrainerBudget.iterations_per_epoch = iterations
     nnUNetTrainerBudget.val_iterations_per_epoch = val_iterations
+    nnUNetTrainerBudget.cpu_seconds = cpu_seconds
+    plans = load_json(str(preprocessed / f"{PLANS}.json")) | {"continue_training": False}  # as nnUNetv2_train does
     trainer = nnUNetTrainerBudget(
-        plans=load_json(str(preprocessed / f"{PLANS}.json")),
+        plans=plans,
         configuration=CONFIGURATION,
         fold=FOLD,
         dataset_json=load_json(str(preprocessed / "dataset.json")),
@@ -100,11 +140,13 @@ def train(dataset: int, *, epochs: int, iterations: int, val_iterations: int, de
     )
     trainer.run_training()
     return {
-        "epochs": epochs,
+        "epochs": trainer.num_epochs,
         "iterations_per_epoch": iterations,
         "val_iterations_per_epoch": val_iterations,
         "batch_size": trainer.batch_size,
-        "images_seen": epochs * iterations * trainer.batch_size,
+        "images_seen": trainer.num_epochs * iterations * trainer.batch_size,
+        "epoch_cpu_seconds": [round(t, 1) for t in trainer.epoch_cpu_seconds],
+        "cpu_seconds": round(time.process_time(), 1),
         "output_folder": trainer.output_folder,
     }
 
@@ -142,6 +184,9 @@ def main() -> None:
                         help="train: training iterations per epoch")
     parser.add_argument("--val-iterations", type=int, default=nnUNetTrainerBudget.val_iterations_per_epoch,
                         help="train: validation iterations per epoch (nnU-Net's pseudo-Dice, for its best checkpoint)")
+    parser.add_argument("--cpu-seconds", type=float, default=0.0,
+                        help="train: a limit on this process's CPU time; after the first epoch, the number of epochs "
+                        "becomes what the rest of it buys (0: none, --epochs holds)")
     parser.add_argument("--output", type=Path, help="predict: folder for the masks and probabilities")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--report", type=Path, help="write what the command did to this JSON file")
@@ -153,7 +198,7 @@ def main() -> None:
         result = plan(arguments.dataset)
     elif arguments.command == "train":
         result = train(arguments.dataset, epochs=arguments.epochs, iterations=arguments.iterations,
-                       val_iterations=arguments.val_iterations, device=device)
+                       val_iterations=arguments.val_iterations, cpu_seconds=arguments.cpu_seconds, device=device)
     else:
         if arguments.output is None:
             parser.error("predict needs --output")
