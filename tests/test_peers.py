@@ -153,3 +153,22 @@ def test_worker_budget_trainer_keeps_the_budget():
     assert issubclass(trainer_class, nnunet_worker.nnUNetTrainer)
     assert (trainer_class.epochs, trainer_class.iterations_per_epoch, trainer_class.val_iterations_per_epoch) == (
         1000, 250, 50)
+
+
+def test_table_shows_both_systems_with_the_baseline_and_the_plan(peers):
+    _, nnunet = peers
+    scores = {"dice": 0.375, "dice_empty": 0.5, "dice_nonempty": 0.25, "images": 4, "images_empty": 2,
+              "empty_left_empty": 1, "targets_found": 1, "all_empty_baseline": 0.5}
+    timing = {"cpu_seconds": 120.0, "wall_seconds": 600.0}
+    rows = [{"system": "ours", "budget": "train.py --max-epochs 5", "images_seen": 2560, "training": timing,
+             "scores": scores},
+            {"system": "nnU-Net v2", "budget": "same CPU time", "epochs": 3, "iterations_per_epoch": 5,
+             "images_seen": 390, "training": timing, "scores": scores | {"dice": 0.25}}]
+    plan = {"network": "PlainConvUNet", "stages": 6, "features": [32, 512], "parameters": 20_619_082,
+            "batch_size": 26, "patch_size": [128, 192]}
+    text = nnunet.table(rows, plan, "a CPU, 2 cores")
+    assert "all-empty baseline 0.500" in text and "a CPU, 2 cores" in text
+    assert "PlainConvUNet, 6 stages, 32-512 features, 20.6 M parameters, batch 26, patch 128x192" in text
+    ours = "| ours | train.py --max-epochs 5 | 0.375 | 1 of 2 (0.500) | 1 of 2 (0.250) | 2.0 min | 10.0 min | 2,560 |"
+    assert ours in text
+    assert "| nnU-Net v2 | same CPU time: 3 x 5 iterations | 0.250 |" in text
