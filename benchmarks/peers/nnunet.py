@@ -226,7 +226,8 @@ def main() -> None:
     ours = once(work / "ours.json",
                 lambda: run_ours(arguments, work, test_items, images_seen_by_ours(train_items, arguments.epochs)))
     print("3. nnU-Net plans and preprocesses")
-    plan_env = nnunet_environment(work, work / "nnunet")
+    # its planner sets torch's threads to nnUNet_n_proc_DA, which must not be 0 there
+    plan_env = nnunet_environment(work, work / "nnunet") | {"nnUNet_n_proc_DA": str(os.cpu_count() or 1)}
 
     def plan() -> dict:
         planning = timed([arguments.nnunet_python, str(WORKER), "plan", "--dataset", str(arguments.dataset_id),
