@@ -16,7 +16,8 @@ from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 from PIL import Image
 from torch import nn
 
-from nerveseg.bundle import BundleNetwork, check_target, license_text, trace_network
+from nerveseg.bundle import BundleNetwork, check_target, trace_network
+from nerveseg.bundle_docs import license_text
 from nerveseg.checkpoint import ensemble_checkpoint, make_checkpoint, save_torch
 from nerveseg.errors import UserError
 from nerveseg.layouts import images_to_segment
