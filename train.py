@@ -123,8 +123,8 @@ tta = augmentation_for_training(scale=SCALE, shift=SHIFT, flip_prob=FLIP_PROB)  
 
 
 def make_model(train_items: list[dict], seed: int) -> tuple[nn.Module, nn.Module]:
-    """MONAI's UNet with a presence output (nerveseg/model.py), starting at the training set's shares of target
-    pixels and of images with a target: the plain model, and what trains (compiled with COMPILE, DDP)."""
+    """The MODEL network with its presence output (nerveseg/model.py), starting at the training set's shares of
+    target pixels and of images with a target: the plain model, and what trains (compiled with COMPILE, DDP)."""
     monai.utils.set_determinism(seed)
     raw_model = build_model(config)  # the plain model: its weights are saved and loaded
     present = 0.5 if PRESENCE_BALANCE else sum(not i["empty"] for i in train_items) / len(train_items)
