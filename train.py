@@ -94,8 +94,6 @@ runs.check_output_folders(run_dir, settings)
 process = distributed.start(DEVICE)  # this process's rank and device (one process without torchrun)
 print0 = print if process.is_main else (lambda *args, **kwargs: None)
 quiet = QUIET or not process.is_main
-if run.state is not None:
-    print0(f"resuming {run_dir} (its own settings are used)")
 memory.keep_freed_memory()  # big CPU tensors are reused, not handed back and faulted in again (see nerveseg/memory.py)
 monai.data.set_track_meta(False)  # plain tensors: faster, and the metadata is not needed
 saved_settings = settings_to_json(settings)
@@ -115,10 +113,8 @@ preprocessing = {"image_size": list(image_size), "intensity": "0..255 scaled to 
 record = {"model_config": config, "preprocessing": preprocessing, "postprocessing": default_rule.as_dict(),
           "settings": saved_settings}  # how each checkpoint's model was made
 loss_function = training.SegmentationLoss(PRESENCE_WEIGHT, balance_presence=PRESENCE_BALANCE)  # Dice, CE, presence
-augment = BatchAugment.preset(
-    AUGMENTATION, rotate_degrees=ROTATE_DEGREES, scale=SCALE, shift=SHIFT, flip_prob=FLIP_PROB,
-    intensity_prob=INTENSITY_PROB
-)
+augment = BatchAugment.preset(AUGMENTATION, rotate_degrees=ROTATE_DEGREES, scale=SCALE, shift=SHIFT,
+                              flip_prob=FLIP_PROB, intensity_prob=INTENSITY_PROB)
 tta = augmentation_for_training(scale=SCALE, shift=SHIFT, flip_prob=FLIP_PROB)  # what validation will judge
 
 
@@ -126,11 +122,10 @@ def make_model(train_items: list[dict], seed: int) -> tuple[nn.Module, nn.Module
     """The MODEL network with its presence output (nerveseg/model.py), starting at the training set's shares of
     target pixels and of images with a target: the plain model, and what trains (compiled with COMPILE, DDP)."""
     monai.utils.set_determinism(seed)
-    raw_model = build_model(config)  # the plain model: its weights are saved and loaded
+    raw_model = build_model(config).to(process.device)  # the plain model: its weights are saved and loaded
     present = 0.5 if PRESENCE_BALANCE else sum(not i["empty"] for i in train_items) / len(train_items)
     set_output_prior(raw_model, foreground_fraction=sum(i["mask_fraction"] for i in train_items) / len(train_items),
                      present_fraction=present)
-    raw_model.to(process.device)
     model = torch.compile(raw_model, dynamic=False) if COMPILE else raw_model
     return raw_model, nn.parallel.DistributedDataParallel(model) if process.world_size > 1 else model
 
@@ -197,7 +192,7 @@ def train_fold(fold: int, train_items: list[dict], val_items: list[dict]) -> tup
     start_epoch, history, best = runs.restore(fold_dir, resumed=run.state is not None, model=raw_model,
                                               optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     if start_epoch:
-        print0(f"{name}resuming after epoch {start_epoch} of {MAX_EPOCHS}")
+        print0(f"{name}resuming after epoch {start_epoch} of {MAX_EPOCHS} (with the run's own settings)")
     if process.is_main:
         runs.prepare_fold_folder(fold_dir, history=history)
     log = TrainingLog(fold_dir, enabled=TENSORBOARD and process.is_main and tensorboard_installed(),
