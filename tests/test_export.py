@@ -89,6 +89,7 @@ def test_the_onnx_model_gives_the_same_masks_on_the_real_images(exported, traine
     assert submissions[0] == submissions[1]
 
 
+@pytest.mark.slow
 def test_another_network_exports_and_predicts_alone_as_an_ensemble_and_with_tta(train_clean, tmp_path):
     """A DynUNet (deep supervision, presence head): its ensemble with test-time augmentation exports to ONNX and
     predicts the same masks as its checkpoint; predict.py runs its single fold too."""

@@ -49,6 +49,7 @@ def subjects(items: list[dict]) -> set[str]:
     return {item["subject"] for item in items}
 
 
+@pytest.mark.slow
 def test_conversion_writes_nnunet_raw_format_of_train_py_split(peers, held_out_clean: Path, tmp_path: Path):
     conversion, _ = peers
     train, val = conversion.training_split(held_out_clean, val_fraction=0.2, seed=0)
@@ -85,6 +86,7 @@ def test_conversion_writes_nnunet_raw_format_of_train_py_split(peers, held_out_c
     assert splits == [{"train": [i["id"] for i in train], "val": [i["id"] for i in val]}]
 
 
+@pytest.mark.slow
 def test_held_out_items_refuses_a_clean_without_hold_out(peers, train_clean: Path):
     conversion, _ = peers
     with pytest.raises(UserError, match="--hold-out"):

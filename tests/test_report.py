@@ -95,6 +95,7 @@ def predicted(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> di
             "stdout": result.stdout, "images": images, "checkpoint": str(trained_run / "2D_Nerve_Segmentation.pt")}
 
 
+@pytest.mark.slow
 def test_images_csv_holds_an_uncertainty_and_the_page_its_pictures(predicted):
     rows = predicted["rows"]
     assert set(rows) == {*predicted["truth_is_empty"], "broken"}
@@ -109,6 +110,7 @@ def test_images_csv_holds_an_uncertainty_and_the_page_its_pictures(predicted):
     assert "uncertainty: " in predicted["stdout"] and "AUC" in predicted["stdout"]
 
 
+@pytest.mark.slow
 def test_the_page_fetches_nothing_and_names_stay_text(predicted):
     text = predicted["page"].read_text(encoding="utf-8")
     assert not re.search(r"(https?|wss?|ftp)://", text)  # no address of the network anywhere in the page
@@ -117,6 +119,7 @@ def test_the_page_fetches_nothing_and_names_stay_text(predicted):
     assert "<img src=x" not in text and "onerror=alert(1)>" not in text  # only as \u003c...\u003e in the JSON
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_the_browser_shows_a_card_per_image_sorted_and_filtered(predicted):
     rows, truth_is_empty = predicted["rows"], predicted["truth_is_empty"]
@@ -147,6 +150,7 @@ def test_the_browser_shows_a_card_per_image_sorted_and_filtered(predicted):
     assert [card["name"] for card in skipped] == ["broken"]
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_a_picture_opens_at_full_size(predicted):
     name = ODD_NAMES[2]  # the view of any image can be opened by the address, as a click opens it
@@ -160,6 +164,7 @@ def test_a_picture_opens_at_full_size(predicted):
         assert view.size == (130, 90)
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_no_request_leaves_the_page(predicted, tmp_path):
     def requests_of_pages(url: str) -> list[str]:
@@ -179,6 +184,7 @@ def test_no_request_leaves_the_page(predicted, tmp_path):
     assert requests_of_pages(predicted["page"].as_uri() + "#sort=dice") == []
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_a_screenshot_of_the_page_is_not_blank(predicted, tmp_path):
     picture = tmp_path / "screenshot.png"
@@ -192,6 +198,7 @@ def test_a_screenshot_of_the_page_is_not_blank(predicted, tmp_path):
     assert red.sum() > 10  # the outlines (and the legend) are drawn
 
 
+@pytest.mark.slow
 def test_a_new_report_replaces_the_old_one_and_report_false_writes_none(predicted):
     root, chosen = predicted["root"], root_subset(predicted)
     model = ("--checkpoint", predicted["checkpoint"])
