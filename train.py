@@ -6,9 +6,8 @@
     python train.py --resume                      # continue the latest interrupted run (or fold)
     torchrun --nproc_per_node=4 train.py          # several GPUs (or CPU processes), same script
 
-The "# %%" cells run one after the other in an editor (VS Code, Spyder, Jupytext): imports, settings, load data,
-the model and the loaders, train the model (one per fold: train_fold, which calls train_epoch), publish. Change a
-setting by editing it below, or on the command line (-h lists them all).
+The "# %%" cells run in order in an editor (VS Code, Spyder, Jupytext): imports, settings, load data, the model and
+the loaders, train the model (train_fold per fold, which calls train_epoch), publish. Settings: below, or -h.
 """
 
 # %% Import useful libraries
@@ -94,6 +93,8 @@ runs.check_output_folders(run_dir, settings)
 process = distributed.start(DEVICE)  # this process's rank and device (one process without torchrun)
 print0 = print if process.is_main else (lambda *args, **kwargs: None)
 quiet = QUIET or not process.is_main
+if run.state is not None:
+    print0(f"resuming {run_dir} (its own settings are used)")
 memory.keep_freed_memory()  # big CPU tensors are reused, not handed back and faulted in again (see nerveseg/memory.py)
 monai.data.set_track_meta(False)  # plain tensors: faster, and the metadata is not needed
 saved_settings = settings_to_json(settings)
@@ -141,9 +142,8 @@ def make_loaders(train_items: list[dict], val_items: list[dict]) -> tuple[Thread
                             copy_cache=False)
     val_ds = CacheDataset(partition(val_items, process.rank, process.world_size, pad=False),
                           load_transforms(image_size, with_label=True, keep_full_label=True), progress=show_progress)
-    present = [not item["empty"] for item in my_train_items]  # TARGET_SHARE: batches that hold targets
-    sampler = training.EpochSampler(len(train_ds), epoch_length, SEED, present=present, batch_size=batch_size,
-                                    target_share=TARGET_SHARE)
+    sampler = training.EpochSampler(len(train_ds), epoch_length, SEED, batch_size=batch_size, target_share=TARGET_SHARE,
+                                    present=[not item["empty"] for item in my_train_items])
     train_loader = ThreadDataLoader(train_ds, batch_size=batch_size, sampler=sampler, num_workers=NUM_WORKERS,
                                     collate_fn=collate_keep_sizes)
     val_loader = DataLoader(val_ds, batch_size=VAL_BATCH_SIZE, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes)
@@ -192,7 +192,7 @@ def train_fold(fold: int, train_items: list[dict], val_items: list[dict]) -> tup
     start_epoch, history, best = runs.restore(fold_dir, resumed=run.state is not None, model=raw_model,
                                               optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     if start_epoch:
-        print0(f"{name}resuming after epoch {start_epoch} of {MAX_EPOCHS} (with the run's own settings)")
+        print0(f"{name}resuming after epoch {start_epoch} of {MAX_EPOCHS}")
     if process.is_main:
         runs.prepare_fold_folder(fold_dir, history=history)
     log = TrainingLog(fold_dir, enabled=TENSORBOARD and process.is_main and tensorboard_installed(),
