@@ -60,6 +60,7 @@ PRESENCE_WEIGHT = 0.5  # weight of the image-level "is the target there at all" 
 PRESENCE_BALANCE = False  # images with and without a target weigh the same in the presence loss (no prior learnt)
 PRESENCE_SIGNAL = "head"  # presence from the head, or head+mask: averaged with the mask's largest probability
 TARGET_SHARE = 0.0  # each batch holds at least this share of images with a target (nnU-Net: 0.33)
+BALANCED_RULE = True  # the presence threshold (and the rest of the rule) is chosen as if half the images were empty
 # Optimisation
 BATCH_SIZE = 0  # training images per step and process (0: 128, fewer on small data sets, down to 16)
 MICRO_BATCH_SIZE = 0  # images per forward/backward pass, gradients summed up to BATCH_SIZE (0: 64 on CPU, all on GPU)
@@ -250,7 +251,7 @@ for fold, (train_items, val_items) in enumerate(folds, start=1):
     validations.append(validation)
 
 # %% Publish: the model (one split's best, or the folds' ensemble) with the rules chosen on all validation images
-post, use_tta, tta_dice = choose_on_validation(validations, has_presence=has_presence)
+post, use_tta, tta_dice = choose_on_validation(validations, has_presence=has_presence, balanced=BALANCED_RULE)
 summary = cross_validation_summary(validations, rule=post, use_tta=use_tta, default_rule=default_rule)
 checkpoint = runs.published_model(members, summary, rule=post, tta={"use": use_tta, **tta, "validation_dice": tta_dice})
 if process.is_main:

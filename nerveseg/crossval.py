@@ -49,15 +49,18 @@ def validate_fold(model: nn.Module, loader: torch.utils.data.DataLoader, loss_fu
     return fold_validation(fold, best_epoch=best["epoch"], val_items=val_items, plain=plain, augmented=augmented)
 
 
-def choose_on_validation(validations: list[dict], *, has_presence: bool) -> tuple[PostProcessing, bool, dict]:
-    """The post-processing rule and whether to use test-time augmentation, chosen on all folds pooled; with the
-    pooled Dice of the best rule without and with augmentation."""
+def choose_on_validation(validations: list[dict], *, has_presence: bool, balanced: bool
+                         ) -> tuple[PostProcessing, bool, dict]:
+    """The post-processing rule (balanced: as if half of the images were empty, see choose_postprocessing) and
+    whether to use test-time augmentation, chosen on all folds pooled; with the pooled Dice of the best rule
+    without and with augmentation."""
     images = sum(v["images"] for v in validations)
     empty = sum(v["images_empty"] for v in validations)
     rules, dice = {}, {}
     for view in ("plain", "tta"):
         pooled = sum(v[view] for v in validations)
-        rules[view] = choose_postprocessing(pooled, images=images, has_presence=has_presence)[0]
+        rules[view] = choose_postprocessing(pooled, images=images, images_empty=empty, has_presence=has_presence,
+                                            balanced=balanced)[0]
         dice[view] = metrics_of_rule(pooled, rules[view], images=images, images_empty=empty)["dice"]
     use_tta = dice["tta"] - dice["plain"] > MIN_TTA_GAIN
     return rules["tta" if use_tta else "plain"], use_tta, dice

@@ -22,7 +22,7 @@ from nerveseg.files import FolderLock, check_can_be_folder, write_csv, write_jso
 from nerveseg.metrics import describe_scores
 from nerveseg.model import MODELS, PRESENCE_SIGNALS
 from nerveseg.pictures import plot_cross_validation, plot_training_curves
-from nerveseg.postprocess import PostProcessing
+from nerveseg.postprocess import TUNING_PLANES, PostProcessing
 from nerveseg.transforms import AUGMENTATIONS
 
 LAST_STATE_KEYS = {"model", "optimizer", "epoch", "history", "settings"}  # what last.pt holds
@@ -166,10 +166,14 @@ def fold_name(fold: int, folds: int) -> str:
 
 
 def completed_fold(fold_dir: Path) -> tuple[dict, dict] | None:
-    """A fold that a resumed run completed before (it has a validation.pt): its best model and its validation."""
+    """A fold that a resumed run completed before (it has a validation.pt): its best model and its validation.
+    A validation of an earlier version (fewer tuning planes) is not kept: the fold is validated again."""
     if not (fold_dir / "validation.pt").is_file():
         return None
-    return read_torch_file(fold_dir / "best.pt"), read_torch_file(fold_dir / "validation.pt")
+    validation = read_torch_file(fold_dir / "validation.pt")
+    if validation["plain"].shape[0] != len(TUNING_PLANES):
+        return None
+    return read_torch_file(fold_dir / "best.pt"), validation
 
 
 def restore(fold_dir: Path, *, resumed: bool, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: object,

@@ -82,3 +82,43 @@ def test_a_rule_replaces_the_default_only_when_its_gain_beats_the_noise(gains, a
     assert (chosen.presence_threshold == 0.7 and chosen.keep_largest) == adopted
     assert default_sum == pytest.approx(0.5 * len(gains))  # the sums of the rule kept, and of the default
     assert best == pytest.approx(default_sum + sum(gains) if adopted else default_sum)
+
+
+def prior_case(empty_images: int, target_images: int) -> tuple[torch.Tensor, int, int]:
+    """Summed tuning scores of a validation set where the same blob is drawn on every image: the presence head
+    says 0.1 on most empty images, 0.45 on a fifth of them and on every image with a target."""
+    tuning = 0
+    for index in range(empty_images + target_images):
+        truth = torch.zeros(1, 40, 60, dtype=torch.bool)
+        probability = torch.full((1, 40, 60), 0.05)
+        probability[:, 10:25, 20:40] = 0.95
+        has_target = index >= empty_images
+        if has_target:
+            truth[:, 10:25, 20:40] = True
+        presence = 0.45 if has_target or index % 5 == 0 else 0.1
+        tuning = tuning + tuning_scores(probability, presence, truth, has_presence=True)
+    return tuning, empty_images + target_images, empty_images
+
+
+def test_the_balanced_rule_does_not_learn_the_share_of_empty_images():
+    """20 empty images and 4 with a target: by Kaggle Dice, presence 0.4 finds the 4 targets but marks 4 empty
+    images, a tie with the default 0.5 (which calls all 24 empty); as if half were empty, 0.4 (or 0.3) wins clearly."""
+    tuning, images, empty = prior_case(20, 4)
+    kaggle, best, default = choose_postprocessing(tuning, images=images, has_presence=True)
+    assert kaggle.presence_threshold == 0.5 and best == pytest.approx(default) == pytest.approx(20.0)
+    balanced, best, default = choose_postprocessing(tuning, images=images, images_empty=empty, has_presence=True,
+                                                    balanced=True)
+    assert balanced.presence_threshold < 0.45  # 0.3 and 0.4 tie: the first
+    assert (best, default) == (pytest.approx(20.0), pytest.approx(20.0))  # Kaggle sums, as before
+    # where no image or every image is empty there is nothing to balance: the Kaggle choice
+    only_targets, images, _ = prior_case(0, 4)
+    assert choose_postprocessing(only_targets, images=images, images_empty=0, has_presence=True,
+                                 balanced=True)[0] == choose_postprocessing(only_targets, images=images,
+                                                                            has_presence=True)[0]
+
+
+def test_the_balanced_rule_keeps_the_default_within_the_noise():
+    """One target among few images: finding it would be a large balanced gain, but from a single image."""
+    tuning, images, empty = prior_case(5, 1)
+    balanced = choose_postprocessing(tuning, images=images, images_empty=empty, has_presence=True, balanced=True)[0]
+    assert balanced.presence_threshold == 0.5

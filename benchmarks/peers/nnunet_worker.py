@@ -193,7 +193,8 @@ def main() -> None:
     arguments = parser.parse_args()
     device = torch.device(arguments.device)
     if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)  # as nnU-Net's own nnUNetv2_train does on the CPU
+        # as nnU-Net's own nnUNetv2_train does on the CPU, but only the cores this process may use (taskset)
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if arguments.command == "plan":
         result = plan(arguments.dataset)
     elif arguments.command == "train":
