@@ -47,6 +47,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10, help="train.py --max-epochs")
     parser.add_argument("--mixes", default="0.23,0.49", help="shares of empty truths to re-weight the held-out Dice to")
     parser.add_argument("--table", type=Path, nargs="+", help="print the table of these WORK folders and stop")
+    parser.add_argument("--policies", action="store_true", help="with --table: the ways to choose the rule")
     parser.add_argument("options", nargs="*", help="train.py options for this variant (after --)")
     arguments = parser.parse_args()
     if not arguments.table and not (arguments.data and arguments.work and arguments.variant):
@@ -106,7 +107,9 @@ def choose(scores: torch.Tensor, empty: torch.Tensor, *, balanced: bool, gate: b
     objective = torch.einsum("n,n...->...", weights, dice)
     objective[0] = -1  # presence threshold 0: presence not used
     best = tuple(int(i) for i in np.unravel_index(int(torch.argmax(objective)), objective.shape))
-    if gate and objective[best] > objective[default]:
+    if objective[best] <= objective[default] + 1e-9:
+        best = default  # ties go to the default
+    elif gate:
         gain = dice[(slice(None), *best)] - dice[(slice(None), *default)]
         variance = sum(float(weights[group][0]) ** 2 * int(group.sum()) * float(gain[group].var())
                        for group in (empty, ~empty) if int(group.sum()) > 1) if balanced else \
@@ -211,11 +214,37 @@ def table(works: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def policy_table(works: list[Path]) -> str:
+    """One markdown row a variant, data set and way of choosing the rule: the held-out figures of one split
+    (the mean over the folds' models, each with the rule chosen on its own validation subjects) and of the
+    ensemble (the rule chosen on all folds pooled)."""
+
+    def f(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    lines = ["| data | variant | rule chosen by | one split: held-out Dice (empty / targets) | re-weighted "
+             "| ensemble: held-out Dice (empty / targets) | re-weighted |", "|---|---|---|---|---|---|---|"]
+    for work in works:
+        for path in sorted(work.glob("*/result.json")):
+            r = json.loads(path.read_text(encoding="utf-8"))
+            for name, folds in r.get("policies", {}).get("per_fold", {}).items():
+                mean = {key: None if folds[0][key] is None else sum(x[key] for x in folds) / len(folds)
+                        for key in ("dice", "dice_empty", "dice_nonempty")}
+                mixes = {k: sum(x["mixes"][k] for x in folds) / len(folds) for k in folds[0].get("mixes", {})}
+                ensemble = r["policies"]["ensemble"][name]
+                lines.append(
+                    f"| {work.name} | {r['variant']} | {name} | {f(mean['dice'])} ({f(mean['dice_empty'])} / "
+                    f"{f(mean['dice_nonempty'])}) | {', '.join(f'{k}: {f(v)}' for k, v in mixes.items())} "
+                    f"| {f(ensemble['dice'])} ({f(ensemble['dice_empty'])} / {f(ensemble['dice_nonempty'])}) "
+                    f"| {', '.join(f'{k}: {f(v)}' for k, v in ensemble.get('mixes', {}).items())} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Run one variant, or print the table."""
     arguments = parse_arguments()
     if arguments.table:
-        print(table(arguments.table))
+        print(policy_table(arguments.table) if arguments.policies else table(arguments.table))
         return
     result_path = arguments.work / arguments.variant / "result.json"
     if result_path.is_file():
