@@ -62,7 +62,7 @@ PRESENCE_SIGNAL = "head"  # presence from the head, or head+mask: averaged with 
 TARGET_SHARE = 0.0  # each batch holds at least this share of images with a target (nnU-Net: 0.33)
 BALANCED_RULE = True  # the presence threshold (and the rest of the rule) is chosen as if half the images were empty
 # Optimisation
-BATCH_SIZE = 0  # training images per step and process (0: 128, fewer on small data sets, down to 16)
+BATCH_SIZE = 0  # training images per step and process (0: 128, fewer on small data sets, down to 16, then 8)
 MICRO_BATCH_SIZE = 0  # images per forward/backward pass, gradients summed up to BATCH_SIZE (0: 64 on CPU, all on GPU)
 VAL_BATCH_SIZE = 64  # validation images per forward pass and per process
 MAX_EPOCHS = 60  # passes over the training images (each at least MIN_STEPS_PER_EPOCH steps)
@@ -136,8 +136,8 @@ def make_loaders(train_items: list[dict], val_items: list[dict]) -> tuple[Thread
     """This process's share of the images, read and resized once (MONAI transforms, cached), in epochs whose order
     is a function of (SEED, epoch); small sets get a smaller batch and longer epochs (docs/pipeline.md)."""
     my_train_items = partition(train_items, process.rank, process.world_size, pad=True)
-    batch_size = BATCH_SIZE or training.automatic_batch_size(len(my_train_items), MIN_STEPS_PER_EPOCH)
-    epoch_length = max(len(my_train_items), MIN_STEPS_PER_EPOCH * batch_size)
+    batch_size, epoch_length = training.epoch_plan(len(my_train_items), batch_size=BATCH_SIZE,
+                                                   min_steps=MIN_STEPS_PER_EPOCH)
     show_progress = not quiet and sys.stderr.isatty()
     train_ds = CacheDataset(my_train_items, load_transforms(image_size, with_label=True), progress=show_progress,
                             copy_cache=False)

@@ -16,6 +16,7 @@ from nerveseg.training import (
     SegmentationLoss,
     automatic_batch_size,
     backward_in_micro_batches,
+    epoch_plan,
     micro_batch_size,
 )
 from tests.helpers import ROOT
@@ -42,10 +43,17 @@ class MaskLoss(torch.nn.Module):
 
 @pytest.mark.parametrize(
     ("train_images", "expected"),
-    [(4518, 128), (100_000, 128), (544, 17), (354, 16), (40, 16), (1024, 32)],  # full set, huge, small sets
+    [(4518, (128, 4518)), (100_000, (128, 100_000)), (544, (17, 544)), (512, (16, 512)), (511, (8, 512)),
+     (354, (8, 512)), (40, (8, 512)), (1024, (32, 1024))],  # full set, huge, small sets, tiny ones
 )
 def test_the_automatic_batch_gives_small_sets_enough_steps(train_images, expected):
-    assert automatic_batch_size(train_images, steps_per_pass=32) == expected
+    assert epoch_plan(train_images, batch_size=0, min_steps=32) == expected
+    assert automatic_batch_size(train_images, steps_per_pass=32) == expected[0]
+
+
+def test_a_batch_size_given_keeps_its_steps():
+    assert epoch_plan(354, batch_size=8, min_steps=32) == (8, 354)
+    assert epoch_plan(354, batch_size=16, min_steps=32) == (16, 512)
 
 
 def test_an_epoch_of_a_small_set_is_whole_shuffled_passes_that_repeat_exactly():

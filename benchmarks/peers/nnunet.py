@@ -53,7 +53,7 @@ from conversion import (
 from nerveseg.errors import exit_on_user_error
 from nerveseg.files import atomic_write, write_json
 from nerveseg.settings import script_defaults
-from nerveseg.training import automatic_batch_size
+from nerveseg.training import epoch_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().with_name("nnunet_worker.py")
@@ -107,8 +107,8 @@ def once(path: Path, step) -> dict:
 
 def images_seen_by_ours(train_items: list[dict], epochs: int) -> int:
     """Training images train.py's default run passes through the network: epochs x steps x batch."""
-    batch = TRAIN["BATCH_SIZE"] or automatic_batch_size(len(train_items), TRAIN["MIN_STEPS_PER_EPOCH"])
-    return epochs * max(len(train_items), TRAIN["MIN_STEPS_PER_EPOCH"] * batch)
+    return epochs * epoch_plan(len(train_items), batch_size=TRAIN["BATCH_SIZE"],
+                               min_steps=TRAIN["MIN_STEPS_PER_EPOCH"])[1]
 
 
 def run_ours(arguments: argparse.Namespace, work: Path, test_items: list[dict], images_seen: int) -> dict:
