@@ -33,7 +33,13 @@ from nerveseg.data import read_manifest  # noqa: E402
 from nerveseg.errors import exit_on_user_error  # noqa: E402
 from nerveseg.evaluation import presence_probabilities  # noqa: E402
 from nerveseg.files import write_json  # noqa: E402
-from nerveseg.postprocess import default_index, tuning_scores, upsample  # noqa: E402
+from nerveseg.postprocess import (  # noqa: E402
+    choose_postprocessing,
+    default_index,
+    rule_index,
+    tuning_scores,
+    upsample,
+)
 from nerveseg.transforms import collate_keep_sizes, load_transforms, network_input, unpack_mask  # noqa: E402
 
 
@@ -72,13 +78,13 @@ def held_out_scores(images_csv: Path, data: Path, mixes: list[float]) -> dict:
               "empty_left_empty": sum(d == 1.0 for d in dice[True]), "targets_found": found,
               "all_empty_baseline": len(dice[True]) / len(rows)}
     if dice[True] and dice[False]:
-        scores["mixes"] = {f"{m:.2f}": m * scores["dice_empty"] + (1 - m) * scores["dice_nonempty"] for m in mixes}
+        scores["mixes"] = reweighted(scores["dice_empty"], scores["dice_nonempty"], mixes)
     return scores
 
 
 def per_image_scores(model: torch.nn.Module, items: list[dict], image_size: list[int]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's tuning scores (postprocess.tuning_scores: every rule's Dice, ...), shape (N, 4, P, 2, T, A),
+    """Each image's tuning scores (postprocess.tuning_scores: every rule's Dice, ...), shape (N, 5, P, 2, T, A),
     and whether its truth is empty (N,); without test-time augmentation."""
     dataset = Dataset(items, load_transforms(image_size, with_label=True, keep_full_label=True))
     scores, empty = [], []
@@ -96,27 +102,27 @@ def per_image_scores(model: torch.nn.Module, items: list[dict], image_size: list
 
 
 def choose(scores: torch.Tensor, empty: torch.Tensor, *, balanced: bool, gate: bool) -> tuple[int, ...]:
-    """The rule (its index in the tuning grid) that scores best per image: by Kaggle Dice, or (balanced) by the
-    mean of the Dice of empty truths and of targets, as if half of the images were empty; with gate, the
-    default unless the gain is more than twice its standard error (as postprocess.choose_postprocessing)."""
+    """The rule (its index in the tuning grid) that scores best on these images: by Kaggle Dice, or (balanced) by
+    the mean of the Dice of empty truths and of targets; with gate, train.py's own choice
+    (postprocess.choose_postprocessing: the default unless the gain beats twice its standard error)."""
+    images, images_empty = len(empty), int(empty.sum())
+    if gate:
+        return rule_index(choose_postprocessing(scores.sum(0), images=images, images_empty=images_empty,
+                                                has_presence=True, balanced=balanced)[0])
     dice = scores[:, 0]
-    default = default_index(has_presence=True)
-    weights = torch.ones(len(dice), dtype=torch.float64) / len(dice)
-    if balanced and 0 < int(empty.sum()) < len(empty):
-        weights = torch.where(empty, 0.5 / empty.sum(), 0.5 / (~empty).sum()).double()
+    weights = torch.ones(images, dtype=torch.float64) / images
+    if balanced and 0 < images_empty < images:
+        weights = torch.where(empty, 0.5 / images_empty, 0.5 / (images - images_empty)).double()
     objective = torch.einsum("n,n...->...", weights, dice)
     objective[0] = -1  # presence threshold 0: presence not used
     best = tuple(int(i) for i in np.unravel_index(int(torch.argmax(objective)), objective.shape))
-    if objective[best] <= objective[default] + 1e-9:
-        best = default  # ties go to the default
-    elif gate:
-        gain = dice[(slice(None), *best)] - dice[(slice(None), *default)]
-        variance = sum(float(weights[group][0]) ** 2 * int(group.sum()) * float(gain[group].var())
-                       for group in (empty, ~empty) if int(group.sum()) > 1) if balanced else \
-            float(gain.var()) / len(gain)
-        if float(objective[best] - objective[default]) <= 2 * variance**0.5:
-            best = default
-    return best
+    default = default_index(has_presence=True)
+    return default if objective[best] <= objective[default] + 1e-9 else best  # ties go to the default
+
+
+def reweighted(dice_empty: float, dice_nonempty: float, mixes: list[float]) -> dict:
+    """The Dice of a test set with these shares of empty truths: share x empty truths' Dice + rest x targets'."""
+    return {f"{m:.2f}": m * dice_empty + (1 - m) * dice_nonempty for m in mixes}
 
 
 def figures(scores: torch.Tensor, empty: torch.Tensor, rule: tuple[int, ...], mixes: list[float]) -> dict:
@@ -125,7 +131,7 @@ def figures(scores: torch.Tensor, empty: torch.Tensor, rule: tuple[int, ...], mi
     result = {"dice": float(dice.mean()), "dice_empty": float(dice[empty].mean()) if empty.any() else None,
               "dice_nonempty": float(dice[~empty].mean()) if (~empty).any() else None}
     if empty.any() and (~empty).any():
-        result["mixes"] = {f"{m:.2f}": m * result["dice_empty"] + (1 - m) * result["dice_nonempty"] for m in mixes}
+        result["mixes"] = reweighted(result["dice_empty"], result["dice_nonempty"], mixes)
     return result
 
 

@@ -37,11 +37,17 @@ def per_image(seed: int, images: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("balanced", [False, True])
-def test_its_choice_is_the_one_train_py_makes(cross_validate, seed, balanced):
+def test_without_the_gate_it_takes_the_best_rule_and_with_it_train_py_s(cross_validate, seed, balanced):
     scores, empty = per_image(seed)
+    dice = scores[:, 0]
+    weights = torch.where(empty, 0.5 / empty.sum(), 0.5 / (~empty).sum()) if balanced else torch.ones(len(empty))
+    objective = torch.einsum("n,n...->...", weights.double(), dice)
+    ungated = cross_validate.choose(scores, empty, balanced=balanced, gate=False)
+    assert ungated[0] > 0 and objective[ungated] >= objective[1:].max() - 1e-9  # the best rule using presence
     chosen = choose_postprocessing(scores.sum(0), images=len(empty), images_empty=int(empty.sum()),
                                    has_presence=True, balanced=balanced)[0]
-    assert cross_validate.choose(scores, empty, balanced=balanced, gate=True) == rule_index(chosen)
+    gated = cross_validate.choose(scores, empty, balanced=balanced, gate=True)
+    assert gated == rule_index(chosen) and objective[gated] <= objective[ungated] + 1e-9
 
 
 def test_re_weighting_mixes_the_dice_of_empty_truths_and_targets(cross_validate):
