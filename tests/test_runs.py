@@ -10,7 +10,15 @@ import torch
 
 from nerveseg.checkpoint import FORMAT, save_torch
 from nerveseg.errors import UserError
-from nerveseg.runs import ADDED_SETTINGS, check_output_folders, check_settings, open_run, prepare_run_folder
+from nerveseg.postprocess import TUNING_PLANES
+from nerveseg.runs import (
+    ADDED_SETTINGS,
+    check_output_folders,
+    check_settings,
+    completed_fold,
+    open_run,
+    prepare_run_folder,
+)
 from nerveseg.settings import script_defaults
 from tests.helpers import ROOT
 
@@ -185,3 +193,17 @@ def test_a_model_path_that_is_not_a_model_of_ours_is_refused(tmp_path):
     save_torch(ours, {"format": FORMAT, "version": 3})
     check_output_folders(tmp_path / "runs" / "x", {**settings, "MODEL_PATH": str(ours)})  # an earlier model: replaced
     check_output_folders(tmp_path / "runs" / "x", {**settings, "MODEL_PATH": str(tmp_path / "new.pt")})
+
+
+def test_a_completed_fold_is_kept_only_when_its_validation_has_todays_tuning_planes(tmp_path):
+    """A resumed cross-validation keeps a fold validated by this version, and validates again one whose
+    validation.pt predates a tuning plane (so the rule is never chosen from a plane that is missing)."""
+    best = {"format": FORMAT, "epoch": 3}
+    save_torch(tmp_path / "best.pt", best)
+    assert completed_fold(tmp_path) is None  # no validation.pt: the fold did not complete
+    planes = torch.zeros(len(TUNING_PLANES), 2, 2)
+    save_torch(tmp_path / "validation.pt", {"plain": planes})
+    kept = completed_fold(tmp_path)
+    assert kept is not None and kept[0]["epoch"] == 3 and kept[1]["plain"].shape[0] == len(TUNING_PLANES)
+    save_torch(tmp_path / "validation.pt", {"plain": planes[:-1]})
+    assert completed_fold(tmp_path) is None
