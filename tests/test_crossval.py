@@ -145,7 +145,8 @@ def test_folds_leave_their_models_a_summary_and_one_ensemble_checkpoint(cross_va
 @pytest.mark.slow
 def test_predict_uses_the_ensemble_or_one_fold_with_or_without_augmentation(cross_validated, train_clean):
     results = {}
-    for name, options in {"ensemble": (), "fold-1": ("--fold", "1"), "tta": ("--tta", "true")}.items():
+    views = {"ensemble": ("--tta", "false"), "fold-1": ("--fold", "1", "--tta", "false"), "tta": ("--tta", "true")}
+    for name, options in views.items():  # explicit: with "auto" whether validation chose augmentation decides
         result = run_script("predict.py", "--input", str(train_clean / "test"), "--output", name, "--quiet", *options,
                             cwd=cross_validated)
         assert result.returncode == 0, result.stderr
