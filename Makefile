@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 
 # The test suite (CPU, generated data; tests on ../shared data skip when it is absent): what CI runs.
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # The fast tier: the unit and table tests, in process (no script run in a subprocess, no training).
 test-fast: $(VENV)/.installed

@@ -1,11 +1,20 @@
 """Shared fixtures: small synthetic downloads, their clean copies and a trained run, made once per session."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from nerveseg import synthetic
 from tests.helpers import FAST_TRAINING, run_script
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # make test: pytest -n auto, one worker per core
+    # The workers share the cores: each, and every script it starts, computes with its share of them, since
+    # torch's default of a thread per core in every worker would oversubscribe the machine.
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
