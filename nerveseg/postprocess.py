@@ -7,6 +7,7 @@ when what is left is smaller than a minimum area: a stray blob on one of the man
 """
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ MIN_AREA_FRACTIONS = (0.0, 0.002, 0.004, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.01
 # with one. On a validation set of a few subjects, letting the threshold and the minimum area replace the
 # presence output fitted those subjects and lost on unseen patients (docs/results.md).
 PRESENCE_THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7)
+UPSAMPLE_PIXELS = 2**24  # full-size pixels resized in one call (64 MiB of float32; a Kaggle batch of 64 is 15.6 M)
 
 
 @dataclass(frozen=True)
@@ -53,18 +55,24 @@ class PostProcessing:
         return cls(**values)
 
 
-def upsample(probabilities: torch.Tensor, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """Each (1, h, w) map of a batch resized (bilinear) to its image's (height, width), on the batch's device.
+def upsample(
+    probabilities: torch.Tensor, sizes: list[tuple[int, int]], *, max_pixels: int = UPSAMPLE_PIXELS
+) -> Iterator[torch.Tensor]:
+    """Each (1, h, w) map of a batch resized (bilinear) to its image's (height, width), on the batch's device, in
+    the batch's order.
 
-    The maps of images of one size are resized together, in one call: much faster than one by one.
+    Neighbouring maps of one size are resized together, in one call (much faster than one by one), up to
+    `max_pixels` full-size pixels at a time: a batch of large images never holds all its full-size maps at once.
     """
-    resized: list[torch.Tensor] = [torch.empty(0)] * len(sizes)
-    for size in dict.fromkeys(sizes):
-        indices = [i for i, other in enumerate(sizes) if other == size]
-        group = F.interpolate(probabilities[indices].float(), size=size, mode="bilinear", align_corners=False)
-        for position, index in enumerate(indices):
-            resized[index] = group[position]
-    return resized
+    start = 0
+    while start < len(sizes):
+        height, width = sizes[start]
+        end = start + 1
+        while end < len(sizes) and sizes[end] == sizes[start] and (end - start + 1) * height * width <= max_pixels:
+            end += 1
+        yield from F.interpolate(probabilities[start:end].float(), size=sizes[start], mode="bilinear",
+                                 align_corners=False)
+        start = end
 
 
 def binarize(probability: torch.Tensor, threshold: float, keep_largest: bool) -> np.ndarray:

@@ -23,7 +23,7 @@ def test_post_processing_never_lowers_the_validation_dice():
                 truth[:, 10:20, 20:35] = True
             probability = torch.rand(1, 1, 21, 29, generator=generator) * (0.4 + 0.2 * trial)
             probability[..., 5:10, 10:17] += 0.5 * (index % 2)
-            full = upsample(probability.clamp(0, 1), [(42, 58)])[0]
+            (full,) = upsample(probability.clamp(0, 1), [(42, 58)])
             assert full.shape == truth.shape
             maps.append(full)
             truths.append(truth)
@@ -122,3 +122,25 @@ def test_the_balanced_rule_keeps_the_default_within_the_noise():
     tuning, images, empty = prior_case(5, 1)
     balanced = choose_postprocessing(tuning, images=images, images_empty=empty, has_presence=True, balanced=True)[0]
     assert balanced.presence_threshold == 0.5
+
+
+def test_upsample_gives_each_map_at_its_size_in_order_a_bounded_number_of_pixels_at_a_time(monkeypatch):
+    import torch.nn.functional as F
+
+    from nerveseg import postprocess
+
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.rand(5, 1, 8, 12, generator=generator)
+    sizes = [(40, 60), (40, 60), (40, 60), (20, 30), (40, 60)]
+    one_by_one = [F.interpolate(maps[i : i + 1], size=size, mode="bilinear", align_corners=False)[0]
+                  for i, size in enumerate(sizes)]
+    calls = []
+    interpolate = F.interpolate
+    monkeypatch.setattr(postprocess.F, "interpolate", lambda x, **kw: calls.append(len(x)) or interpolate(x, **kw))
+    resized = postprocess.upsample(maps, sizes, max_pixels=2 * 40 * 60)
+    assert not calls  # lazy: nothing is resized before it is asked for
+    for got, expected in zip(resized, one_by_one, strict=True):
+        assert torch.equal(got, expected)
+    assert calls == [2, 1, 1, 1]  # at most two 40x60 maps at a time; a run of one size ends at another size
+    assert len(list(postprocess.upsample(maps, sizes))) == 5
+    assert calls[4:] == [3, 1, 1]  # the default bound holds the whole run of 40x60 maps
