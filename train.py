@@ -104,6 +104,7 @@ saved_settings = settings_to_json(settings)
 folds = split_into_folds(read_manifest(DATA_DIR), FOLDS, VAL_FRACTION, SEED)
 if process.is_main:  # the data is readable: now the run's folder is made
     run_dir = runs.prepare_run_folder(run, settings_json=saved_settings, model_path=Path(MODEL_PATH))
+run_dir = distributed.from_main(run_dir, process)  # its name, made by rank 0, is every process's (torchrun)
 
 # %% The model and the loaders: each fold builds them anew (train_fold below calls these functions)
 image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)

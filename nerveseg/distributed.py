@@ -6,6 +6,7 @@ is a no-op. NCCL is used on CUDA, gloo on the CPU. The device is chosen by nerve
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,19 @@ def mean_of_sums(total: torch.Tensor, count: int, process: Process) -> float:
     sums = all_reduce_sum(torch.stack([total.detach().cpu().double(), torch.tensor(count, dtype=torch.float64)]),
                           process)
     return float(sums[0] / sums[1])
+
+
+T = TypeVar("T")
+
+
+def from_main(value: T, process: Process) -> T:
+    """Rank 0's value of something every process works out for itself (a run folder named by the time it starts,
+    or given a suffix by rank 0 alone): the same on every process."""
+    if process.world_size == 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def stop() -> None:

@@ -12,7 +12,7 @@ import torch
 
 from nerveseg.checkpoint import load_checkpoint
 from nerveseg.data import read_manifest, split_by_subject, split_into_folds
-from nerveseg.distributed import Process
+from nerveseg.distributed import Process, from_main
 from nerveseg.evaluation import evaluate
 from nerveseg.training import SegmentationLoss
 from nerveseg.transforms import collate_keep_sizes, load_transforms
@@ -105,3 +105,27 @@ def test_two_processes_train_validate_exactly_and_only_rank_0_writes(train_clean
         metrics = validation_figures(model, val_items, settings)
         assert metrics["images"] == len(val_items) == member["metrics"]["images"]
         assert metrics["dice"] == pytest.approx(member["metrics"]["dice"], abs=1e-9)
+
+
+def report_what_rank_0_said(rank: int, init_file: str, results: "torch.multiprocessing.Queue") -> None:
+    """A process of a two-process gloo group: what from_main gives it, for a value only it worked out."""
+    import torch.distributed as dist
+
+    from nerveseg.distributed import from_main, stop
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    folder = Path(f"runs/20261202-180000-{rank + 1}")  # rank 0 took a suffix; rank 1 would not know it
+    results.put((rank, from_main(folder, Process(rank, 2, torch.device("cpu")))))
+    stop()
+
+
+@pytest.mark.slow  # two processes, each importing torch
+def test_every_process_uses_the_run_folder_rank_0_made(tmp_path):
+    context = torch.multiprocessing.get_context("spawn")
+    results = context.Queue()
+    torch.multiprocessing.start_processes(report_what_rank_0_said, args=(str(tmp_path / "init"), results),
+                                          nprocs=2, start_method="spawn")
+    made = Path("runs/20261202-180000-1")
+    assert dict(results.get(timeout=60) for _ in range(2)) == {0: made, 1: made}
+    # one process alone: its own value, no process group needed
+    assert from_main(Path("runs/x"), Process(0, 1, torch.device("cpu"))) == Path("runs/x")
