@@ -144,7 +144,7 @@ def rule_policies(folder: Path, data: Path, mixes: list[float]) -> dict:
     for item in read_manifest(data):
         by_subject.setdefault(item["subject"], []).append(item)
     held_items = held_out_items(data)
-    policies = {"default": None, "kaggle, gate (today)": (False, True), "balanced, gate": (True, True),
+    policies = {"default": None, "kaggle, gate": (False, True), "balanced, gate (today)": (True, True),
                 "kaggle": (False, False), "balanced": (True, False)}
     per_fold, pooled_scores, pooled_empty = {name: [] for name in policies}, [], []
     for fold, path in enumerate(sorted(run.glob("*/validation.pt")), start=1):
