@@ -9,10 +9,11 @@ from pathlib import Path
 import monai
 import pytest
 import torch
+import torch.distributed as dist
 
 from nerveseg.checkpoint import load_checkpoint
 from nerveseg.data import read_manifest, split_by_subject, split_into_folds
-from nerveseg.distributed import Process, from_main
+from nerveseg.distributed import Process, from_main, stop
 from nerveseg.evaluation import evaluate
 from nerveseg.training import SegmentationLoss
 from nerveseg.transforms import collate_keep_sizes, load_transforms
@@ -109,10 +110,6 @@ def test_two_processes_train_validate_exactly_and_only_rank_0_writes(train_clean
 
 def report_what_rank_0_said(rank: int, init_file: str, results: "torch.multiprocessing.Queue") -> None:
     """A process of a two-process gloo group: what from_main gives it, for a value only it worked out."""
-    import torch.distributed as dist
-
-    from nerveseg.distributed import from_main, stop
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     folder = Path(f"runs/20261202-180000-{rank + 1}")  # rank 0 took a suffix; rank 1 would not know it
     results.put((rank, from_main(folder, Process(rank, 2, torch.device("cpu")))))

@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from nerveseg import postprocess
 from nerveseg.metrics import kaggle_dice
 from nerveseg.postprocess import THRESHOLDS, PostProcessing, choose_postprocessing, to_mask, tuning_scores, upsample
 
@@ -125,10 +127,6 @@ def test_the_balanced_rule_keeps_the_default_within_the_noise():
 
 
 def test_upsample_gives_each_map_at_its_size_in_order_a_bounded_number_of_pixels_at_a_time(monkeypatch):
-    import torch.nn.functional as F
-
-    from nerveseg import postprocess
-
     generator = torch.Generator().manual_seed(0)
     maps = torch.rand(5, 1, 8, 12, generator=generator)
     sizes = [(40, 60), (40, 60), (40, 60), (20, 30), (40, 60)]
