@@ -8,23 +8,23 @@ clean, verified copy.
                                             # your own data: images/ + masks/, or <name>.png + <name>_mask.png
 
 The originals are only read. The clean copy (images/, masks/, test/, manifest.csv) is built aside and
-swapped in when complete; see nerveseg/kaggle_checks.py and nerveseg/own_data_checks.py for what is checked,
-nerveseg/layouts.py for the layouts of own data.
+swapped in when complete; nerveseg/cleaning/ holds the stage: kaggle_checks.py and own_data_checks.py say what
+is checked, layouts.py the layouts of own data.
 """
 
 # %% Imports
 import sys
 from pathlib import Path
 
-from nerveseg import synthetic
-from nerveseg.clean_copy import CleaningOptions
-from nerveseg.cleaning import clean_download, clean_own_data
-from nerveseg.duplicates import DUPLICATE_POLICIES
+from nerveseg.cleaning import synthetic
+from nerveseg.cleaning.clean_copy import CleaningOptions
+from nerveseg.cleaning.duplicates import DUPLICATE_POLICIES
+from nerveseg.cleaning.layouts import LAYOUTS, detect_layout, find_own_data, subject_lookup
+from nerveseg.cleaning.pipeline import clean_download, clean_own_data
+from nerveseg.cleaning.sources import find_download, scratch_folder
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.images import parse_mask_values
-from nerveseg.layouts import LAYOUTS, detect_layout, find_own_data, subject_lookup
 from nerveseg.settings import parse_settings
-from nerveseg.sources import find_download, scratch_folder
 
 # %% Settings
 # -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@
     python predict.py --checkpoint 2D_Nerve_Segmentation.onnx   # predicts with ONNX Runtime, same masks
     python export.py --format bundle --license MIT    # -> the MONAI Bundle folder 2D_Nerve_Segmentation/
     python -m monai.bundle run --config_file 2D_Nerve_Segmentation/configs/inference.json --dataset_dir IMAGES \
-        --output_dir MASKS                            # stock MONAI: predict.py's masks (see nerveseg/bundle.py)
+        --output_dir MASKS                            # stock MONAI: predict.py's masks (see nerveseg/export/bundle.py)
 
 The graph takes images (N, 1, height, width) as floats in [0, 1] (the 8-bit pixels divided by 255), any
 batch size, and gives the mask's probabilities and, for a model with a presence output, each image's
@@ -27,14 +27,13 @@ from pathlib import Path
 import monai
 import torch
 
-from nerveseg.bundle import write_bundle
 from nerveseg.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from nerveseg.checkpoint import VERSION as CHECKPOINT_VERSION
 from nerveseg.errors import UserError, exit_on_user_error
+from nerveseg.export.bundle import write_bundle
 from nerveseg.files import atomic_write
-from nerveseg.layouts import images_to_segment
-from nerveseg.onnx_export import CHECKPOINT_FIELDS, add_metadata, onnx_graph
-from nerveseg.predict_io import ReadableDataset, read_some
+from nerveseg.inputs import ReadableDataset, images_to_segment, read_some
+from nerveseg.onnx_model import CHECKPOINT_FIELDS, add_metadata, onnx_graph
 from nerveseg.predictors import OnnxPredictor, TorchPredictor, check_onnx_matches_torch, prediction_model
 from nerveseg.settings import parse_settings
 from nerveseg.transforms import load_transforms, network_input
@@ -92,7 +91,8 @@ else:
     images = torch.randint(0, 256, (CHECK_IMAGES, 1, *image_size), dtype=torch.uint8, generator=generator)
     checked_on = f"{CHECK_IMAGES} random images ({CHECK_INPUT} is absent)"
 
-# %% A MONAI Bundle (--format bundle): traced to TorchScript, checked against PyTorch, written (nerveseg/bundle.py)
+# %% A MONAI Bundle (--format bundle): traced to TorchScript, checked against PyTorch, written
+# (nerveseg/export/bundle.py)
 if FORMAT == "bundle":
     print(write_bundle(output, model=model, checkpoint=checkpoint, source=CHECKPOINT, images=network_input(images),
                        checked_on=checked_on, tolerance=TOLERANCE, target_name=TARGET, authors=AUTHORS,

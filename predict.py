@@ -31,18 +31,18 @@ from nerveseg.device import choose_device
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.files import check_can_be_folder, write_csv
 from nerveseg.images import parse_mask_values, read_gray
-from nerveseg.layouts import images_to_segment
+from nerveseg.inference.outputs import OutputFolder, find_truth, pick_examples
+from nerveseg.inference.report import Report, describe_prediction
+from nerveseg.inference.uncertainty import MemberOutputs, describe_check, uncertainty_check
+from nerveseg.inputs import ReadableDataset, images_to_segment
 from nerveseg.memory import keep_freed_memory
 from nerveseg.metrics import DiceTally, describe_scores, kaggle_dice
 from nerveseg.pictures import plot_predictions
 from nerveseg.postprocess import PostProcessing, to_mask, upsample
-from nerveseg.predict_io import OutputFolder, ReadableDataset, find_truth, pick_examples
 from nerveseg.predictors import load_predictor
-from nerveseg.report import Report, describe_prediction
 from nerveseg.rle import rle_encode
 from nerveseg.settings import parse_settings
 from nerveseg.transforms import collate_keep_sizes, load_transforms
-from nerveseg.uncertainty import MemberOutputs, describe_check, uncertainty_check
 
 # %% Settings
 # -----------------------------------------------------------------------------

@@ -21,18 +21,20 @@ from monai.data import CacheDataset, DataLoader, ThreadDataLoader
 from torch import nn
 from tqdm import tqdm
 
-from nerveseg import distributed, memory, runs, training
+from nerveseg import distributed, memory
 from nerveseg.checkpoint import save_torch
-from nerveseg.crossval import choose_on_validation, cross_validation_summary, validate_fold
 from nerveseg.data import describe_split, partition, read_manifest, split_into_folds
 from nerveseg.ensemble import augmentation_for_training
 from nerveseg.errors import exit_on_user_error
-from nerveseg.evaluation import evaluate
 from nerveseg.model import build_model, model_config, set_output_prior
 from nerveseg.postprocess import default_postprocessing
 from nerveseg.settings import parse_settings, settings_to_json
-from nerveseg.tracking import TrainingLog, tensorboard_installed
-from nerveseg.transforms import BatchAugment, collate_keep_sizes, load_transforms, network_input
+from nerveseg.training import runs, steps
+from nerveseg.training.augment import BatchAugment
+from nerveseg.training.crossval import choose_on_validation, cross_validation_summary, validate_fold
+from nerveseg.training.evaluation import evaluate
+from nerveseg.training.tracking import TrainingLog, tensorboard_installed
+from nerveseg.transforms import collate_keep_sizes, load_transforms, network_input
 
 # %% Settings
 # -----------------------------------------------------------------------------
@@ -115,7 +117,7 @@ default_rule = default_postprocessing(has_presence=has_presence)
 preprocessing = {"image_size": list(image_size), "intensity": "0..255 scaled to 0..1", "reader": "PIL, grayscale"}
 record = {"model_config": config, "preprocessing": preprocessing, "postprocessing": default_rule.as_dict(),
           "settings": saved_settings}  # how each checkpoint's model was made
-loss_function = training.SegmentationLoss(PRESENCE_WEIGHT, balance_presence=PRESENCE_BALANCE)  # Dice, CE, presence
+loss_function = steps.SegmentationLoss(PRESENCE_WEIGHT, balance_presence=PRESENCE_BALANCE)  # Dice, CE, presence
 augment = BatchAugment.preset(AUGMENTATION, rotate_degrees=ROTATE_DEGREES, scale=SCALE, shift=SHIFT,
                               flip_prob=FLIP_PROB, intensity_prob=INTENSITY_PROB)
 tta = augmentation_for_training(scale=SCALE, shift=SHIFT, flip_prob=FLIP_PROB)  # what validation will judge
@@ -137,14 +139,14 @@ def make_loaders(train_items: list[dict], val_items: list[dict]) -> tuple[Thread
     """This process's share of the images, read and resized once (MONAI transforms, cached), in epochs whose order
     is a function of (SEED, epoch); small sets get a smaller batch and longer epochs (docs/pipeline.md)."""
     my_train_items = partition(train_items, process.rank, process.world_size, pad=True)
-    batch_size, epoch_length = training.epoch_plan(len(my_train_items), batch_size=BATCH_SIZE,
+    batch_size, epoch_length = steps.epoch_plan(len(my_train_items), batch_size=BATCH_SIZE,
                                                    min_steps=MIN_STEPS_PER_EPOCH)
     show_progress = not quiet and sys.stderr.isatty()
     train_ds = CacheDataset(my_train_items, load_transforms(image_size, with_label=True), progress=show_progress,
                             copy_cache=False)
     val_ds = CacheDataset(partition(val_items, process.rank, process.world_size, pad=False),
                           load_transforms(image_size, with_label=True, keep_full_label=True), progress=show_progress)
-    sampler = training.EpochSampler(len(train_ds), epoch_length, SEED, batch_size=batch_size, target_share=TARGET_SHARE,
+    sampler = steps.EpochSampler(len(train_ds), epoch_length, SEED, batch_size=batch_size, target_share=TARGET_SHARE,
                                     present=[not item["empty"] for item in my_train_items])
     train_loader = ThreadDataLoader(train_ds, batch_size=batch_size, sampler=sampler, num_workers=NUM_WORKERS,
                                     collate_fn=collate_keep_sizes)
@@ -157,7 +159,7 @@ def train_epoch(model: nn.Module, loader: ThreadDataLoader, optimizer, scheduler
                 micro_batch: int, name: str) -> float:
     """One epoch of optimiser steps on batches augmented on the device; the mean training loss of all processes."""
     loader.sampler.set_epoch(epoch)  # the shuffle of this epoch
-    generator = torch.Generator(process.device).manual_seed(training.augmentation_seed(SEED, epoch, process.rank))
+    generator = torch.Generator(process.device).manual_seed(steps.augmentation_seed(SEED, epoch, process.rank))
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=process.device)
     bar = tqdm(loader, desc=f"{name}epoch {epoch}/{MAX_EPOCHS}", leave=False, disable=quiet or None)
@@ -166,7 +168,7 @@ def train_epoch(model: nn.Module, loader: ThreadDataLoader, optimizer, scheduler
         labels = batch["label"].to(process.device, non_blocking=True).float()
         images, labels = augment(images, labels, generator)
         optimizer.zero_grad(set_to_none=True)
-        loss = training.backward_in_micro_batches(model, loss_function, images, labels, micro_batch=micro_batch,
+        loss = steps.backward_in_micro_batches(model, loss_function, images, labels, micro_batch=micro_batch,
                                                   scaler=scaler, amp=AMP)
         scaler.step(optimizer)
         scaler.update()
@@ -187,8 +189,8 @@ def train_fold(fold: int, train_items: list[dict], val_items: list[dict]) -> tup
     raw_model, model = make_model(train_items, seed=SEED + fold - 1)
     train_loader, val_loader = make_loaders(train_items, val_items)
     steps, batch_size = len(train_loader), train_loader.batch_size
-    micro_batch = training.micro_batch_size(MICRO_BATCH_SIZE, batch_size, process.device)
-    optimizer, scheduler, scaler = training.make_optimizer(
+    micro_batch = steps.micro_batch_size(MICRO_BATCH_SIZE, batch_size, process.device)
+    optimizer, scheduler, scaler = steps.make_optimizer(
         raw_model, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_EPOCHS * steps,
         total_steps=MAX_EPOCHS * steps, device=process.device, amp=AMP)
     start_epoch, history, best = runs.restore(fold_dir, resumed=run.state is not None, model=raw_model,

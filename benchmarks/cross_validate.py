@@ -31,7 +31,6 @@ from nnunet import timed  # noqa: E402
 from nerveseg.checkpoint import load_checkpoint, read_torch_file  # noqa: E402
 from nerveseg.data import read_manifest  # noqa: E402
 from nerveseg.errors import exit_on_user_error  # noqa: E402
-from nerveseg.evaluation import presence_probabilities  # noqa: E402
 from nerveseg.files import write_json  # noqa: E402
 from nerveseg.postprocess import (  # noqa: E402
     choose_postprocessing,
@@ -40,6 +39,7 @@ from nerveseg.postprocess import (  # noqa: E402
     tuning_scores,
     upsample,
 )
+from nerveseg.training.evaluation import presence_probabilities  # noqa: E402
 from nerveseg.transforms import collate_keep_sizes, load_transforms, network_input, unpack_mask  # noqa: E402
 
 

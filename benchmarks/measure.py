@@ -25,16 +25,16 @@ from monai.transforms import LoadImage, Resize
 from monai.utils import convert_to_tensor
 from report import GB, Row, Watch, flag_busy, say, spread
 
-from nerveseg import synthetic
 from nerveseg.checkpoint import load_checkpoint, read_torch_file, save_torch
+from nerveseg.cleaning import synthetic
 from nerveseg.data import read_manifest, split_by_subject
 from nerveseg.ensemble import Ensemble, TestTimeAugmentation, augmentation_for
 from nerveseg.model import build_model, model_config
-from nerveseg.onnx_export import onnx_graph
+from nerveseg.onnx_model import onnx_graph
 from nerveseg.postprocess import PostProcessing
 from nerveseg.predictors import OnnxPredictor, TorchPredictor, max_difference
 from nerveseg.settings import script_defaults
-from nerveseg.training import (
+from nerveseg.training.steps import (
     SegmentationLoss,
     automatic_batch_size,
     backward_in_micro_batches,

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nerveseg.inference.report import Report
+from nerveseg.inference.uncertainty import single_model_uncertainty
 from nerveseg.postprocess import PostProcessing
-from nerveseg.report import Report
-from nerveseg.uncertainty import single_model_uncertainty
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ import random
 from pathlib import Path
 
 from nerveseg.errors import UserError
-from nerveseg.layouts import natural_key
+from nerveseg.inputs import natural_key
 
 
 def read_manifest(data_dir: str | Path) -> list[dict]:

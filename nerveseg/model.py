@@ -260,3 +260,11 @@ def set_output_prior(model: nn.Module, foreground_fraction: float, present_fract
             convolution.bias.fill_(log_odds(min(foreground_fraction, 0.5)))
         if head is not None:
             head.bias.fill_(log_odds(present_fraction))
+
+
+def presence_probabilities(presence_logits: torch.Tensor | None, count: int) -> list[float]:
+    """Each image's presence probability; 1.0 for every image of a model without a presence output."""
+    if presence_logits is None:
+        return [1.0] * count
+    return torch.sigmoid(presence_logits.float()).cpu().tolist()
+

@@ -2,7 +2,7 @@
 
 Both kinds of predictor are called the same way, `probabilities, presences = predictor(images)` with
 8-bit images as the transforms load them, so predict.py does not care which one runs. An .onnx file
-(written by export.py, nerveseg/onnx_export.py) carries its checkpoint's fields in its metadata. On the
+(written by export.py, nerveseg/onnx_model.py) carries its checkpoint's fields in its metadata. On the
 2-core CPU ONNX Runtime's forward pass is 1.4 times PyTorch's, but predict.py end to end is no faster
 (reading, resizing and writing share the same cores) and needs 0.2 GB more memory, so a .pt checkpoint
 runs with PyTorch unless --engine onnxruntime is asked for (see docs/performance.md).
@@ -18,8 +18,8 @@ from nerveseg.checkpoint import FORMAT, VERSION, check_postprocessing, describe_
 from nerveseg.device import autocast
 from nerveseg.ensemble import TestTimeAugmentation, augmentation_for
 from nerveseg.errors import UserError
-from nerveseg.evaluation import presence_probabilities
-from nerveseg.onnx_export import CHECKPOINT_FIELDS, METADATA_KEY, onnx_graph
+from nerveseg.model import presence_probabilities
+from nerveseg.onnx_model import CHECKPOINT_FIELDS, METADATA_KEY, onnx_graph
 from nerveseg.transforms import network_input
 
 ONNX_TOLERANCE = 1e-4  # the largest difference of probabilities allowed between ONNX Runtime and PyTorch

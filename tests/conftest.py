@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nerveseg import synthetic
+from nerveseg.cleaning import synthetic
 from tests.helpers import FAST_TRAINING, run_script
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # make test: pytest -n auto, one worker per core

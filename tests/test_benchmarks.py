@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from nerveseg.runs import check_settings
 from nerveseg.settings import option_name, script_defaults
+from nerveseg.training.runs import check_settings
 from tests.helpers import ROOT
 
 BENCHMARKS = ROOT / "benchmarks"

@@ -16,11 +16,11 @@ from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 from PIL import Image
 from torch import nn
 
-from nerveseg.bundle import BundleNetwork, check_target, trace_network
-from nerveseg.bundle_docs import license_text
 from nerveseg.checkpoint import ensemble_checkpoint, make_checkpoint, save_torch
 from nerveseg.errors import UserError
-from nerveseg.layouts import images_to_segment
+from nerveseg.export.bundle import BundleNetwork, check_target, trace_network
+from nerveseg.export.bundle_docs import license_text
+from nerveseg.inputs import images_to_segment
 from nerveseg.model import build_model, model_config
 from nerveseg.postprocess import PostProcessing
 from nerveseg.predictors import TorchPredictor, prediction_model

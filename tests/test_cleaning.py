@@ -322,7 +322,7 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
 
 def test_zip_reader_never_writes_entries(tmp_path):
     """Reading a member goes through memory, so the archive's names never become paths."""
-    from nerveseg.sources import ArchiveCache, Locator
+    from nerveseg.cleaning.sources import ArchiveCache, Locator
 
     archive = tmp_path / "a.zip"
     with zipfile.ZipFile(archive, "w") as out:
@@ -355,9 +355,9 @@ def zip_in_order(download: Path, archive: Path, order: tuple[str, ...]) -> None:
 
 def clean_in_process(source: Path, output: Path, workers: int) -> dict[str, str]:
     """Clean `source` with `workers` processes (0: the default, one per core); the clean copy's hashes."""
-    from nerveseg.clean_copy import CleaningOptions
-    from nerveseg.cleaning import clean_download
-    from nerveseg.sources import find_download, scratch_folder
+    from nerveseg.cleaning.clean_copy import CleaningOptions
+    from nerveseg.cleaning.pipeline import clean_download
+    from nerveseg.cleaning.sources import find_download, scratch_folder
 
     with scratch_folder() as scratch:
         download = find_download(source, Path(scratch))
@@ -368,7 +368,7 @@ def clean_in_process(source: Path, output: Path, workers: int) -> dict[str, str]
 @pytest.fixture(scope="module")
 def medium_download(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic download of 240 pairs and 60 test images: several chunks of work for every worker."""
-    from nerveseg import synthetic
+    from nerveseg.cleaning import synthetic
 
     root = tmp_path_factory.mktemp("medium") / "download"
     spec = synthetic.SyntheticSpec(n_subjects=8, frames_per_subject=30, n_test=60, n_contradictions=3, seed=5)
@@ -436,7 +436,7 @@ def test_the_real_sample_zipped_by_the_kaggle_cli_cleans_with_the_default_worker
 
 def test_an_archive_opened_before_a_fork_is_not_used_by_the_child(tmp_path):
     """The child opens its own handle: reading in the parent and the child at once cannot interfere."""
-    from nerveseg.sources import ArchiveCache, Locator
+    from nerveseg.cleaning.sources import ArchiveCache, Locator
 
     archive = tmp_path / "a.zip"
     with zipfile.ZipFile(archive, "w") as out:
@@ -457,7 +457,7 @@ def test_an_archive_opened_before_a_fork_is_not_used_by_the_child(tmp_path):
 
 
 def test_an_unforeseen_failure_in_a_worker_is_one_line_naming_the_file(tiny_download, tmp_path, monkeypatch):
-    from nerveseg import kaggle_checks
+    from nerveseg.cleaning import kaggle_checks
     from nerveseg.errors import UserError
 
     def broken(pixels):

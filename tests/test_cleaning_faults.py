@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from nerveseg.clean_copy import CleaningOptions
-from nerveseg.cleaning import clean_download, clean_own_data
+from nerveseg.cleaning.clean_copy import CleaningOptions
+from nerveseg.cleaning.layouts import find_own_data
+from nerveseg.cleaning.pipeline import clean_download, clean_own_data
+from nerveseg.cleaning.sources import ArchiveCache, Locator, TooLarge, find_download
 from nerveseg.errors import UserError
-from nerveseg.layouts import find_own_data
-from nerveseg.sources import ArchiveCache, Locator, TooLarge, find_download
 from tests.helpers import (
     NO_SPACE,
     SYS_IS_UNWRITABLE,

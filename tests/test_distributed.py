@@ -14,8 +14,8 @@ import torch.distributed as dist
 from nerveseg.checkpoint import load_checkpoint
 from nerveseg.data import read_manifest, split_by_subject, split_into_folds
 from nerveseg.distributed import Process, from_main, stop
-from nerveseg.evaluation import evaluate
-from nerveseg.training import SegmentationLoss
+from nerveseg.training.evaluation import evaluate
+from nerveseg.training.steps import SegmentationLoss
 from nerveseg.transforms import collate_keep_sizes, load_transforms
 from tests.helpers import FAST_TRAINING, ROOT
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from nerveseg.checkpoint import FORMAT, VERSION, ensemble_checkpoint, load_checkpoint, make_checkpoint, save_torch
 from nerveseg.errors import UserError
 from nerveseg.model import build_model, model_config, set_output_prior
-from nerveseg.onnx_export import METADATA_KEY, add_metadata, onnx_graph
+from nerveseg.onnx_model import METADATA_KEY, add_metadata, onnx_graph
 from nerveseg.postprocess import PostProcessing
 from nerveseg.predictors import (
     ONNX_TOLERANCE,

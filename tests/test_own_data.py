@@ -13,7 +13,7 @@ from PIL import Image
 from nerveseg.data import read_manifest, split_by_subject
 from nerveseg.errors import UserError
 from nerveseg.images import COLOUR, MaskValues, mask_labels, parse_mask_values, target_pixels, to_grayscale
-from nerveseg.layouts import images_to_segment
+from nerveseg.inputs import images_to_segment
 from tests.helpers import FAST_TRAINING, SHARED_DATA, assert_user_error, run_script, tree_hashes
 
 BUS_UCLM = SHARED_DATA / "bus-uclm"

@@ -20,9 +20,9 @@ from PIL import Image
 from nerveseg.checkpoint import make_checkpoint, save_torch
 from nerveseg.errors import UserError
 from nerveseg.files import write_csv
+from nerveseg.inference.outputs import OutputFolder
 from nerveseg.model import build_model, model_config
 from nerveseg.postprocess import PostProcessing
-from nerveseg.predict_io import OutputFolder
 from tests.helpers import (
     NO_SPACE,
     SYS_IS_UNWRITABLE,

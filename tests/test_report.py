@@ -18,10 +18,10 @@ from PIL import Image
 
 from nerveseg.ensemble import Ensemble, TestTimeAugmentation
 from nerveseg.errors import UserError
+from nerveseg.inference.report import FULL_SIZE_LIMIT, Report, kind_of_case, page
+from nerveseg.inference.uncertainty import MemberOutputs, roc_auc, single_model_uncertainty, uncertainty_check
 from nerveseg.model import build_model, model_config
 from nerveseg.postprocess import PostProcessing
-from nerveseg.report import FULL_SIZE_LIMIT, Report, kind_of_case, page
-from nerveseg.uncertainty import MemberOutputs, roc_auc, single_model_uncertainty, uncertainty_check
 from tests.helpers import NO_SPACE, run_script
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,4 +1,4 @@
-"""train.py's settings checks and run opening (nerveseg/runs.py), without starting train.py."""
+"""train.py's settings checks and run opening (nerveseg/training/runs.py), without starting train.py."""
 
 import json
 import sys
@@ -11,7 +11,8 @@ import torch
 from nerveseg.checkpoint import FORMAT, save_torch
 from nerveseg.errors import UserError
 from nerveseg.postprocess import TUNING_PLANES
-from nerveseg.runs import (
+from nerveseg.settings import script_defaults
+from nerveseg.training.runs import (
     ADDED_SETTINGS,
     check_output_folders,
     check_settings,
@@ -19,7 +20,6 @@ from nerveseg.runs import (
     open_run,
     prepare_run_folder,
 )
-from nerveseg.settings import script_defaults
 from tests.helpers import ROOT
 
 DEFAULTS = script_defaults(ROOT / "train.py")

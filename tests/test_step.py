@@ -1,4 +1,4 @@
-"""nerveseg/training.py: the loss, the batch and epoch that follow the data, the training step's micro-batches;
+"""nerveseg/training/steps.py: the loss, the batch and epoch that follow the data, the training step's micro-batches;
 and keeping freed memory for reuse."""
 
 import subprocess
@@ -11,7 +11,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from nerveseg.model import build_model, model_config
-from nerveseg.training import (
+from nerveseg.training.steps import (
     EpochSampler,
     SegmentationLoss,
     automatic_batch_size,
@@ -201,7 +201,7 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
 
 
 def test_the_presence_loss_follows_the_augmented_mask_and_its_weight():
-    from nerveseg.training import SegmentationLoss
+    from nerveseg.training.steps import SegmentationLoss
 
     labels = torch.zeros(2, 1, 8, 8)
     labels[1, :, 2:4, 2:4] = 1

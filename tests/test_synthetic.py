@@ -1,4 +1,4 @@
-"""Tests of the synthetic Kaggle download (nerveseg.synthetic)."""
+"""Tests of the synthetic Kaggle download (nerveseg.cleaning.synthetic)."""
 
 import csv
 from pathlib import Path
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nerveseg.cleaning.synthetic import FULL, TINY, SyntheticSpec, frame_counts, write_kaggle_download
 from nerveseg.rle import rle_encode
-from nerveseg.synthetic import FULL, TINY, SyntheticSpec, frame_counts, write_kaggle_download
 
 
 def _low_res(path: Path) -> np.ndarray:

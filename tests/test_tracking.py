@@ -1,4 +1,4 @@
-"""nerveseg/tracking.py: the TensorBoard log of a training run."""
+"""nerveseg/training/tracking.py: the TensorBoard log of a training run."""
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -11,7 +11,8 @@ from nerveseg.checkpoint import FORMAT, load_checkpoint
 from nerveseg.data import read_manifest, split_by_subject
 from nerveseg.images import read_gray
 from nerveseg.metrics import DiceTally, describe_scores, kaggle_dice
-from nerveseg.transforms import BatchAugment, load_transforms, network_input, unpack_mask
+from nerveseg.training.augment import BatchAugment
+from nerveseg.transforms import load_transforms, network_input, unpack_mask
 from tests.helpers import read_metrics, run_script
 
 
@@ -140,7 +141,7 @@ def test_batch_augmentation_is_seeded_keeps_masks_binary_and_can_be_switched_off
 
 
 def test_nnunets_augmentation_blurs_lowers_the_resolution_and_changes_contrast_only_where_drawn():
-    from nerveseg.transforms import gaussian_blur, lower_resolution
+    from nerveseg.training.augment import gaussian_blur, lower_resolution
 
     torch.manual_seed(0)
     images = torch.rand(4, 1, 32, 48)

@@ -231,15 +231,15 @@ FAULTS = textwrap.dedent("""
     if os.environ.get("FAULT") == "sigterm-publishing":
         import signal
 
-        import nerveseg.runs
+        import nerveseg.training.runs
 
-        real_publish = nerveseg.runs.publish
+        real_publish = nerveseg.training.runs.publish
 
         def publish(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGTERM)  # handled before the next line runs
             return real_publish(*args, **kwargs)
 
-        nerveseg.runs.publish = publish
+        nerveseg.training.runs.publish = publish
 """)
 
 

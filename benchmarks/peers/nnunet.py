@@ -53,7 +53,7 @@ from conversion import (
 from nerveseg.errors import exit_on_user_error
 from nerveseg.files import atomic_write, write_json
 from nerveseg.settings import script_defaults
-from nerveseg.training import epoch_plan
+from nerveseg.training.steps import epoch_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().with_name("nnunet_worker.py")

@@ -27,14 +27,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nerveseg.cleaning.duplicates import apply_duplicate_policy, find_contradictions
+from nerveseg.cleaning.pairs import MANIFEST_COLUMNS, PairResult, PairStatus
+from nerveseg.cleaning.sources import MAX_MEMBER_MB
 from nerveseg.data import split_by_subject
-from nerveseg.duplicates import apply_duplicate_policy, find_contradictions
 from nerveseg.errors import UserError
 from nerveseg.files import FolderLock, building_folder, check_replaceable, swap_into_place, write_csv, write_json
 from nerveseg.images import MASK_VALUES_FORMS, MAX_IMAGE_PIXELS, MaskValues, describe_label
-from nerveseg.layouts import natural_key
-from nerveseg.pairs import MANIFEST_COLUMNS, PairResult, PairStatus
-from nerveseg.sources import MAX_MEMBER_MB
+from nerveseg.inputs import natural_key
 
 TEST_COLUMNS = ["id", "image", "kept", "reason"]
 FORMAT_VERSION = 3  # 2: subjects are names, own-data layouts, the split and original files in the manifest; 3: EXIF

@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from nerveseg.pairs import PairResult, PairStatus
+from nerveseg.cleaning.pairs import PairResult, PairStatus
 
 FEATURE_SIZE = (64, 48)  # width, height of the thumbnail compared to find near-duplicates
 DUPLICATE_POLICIES = ("drop-empty", "drop-both", "keep")

@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from nerveseg.clean_copy import CleaningOptions
-from nerveseg.duplicates import thumbnail_feature
+from nerveseg.cleaning.clean_copy import CleaningOptions
+from nerveseg.cleaning.duplicates import thumbnail_feature
+from nerveseg.cleaning.pairs import PairJob, PairResult, PairStatus
+from nerveseg.cleaning.parallel import run_parallel
+from nerveseg.cleaning.sources import ArchiveCache, Download, Locator, TooLarge, read_csv_text
 from nerveseg.errors import UserError
 from nerveseg.images import UnreadableImage, frame_count, opened_image
-from nerveseg.layouts import natural_key
-from nerveseg.pairs import PairJob, PairResult, PairStatus
-from nerveseg.parallel import run_parallel
+from nerveseg.inputs import natural_key
 from nerveseg.rle import rle_encode
-from nerveseg.sources import ArchiveCache, Download, Locator, TooLarge, read_csv_text
 
 TRAIN_NAME = re.compile(r"^(\d+)_(\d+)(_mask)?\.tiff?$", re.IGNORECASE)
 TEST_NAME = re.compile(r"^(\d+)\.tiff?$", re.IGNORECASE)

@@ -2,7 +2,7 @@
 
 Layouts (data_cleaning.py --layout; "auto" takes the one that is there and refuses to guess between two):
 
-    kaggle         the competition download, in any of its forms (nerveseg/sources.py)
+    kaggle         the competition download, in any of its forms (nerveseg/cleaning/sources.py)
     images-masks   images/ and masks/ folders (or img/, labels/, gt/, ...) with matching names, at the top of
                    the source or in each class folder (benign/images/ with benign/masks/, ...)
     suffix         <name>.png beside <name>_mask.png (another suffix: --mask-suffix), in one folder or in class
@@ -21,15 +21,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nerveseg.cleaning.sources import KAGGLE_ZIP, check_source
 from nerveseg.errors import UserError
-from nerveseg.images import IMAGE_SUFFIXES
-from nerveseg.sources import KAGGLE_ZIP, check_source
+from nerveseg.inputs import (
+    IMAGE_FOLDERS,
+    MASK_FOLDERS,
+    folder_pairs,
+    id_of,
+    image_files,
+    join_id,
+    mask_name_pattern,
+    natural_key,
+    relative_id,
+)
 
 LAYOUTS = ("auto", "kaggle", "images-masks", "suffix")
-IMAGE_FOLDERS = ("images", "image", "imgs", "img")
-MASK_FOLDERS = ("masks", "mask", "labels", "label", "gt", "ground_truth", "groundtruth", "annotations")
 KAGGLE_TRAIN_NAME = re.compile(r"^\d+_\d+(_mask)?\.tiff?$", re.IGNORECASE)
-PIPELINE_MARKERS = ("cleaning.json", ".nerveseg-predictions", "train_masks.csv")  # folders never read as own data
 
 
 @dataclass
@@ -48,63 +55,6 @@ class OwnData:
     origin: str
     layout: str
     pairs: list[OwnPair]
-
-
-def skipped_folder(folder: Path) -> bool:
-    """A hidden folder, or one the pipeline wrote (a clean copy, predictions) or a Kaggle download's own folder:
-    never read as own data."""
-    return folder.name.startswith(".") or any((folder / marker).exists() for marker in PIPELINE_MARKERS)
-
-
-def image_files(folder: Path) -> list[Path]:
-    """Image files below `folder`, at any depth, in a fixed order. Hidden files and folders are skipped, and so
-    are folders the pipeline wrote (a clean copy, predictions) or a Kaggle download's own folder. Symbolic links
-    to folders are followed, each folder read once: a link back up the tree (a loop) is not followed again."""
-    found, visited = [], set()
-    for root, folders, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in visited:  # reached again through a link: a loop, or a second link to the same folder
-            folders[:] = []
-            continue
-        visited.add(real)
-        folders[:] = sorted(name for name in folders if not skipped_folder(Path(root, name)))
-        found += [Path(root, name) for name in sorted(files)
-                  if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")]
-    return found
-
-
-def mask_name_pattern(suffix: str) -> re.Pattern:
-    """<name><suffix> or <name><suffix>_<k> (an extra mask of the same image); group "base" is <name>."""
-    return re.compile(rf"^(?P<base>.+?){re.escape(suffix)}(?:_\d+)?$")
-
-
-def relative_id(path: Path, root: Path) -> str:
-    """The path below `root` without its extension, "/"-separated."""
-    return path.relative_to(root).with_suffix("").as_posix()
-
-
-def join_id(folder: str, name: str) -> str:
-    """folder/name, or name alone for the top folder ("" or ".")."""
-    return name if folder in ("", ".") else f"{folder}/{name}"
-
-
-def id_of(path: Path, root: Path, mask_pattern: re.Pattern) -> tuple[str, bool]:
-    """A file's id below `root`, and whether its name marks it as a mask (<name>_mask: then the id is <name>'s)."""
-    folder, _, stem = relative_id(path, root).rpartition("/")
-    match = mask_pattern.match(stem)
-    return join_id(folder, match["base"] if match else stem), match is not None
-
-
-def folder_pairs(source: Path) -> list[tuple[Path, Path]]:
-    """(images folder, masks folder) siblings at the top of `source` or one level of class folders down."""
-    pairs = []
-    for parent in [source, *sorted(p for p in source.iterdir() if p.is_dir() and not skipped_folder(p))]:
-        children = {child.name.lower(): child for child in parent.iterdir() if child.is_dir()}
-        images = next((children[name] for name in IMAGE_FOLDERS if name in children), None)
-        masks = next((children[name] for name in MASK_FOLDERS if name in children), None)
-        if images is not None and masks is not None:
-            pairs.append((images, masks))
-    return pairs
 
 
 def looks_like_kaggle(source: Path) -> bool:
@@ -240,51 +190,6 @@ def find_own_data(source: Path, layout: str, suffix: str) -> OwnData:
         raise UserError(f"--layout {layout}: no image below {source} has a mask named like it (<name> or "
                         f"<name>{suffix}).{hint}")
     return OwnData(str(source), layout, [pairs[key] for key in sorted(pairs, key=natural_key)])
-
-
-def images_to_segment(folder: Path, suffix: str, *, option: str = "--input") -> list[dict]:
-    """The images below `folder` (any depth) for predict.py, sorted naturally, each with its id: its path below the
-    folder without extension. A file named like a mask of an image beside it (<name>_mask.png), or in the masks/
-    folder beside an images/ folder, is a truth, not an image to segment. `option` names the setting that gave
-    `folder`, for the messages."""
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder; pass {option} with a folder of images")
-    masks_folders = {masks for _, masks in folder_pairs(folder)}
-    files = [path for path in image_files(folder) if not any(masks in path.parents for masks in masks_folders)]
-    pattern = mask_name_pattern(suffix)
-    ids = [id_of(path, folder, pattern) for path in files]
-    image_ids = {identifier for identifier, is_mask in ids if not is_mask}
-    images = [path for path, (identifier, is_mask) in zip(files, ids, strict=True)
-              if not (is_mask and identifier in image_ids)]
-    if not images:
-        held_out = folder.parent / "held-out" / "images"  # own data: test/ is empty, the test set is held-out/
-        hint = f" (to test on the held-out subjects: --input {held_out} --masks {held_out.parent / 'masks'})"
-        raise UserError(f"{folder} holds no images (.tif, .png, .jpg or .bmp); pass {option} with a folder of images"
-                        + (hint if held_out.is_dir() else ""))
-    by_id: dict[str, list[Path]] = {}
-    for path in images:
-        by_id.setdefault(relative_id(path, folder), []).append(path)
-    for identifier, paths in by_id.items():
-        if len(paths) > 1:
-            raise UserError(f"{' and '.join(map(str, paths))} would both be segmented as {identifier}.png; rename one")
-    return [{"image": str(paths[0]), "image_path": str(paths[0]), "id": identifier}
-            for identifier, paths in sorted(by_id.items(), key=lambda item: natural_key(item[0]))]
-
-
-def truth_files(folder: Path, suffix: str, *, images: set[Path]) -> dict[str, list[Path]]:
-    """The masks below `folder` by the id of their image: <id>.png, <id>_mask.png, <id>_mask_1.png, ... (any image
-    format; `images`, the resolved paths of the images being segmented, are not masks even in the same folder)."""
-    pattern = mask_name_pattern(suffix)
-    found: dict[str, list[Path]] = {}
-    for path in image_files(folder):
-        if path.resolve() not in images:
-            found.setdefault(id_of(path, folder, pattern)[0], []).append(path)
-    return found
-
-
-def natural_key(name: object) -> tuple:
-    """Sort "2_10" after "2_9" (and subject 10 after subject 9)."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(name)))
 
 
 # Subjects ------------------------------------------------------------------------------------------------------

@@ -6,8 +6,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from nerveseg.clean_copy import CleaningOptions
-from nerveseg.duplicates import thumbnail_feature
+from nerveseg.cleaning.clean_copy import CleaningOptions
+from nerveseg.cleaning.duplicates import thumbnail_feature
+from nerveseg.cleaning.layouts import OwnData
+from nerveseg.cleaning.pairs import PairJob, PairResult, PairStatus
+from nerveseg.cleaning.parallel import run_parallel
+from nerveseg.cleaning.sources import Locator
 from nerveseg.images import (
     UnreadableImage,
     describe_label,
@@ -17,10 +21,6 @@ from nerveseg.images import (
     read_gray,
     target_pixels,
 )
-from nerveseg.layouts import OwnData
-from nerveseg.pairs import PairJob, PairResult, PairStatus
-from nerveseg.parallel import run_parallel
-from nerveseg.sources import Locator
 
 EXPECTED = "expected pairs of images and masks of the same size (PNG, JPEG, TIFF or BMP)"  # when none is usable
 

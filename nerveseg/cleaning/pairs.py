@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nerveseg.cleaning.sources import MAX_MEMBER_MB, Locator
 from nerveseg.images import MAX_IMAGE_PIXELS, MaskValues
-from nerveseg.sources import MAX_MEMBER_MB, Locator
 
 MANIFEST_COLUMNS = ["id", "subject", "frame", "image", "mask", "height", "width", "mask_area", "kept", "reason",
                     "duplicate_of", "similarity", "split", "original_image", "original_mask"]

@@ -8,8 +8,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from nerveseg.cleaning.pairs import PairJob
 from nerveseg.errors import UserError
-from nerveseg.pairs import PairJob
 
 
 def run_job(function: Callable[[PairJob], Any], job: PairJob) -> Any:

@@ -1,17 +1,17 @@
 """Stage 1: verify a Kaggle download, or a user's own image/mask folders, and write a clean copy with a manifest.
 
 Each source is cleaned the same way: a fingerprint of its files and the options says whether the output
-already holds this clean; the pairs are verified in worker processes (nerveseg/parallel.py) by the checks of
-the source (nerveseg/kaggle_checks.py, nerveseg/own_data_checks.py) and written into a folder beside the
-output; the near-duplicates (nerveseg/duplicates.py), the held-out subjects and the manifest complete it, and
-it is swapped in (nerveseg/clean_copy.py, which also describes the clean folder).
+already holds this clean; the pairs are verified in worker processes (parallel.py) by the checks of the source
+(kaggle_checks.py, own_data_checks.py) and written into a folder beside the output; the near-duplicates
+(duplicates.py), the held-out subjects and the manifest complete it, and it is swapped in (clean_copy.py, which
+also describes the clean folder).
 """
 
 from collections.abc import Callable
 from pathlib import Path
 
-from nerveseg import kaggle_checks, own_data_checks
-from nerveseg.clean_copy import (
+from nerveseg.cleaning import kaggle_checks, own_data_checks
+from nerveseg.cleaning.clean_copy import (
     CleaningOptions,
     Source,
     check_output,
@@ -19,8 +19,8 @@ from nerveseg.clean_copy import (
     finish_clean_copy,
     source_fingerprint,
 )
-from nerveseg.layouts import OwnData, suggest_subject_pattern
-from nerveseg.sources import Download
+from nerveseg.cleaning.layouts import OwnData, suggest_subject_pattern
+from nerveseg.cleaning.sources import Download
 
 
 def clean_download(download: Download, output: Path, options: CleaningOptions, *, overwrite: bool = False) -> dict:

@@ -29,13 +29,13 @@ import torch
 from monai.data import save_net_with_metadata
 from torch import nn
 
-from nerveseg.bundle_docs import bundle_readme, license_text
 from nerveseg.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from nerveseg.ensemble import TestTimeAugmentation
 from nerveseg.errors import UserError
+from nerveseg.export.bundle_docs import bundle_readme, license_text
 from nerveseg.files import building_folder, swap_into_place
 from nerveseg.images import IMAGE_SUFFIXES, WIDE_MODES
-from nerveseg.onnx_export import CHECKPOINT_FIELDS, Probabilities
+from nerveseg.onnx_model import CHECKPOINT_FIELDS, Probabilities
 from nerveseg.postprocess import PostProcessing
 
 BUNDLE_FORMAT = "nerveseg-bundle"  # metadata["nerveseg"]["format"]: a bundle export.py wrote
@@ -103,7 +103,7 @@ def inference_config(image_size: tuple[int, int], post: PostProcessing, *, mask_
                 "recursive=True) if path.lower().endswith(tuple(@image_suffixes)) and not re.fullmatch('.+' + "
                 "re.escape(@mask_suffix) + '(_[0-9]+)?', os.path.splitext(os.path.basename(path))[0])), "
                 "key=@natural_order)")
-    # predict.py's order (nerveseg/layouts.py natural_key: "2_10" after "2_9"), so that the batches are the same
+    # predict.py's order (nerveseg/inputs.py natural_key: "2_10" after "2_9"), so that the batches are the same
     natural_order = (r"$lambda path: tuple(int(part) if part.isdigit() else part for part in re.split(r'(\d+)', "
                      "os.path.splitext(os.path.relpath(path, @dataset_dir))[0].replace(os.sep, '/')))")
     bundle_root = ("$next((os.path.dirname(os.path.abspath(str(frame.frame.f_locals['self'].config_root_path))) "

@@ -1,5 +1,5 @@
 """A MONAI Bundle's words: docs/README.md (what the model segments, how it was trained and validated, how to run
-it, its limits) and the LICENSE the user chooses (see nerveseg/bundle.py for the rest of the bundle)."""
+it, its limits) and the LICENSE the user chooses (see nerveseg/export/bundle.py for the rest of the bundle)."""
 
 import datetime
 from pathlib import Path

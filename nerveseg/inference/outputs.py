@@ -1,97 +1,20 @@
-"""predict.py's input and output: reading images with clear errors, the output folder, truth masks, examples."""
+"""predict.py's outputs: the output folder, the truth masks, the examples drawn."""
 
 import os
 import shutil
-import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-import torch
-from monai.data import Dataset
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from nerveseg.errors import UserError
 from nerveseg.files import FolderLock, atomic_write, building_folder, check_replaceable, swap_into_place
-from nerveseg.images import MAX_IMAGE_PIXELS, MaskValues, UnreadableImage, read_mask
-from nerveseg.layouts import truth_files
+from nerveseg.images import MAX_IMAGE_PIXELS, MaskValues, read_mask
+from nerveseg.inputs import truth_files
 
 MARKER = ".nerveseg-predictions"  # tells a folder of ours from a user's folder, and lists what we wrote
-IMAGE_SIGNATURES = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"\x89PNG": "PNG", b"\xff\xd8": "JPEG", b"BM": "BMP"}
-
-
-class ReadableDataset(Dataset):
-    """A MONAI Dataset that reports an unreadable image by name and reason instead of failing inside a worker.
-
-    Each item carries "error" ("" when it was read) and "notes" (see nerveseg.images.read_gray); a failed item
-    holds a blank image of the network's size so the batch can still be assembled, and the main process skips
-    it (or stops, with --strict).
-    The library's own warnings about a damaged file (PIL's "Corrupt EXIF data", ...) are silenced: the
-    summary says what happened to every file.
-    """
-
-    def __init__(self, data: list[dict], transform: Callable, image_size: tuple[int, int]) -> None:
-        super().__init__(data, transform)
-        self.image_size = image_size
-
-    def _transform(self, index: int) -> dict:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return {**super()._transform(index), "error": ""}
-        except Exception as error:  # any reader failure: truncated, not an image, unsupported mode
-            item = self.data[index]
-            return {
-                **item,
-                "image": torch.zeros(1, *self.image_size, dtype=torch.uint8),
-                "original_size": torch.tensor([1, 1]),
-                "notes": "",
-                "error": f"{item['image']}: {read_error_reason(item['image'], error)}",
-            }
-
-
-def read_error_reason(path: str, error: BaseException) -> str:
-    """Why an image could not be read, in words: the reason it was refused before decoding (see
-    nerveseg.images.opened_image), or else, since MONAI wraps the reader's error, the cause found by opening the
-    file again with PIL alone."""
-    cause: BaseException | None = error
-    while cause is not None and not isinstance(cause, UnreadableImage):
-        cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-        return str(cause).removeprefix(f"{path}: ")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as image:
-                image.load()
-    except UnidentifiedImageError:
-        with open(path, "rb") as file:
-            start = file.read(8)
-        kind = next((kind for signature, kind in IMAGE_SIGNATURES.items() if start.startswith(signature)), None)
-        if kind:
-            return f"a damaged or truncated {kind} file (it starts like one, but cannot be decoded)"
-        return "not an image (or in a format PIL cannot read)"
-    except OSError as cause:
-        text = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
-        return f"truncated: the file ends early ({text})" if "truncated" in text.lower() else f"unreadable ({text})"
-    except Exception as cause:  # PIL raises others on malformed files: ValueError, SyntaxError, ...
-        return f"damaged ({type(cause).__name__}: {str(cause)[:200]})"
-    return f"cannot be converted ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
-
-
-def read_some(dataset: ReadableDataset, count: int) -> tuple[list[dict], list[str]]:
-    """The first `count` readable items of `dataset`, and why each unreadable one before them was skipped."""
-    readable, skipped = [], []
-    for index in range(len(dataset)):
-        if len(readable) == count:
-            break
-        item = dataset[index]
-        if item["error"]:
-            skipped.append(item["error"])
-        else:
-            readable.append(item)
-    return readable, skipped
 
 
 class OutputFolder:

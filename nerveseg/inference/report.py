@@ -25,8 +25,8 @@ from PIL import Image
 from nerveseg.errors import UserError
 from nerveseg.files import atomic_write
 from nerveseg.images import MAX_IMAGE_PIXELS, read_gray
+from nerveseg.inference.uncertainty import WRONG_BELOW, describe_check, uncertainty_check
 from nerveseg.metrics import describe_scores
-from nerveseg.uncertainty import WRONG_BELOW, describe_check, uncertainty_check
 
 PICTURES = "report"  # the folder of the pictures, beside report.html
 THUMBNAIL_SIDE = 192  # a thumbnail's longer side, in pixels
@@ -153,7 +153,7 @@ class Report:
 def page(data: dict) -> str:
     """The template filled with `data`: its JSON made safe inside a script element, the policy with the hashes
     of the template's own style and script."""
-    template = resources.files("nerveseg").joinpath("report.html").read_text(encoding="utf-8")
+    template = resources.files("nerveseg.inference").joinpath("report.html").read_text(encoding="utf-8")
     hashes = {kind: f"'sha256-{digest(text)}'" for kind, text in (
         ("style", re.search(r"<style>(.*?)</style>", template, re.S).group(1)),
         ("script", re.search(r"<script>(.*?)</script>", template, re.S).group(1)),

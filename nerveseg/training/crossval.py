@@ -12,8 +12,8 @@ from torch import nn
 
 from nerveseg.distributed import Process
 from nerveseg.ensemble import TestTimeAugmentation
-from nerveseg.evaluation import evaluate
 from nerveseg.postprocess import PostProcessing, choose_postprocessing, metrics_of_rule
+from nerveseg.training.evaluation import evaluate
 
 # Test-time augmentation runs the model once per view (5 by default): it is used only when the pooled validation
 # Dice gains more than this with it.

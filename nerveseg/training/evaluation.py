@@ -8,6 +8,7 @@ from tqdm import tqdm
 from nerveseg.device import autocast
 from nerveseg.distributed import Process, all_reduce_sum
 from nerveseg.metrics import DiceTally, kaggle_dice
+from nerveseg.model import presence_probabilities
 from nerveseg.postprocess import (
     MIN_AREA_FRACTIONS,
     PRESENCE_THRESHOLDS,
@@ -77,8 +78,3 @@ def evaluate(
     return metrics, scores
 
 
-def presence_probabilities(presence_logits: torch.Tensor | None, count: int) -> list[float]:
-    """Each image's presence probability; 1.0 for every image of a model without a presence output."""
-    if presence_logits is None:
-        return [1.0] * count
-    return torch.sigmoid(presence_logits.float()).cpu().tolist()

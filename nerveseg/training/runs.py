@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from nerveseg.checkpoint import ensemble_checkpoint, is_checkpoint, make_checkpoint, read_torch_file, save_torch
-from nerveseg.crossval import MIN_TTA_GAIN, describe_cross_validation
 from nerveseg.distributed import Process
 from nerveseg.errors import UserError
 from nerveseg.files import FolderLock, check_can_be_folder, write_csv, write_json
@@ -23,7 +22,8 @@ from nerveseg.metrics import describe_scores
 from nerveseg.model import MODELS, PRESENCE_SIGNALS
 from nerveseg.pictures import plot_cross_validation, plot_training_curves
 from nerveseg.postprocess import TUNING_PLANES, PostProcessing
-from nerveseg.transforms import AUGMENTATIONS
+from nerveseg.training.augment import AUGMENTATIONS
+from nerveseg.training.crossval import MIN_TTA_GAIN, describe_cross_validation
 
 LAST_STATE_KEYS = {"model", "optimizer", "epoch", "history", "settings"}  # what last.pt holds
 SYSTEM_SETTINGS = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME", "PICTURES", "TENSORBOARD"}  # a resume takes them anew
