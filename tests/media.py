@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-from nerveseg import synthetic
+from nerveseg.cleaning import synthetic
 
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
