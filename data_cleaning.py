@@ -24,7 +24,7 @@ from nerveseg.cleaning.pipeline import clean_download, clean_own_data
 from nerveseg.cleaning.sources import find_download, scratch_folder
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.images import parse_mask_values
-from nerveseg.settings import parse_settings
+from nerveseg.settings import Bounds, OneOf, parse_settings
 
 # %% Settings
 # -----------------------------------------------------------------------------
@@ -33,36 +33,25 @@ SOURCE = "data"  # the Kaggle download (a folder with the zip, inner zips or tra
 OUTPUT = "data/clean"  # where the clean copy goes (built aside and swapped in when complete)
 OVERWRITE = False  # replace an OUTPUT that holds a clean of other files or options
 # Your own data, subjects, and a held-out test set (Kaggle too)
-LAYOUT = "auto"  # auto, kaggle, images-masks (images/ and masks/ folders) or suffix (<name>.png beside <name>_mask.png)
+LAYOUT: OneOf(LAYOUTS) = "auto"  # images-masks: images/ and masks/ folders; suffix: <name>.png beside <name>_mask.png
 MASK_SUFFIX = "_mask"  # how a mask's name ends (extra masks <name>_mask_1.png are merged into one)
 MASK_VALUES = ""  # target values where masks hold several: any, 1,2 or 128-255 or #ff0000 ("": one value per mask)
 SUBJECTS = ""  # each image's subject: a CSV (name, subject) or a pattern with (?P<subject>...) ("": each image its own)
-HOLD_OUT = 0.0  # share of the subjects kept out of training, with their masks, in OUTPUT/held-out/ (a test set)
-SEED = 0  # chooses the held-out subjects
+HOLD_OUT: Bounds(at_least=0, below=1) = 0.0  # share of the subjects kept out of training, in OUTPUT/held-out/
+SEED: Bounds(at_least=0, below=2**31) = 0  # chooses the held-out subjects
 # Checks
-DUPLICATES = "drop-empty"  # contradictory near-duplicates: drop-empty, drop-both or keep
-SIMILARITY = 0.99  # Pearson r of 64x48 thumbnails at or above which two frames of a subject are twins
+DUPLICATES: OneOf(DUPLICATE_POLICIES) = "drop-empty"  # contradictory near-duplicates: drop-empty, drop-both or keep
+SIMILARITY: Bounds(above=0, at_most=1) = 0.99  # Pearson r of 64x48 thumbnails from which two frames are twins
 STRICT = False  # any problem is fatal, instead of skipping the bad file and reporting it
-MAX_IMAGE_PIXELS = 25_000_000  # an image of more pixels (width x height) is skipped before decoding (memory bound)
-MAX_MEMBER_MB = 64  # a file or archive member larger than this (MiB) is not read into memory (an image, a CSV)
+MAX_IMAGE_PIXELS: Bounds(at_least=1) = 25_000_000  # an image of more pixels (width x height) is skipped before decoding
+MAX_MEMBER_MB: Bounds(at_least=1) = 64  # a file or archive member larger than this (MiB) is not read into memory
 # Demo and system
 DEMO = False  # generate a small synthetic download in data/synthetic-download and clean that
-WORKERS = 0  # worker processes (0: one per CPU core)
+WORKERS: Bounds(at_least=0) = 0  # worker processes (0: one per CPU core)
 QUIET = False  # no progress bars
 # -----------------------------------------------------------------------------
 exit_on_user_error("data_cleaning.py")
 globals().update(parse_settings(globals()))
-if MAX_IMAGE_PIXELS < 1 or MAX_MEMBER_MB < 1:
-    raise UserError(f"--max-image-pixels and --max-member-mb must be at least 1, not {MAX_IMAGE_PIXELS} and "
-                    f"{MAX_MEMBER_MB}")
-if DUPLICATES not in DUPLICATE_POLICIES:
-    raise UserError(f"--duplicates must be one of {', '.join(DUPLICATE_POLICIES)}, not {DUPLICATES!r}")
-if not 0 < SIMILARITY <= 1:
-    raise UserError(f"--similarity is a correlation between 0 and 1, not {SIMILARITY}")
-if LAYOUT not in LAYOUTS:
-    raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, not {LAYOUT!r}")
-if not 0 <= HOLD_OUT < 1:
-    raise UserError(f"--hold-out is a share of the subjects, at least 0 and below 1, not {HOLD_OUT}")
 if not MASK_SUFFIX:
     raise UserError("--mask-suffix cannot be empty: it tells a mask's name from its image's (<name>_mask.png)")
 mask_values = parse_mask_values(MASK_VALUES)

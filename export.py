@@ -31,44 +31,36 @@ from nerveseg.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from nerveseg.checkpoint import VERSION as CHECKPOINT_VERSION
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.export.bundle import write_bundle
+from nerveseg.export.bundle_docs import LICENSES
 from nerveseg.files import atomic_write
 from nerveseg.inputs import ReadableDataset, images_to_segment, read_some
 from nerveseg.onnx_model import CHECKPOINT_FIELDS, add_metadata, onnx_graph
 from nerveseg.predictors import OnnxPredictor, TorchPredictor, check_onnx_matches_torch, prediction_model
-from nerveseg.settings import parse_settings
+from nerveseg.settings import AUTO_TRUE_FALSE, Bounds, OneOf, parse_settings
 from nerveseg.transforms import load_transforms, network_input
 
 # %% Settings
 # -----------------------------------------------------------------------------
 CHECKPOINT = "2D_Nerve_Segmentation.pt"  # the model written by train.py
-FORMAT = "onnx"  # onnx (one .onnx file, for predict.py) or bundle (a MONAI Bundle folder, for stock MONAI)
+FORMAT: OneOf(("onnx", "bundle")) = "onnx"  # onnx: one .onnx file, for predict.py; bundle: a MONAI Bundle folder
 OUTPUT = ""  # the .onnx file or bundle folder to write ("": the checkpoint's name, with .onnx for ONNX)
 CHECK_INPUT = "data/clean/test"  # images to compare ONNX Runtime with PyTorch on (random images if absent)
-CHECK_IMAGES = 8  # how many of them
-MAX_IMAGE_PIXELS = 25_000_000  # a check image of more pixels (width x height) is skipped before decoding
-TOLERANCE = 0.0001  # the largest difference of probabilities allowed between ONNX Runtime and PyTorch
-FOLD = 0  # with a cross-validated checkpoint: 0 exports the ensemble of all folds, k only fold k's model
-TTA = "auto"  # include test-time augmentation: auto (where validation chose it), true or false
+CHECK_IMAGES: Bounds(at_least=1) = 8  # how many of them
+MAX_IMAGE_PIXELS: Bounds(at_least=1) = 25_000_000  # a check image of more pixels (width x height) is skipped
+TOLERANCE: Bounds(above=0, below=1) = 0.0001  # the largest difference of probabilities between ONNX Runtime and PyTorch
+FOLD: Bounds(at_least=0) = 0  # with a cross-validated checkpoint: 0 exports all folds' ensemble, k fold k's model
+TTA: OneOf(AUTO_TRUE_FALSE) = "auto"  # include test-time augmentation: auto (where validation chose it), true or false
 # MONAI Bundle (--format bundle)
 TARGET = "nerve"  # what the model segments, in words, for the bundle's metadata and README
 AUTHORS = ""  # the bundle's authors (its metadata and copyright line)
-LICENSE = ""  # the bundle's LICENSE: an SPDX identifier (MIT, Apache-2.0, ...), a file to copy, or "" (to fill in)
+LICENSE: OneOf(LICENSES, or_file=True) = ""  # the bundle's LICENSE: an SPDX identifier, a file to copy, or "" (later)
 OVERWRITE = False  # replace an existing bundle folder (only one that export.py wrote)
 # -----------------------------------------------------------------------------
 exit_on_user_error("export.py")
 globals().update(parse_settings(globals()))
-if FORMAT not in ("onnx", "bundle"):
-    raise UserError(f"--format takes onnx or bundle, not {FORMAT!r}")
-if MAX_IMAGE_PIXELS < 1:
-    raise UserError(f"--max-image-pixels must be at least 1, not {MAX_IMAGE_PIXELS}")
 output = Path(OUTPUT or Path(CHECKPOINT).with_suffix(".onnx" if FORMAT == "onnx" else ""))
 if output.resolve() == Path(CHECKPOINT).resolve() or (FORMAT == "onnx" and output.suffix.lower() != ".onnx"):
     raise UserError(f"--output must be a .onnx file other than the checkpoint, not {output}")
-if TTA not in ("auto", "true", "false") or FOLD < 0:
-    raise UserError(f"--tta takes auto, true or false (not {TTA!r}), and --fold 0 or more (not {FOLD})")
-if CHECK_IMAGES < 1 or not 0 < TOLERANCE < 1:
-    raise UserError(f"--check-images must be at least 1 and --tolerance between 0 and 1, not {CHECK_IMAGES} and "
-                    f"{TOLERANCE}")
 monai.data.set_track_meta(False)
 
 # %% Load the model and the images to check it on

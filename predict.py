@@ -39,9 +39,9 @@ from nerveseg.memory import keep_freed_memory
 from nerveseg.metrics import DiceTally, describe_scores, kaggle_dice
 from nerveseg.pictures import plot_predictions
 from nerveseg.postprocess import PostProcessing, to_mask, upsample
-from nerveseg.predictors import load_predictor
+from nerveseg.predictors import ENGINES, load_predictor
 from nerveseg.rle import rle_encode
-from nerveseg.settings import parse_settings
+from nerveseg.settings import AUTO_TRUE_FALSE, Bounds, OneOf, parse_settings
 from nerveseg.transforms import collate_keep_sizes, load_transforms
 
 # %% Settings
@@ -50,39 +50,29 @@ from nerveseg.transforms import collate_keep_sizes, load_transforms
 CHECKPOINT = "2D_Nerve_Segmentation.pt"  # the model written by train.py (or its .onnx export, by export.py)
 INPUT = "data/clean/test"  # a folder of images to segment (subfolders too)
 OUTPUT = "predictions"  # masks/, images.csv and submission.csv are written here
-SUBMISSION = "auto"  # write submission.csv: auto (for a Kaggle test set, images named <n>.tif), true or false
+SUBMISSION: OneOf(AUTO_TRUE_FALSE) = "auto"  # write submission.csv (auto: for a Kaggle test set, images named <n>.tif)
 PICTURES = "Images"  # where the picture of example predictions goes
-NUM_PICTURES = 4  # how many images the picture shows
-MAX_IMAGE_PIXELS = 25_000_000  # an image of more pixels (width x height) is skipped before decoding (memory bound)
+NUM_PICTURES: Bounds(at_least=0) = 4  # how many images the picture shows
+MAX_IMAGE_PIXELS: Bounds(at_least=1) = 25_000_000  # an image of more pixels (width x height) is skipped before decoding
 REPORT = True  # write OUTPUT/report.html: every image with its outlines and figures, to sort and filter in a browser
 # Truth masks
 MASKS = ""  # a folder of truth masks (<name>.png, <name>_mask.png, ...; may be INPUT itself): also report the Dice
 MASK_SUFFIX = "_mask"  # how a truth mask's name ends (<name>_mask.png); files so named in INPUT are not segmented
 MASK_VALUES = ""  # the target's values in truth masks that hold several (as data_cleaning.py --mask-values)
 # Model
-FOLD = 0  # for a cross-validated checkpoint (train.py --folds): 0 predicts with all folds' ensemble, k with fold k
-TTA = "auto"  # test-time augmentation: auto (where validation chose it: see train.py's summary), true or false
+FOLD: Bounds(at_least=0) = 0  # with a cross-validated checkpoint (train.py --folds): 0 all folds' ensemble, k fold k
+TTA: OneOf(AUTO_TRUE_FALSE) = "auto"  # test-time augmentation (auto: where validation chose it, see train.py's summary)
 # System
-BATCH_SIZE = 64  # images per forward pass
+BATCH_SIZE: Bounds(at_least=1) = 64  # images per forward pass
 DEVICE = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N
-ENGINE = "auto"  # auto (ONNX Runtime for a .onnx model, PyTorch for a .pt), torch or onnxruntime (CPU only)
-NUM_WORKERS = -1  # processes reading images while the model runs (0: none; -1: one a spare core, up to 4)
+ENGINE: OneOf(ENGINES) = "auto"  # auto: ONNX Runtime for a .onnx model, PyTorch for a .pt; onnxruntime runs on the CPU
+NUM_WORKERS: Bounds(at_least=-1) = -1  # processes reading images while the model runs (0: none; -1: spare cores, <= 4)
 AMP = True  # mixed precision on CUDA (ignored on CPU)
 STRICT = False  # stop at the first unreadable image instead of skipping it and naming it in the summary
 QUIET = False  # no progress bar
 # -----------------------------------------------------------------------------
 exit_on_user_error("predict.py")
 globals().update(parse_settings(globals()))
-if MAX_IMAGE_PIXELS < 1:
-    raise UserError(f"--max-image-pixels must be at least 1, not {MAX_IMAGE_PIXELS}")
-if BATCH_SIZE < 1 or NUM_WORKERS < -1:
-    raise UserError(f"--batch-size must be at least 1 and --num-workers -1 or more, not {BATCH_SIZE} and {NUM_WORKERS}")
-if ENGINE not in ("auto", "torch", "onnxruntime"):
-    raise UserError(f"--engine takes auto, torch or onnxruntime, not {ENGINE!r}")
-if TTA not in ("auto", "true", "false") or FOLD < 0:
-    raise UserError(f"--tta takes auto, true or false (not {TTA!r}), and --fold 0 or more (not {FOLD})")
-if SUBMISSION not in ("auto", "true", "false"):
-    raise UserError(f"--submission takes auto, true or false, not {SUBMISSION!r}")
 check_can_be_folder(Path(PICTURES), "--pictures")  # now, not after all the masks are written
 mask_values = parse_mask_values(MASK_VALUES)
 workers = NUM_WORKERS if NUM_WORKERS >= 0 else min(4, (os.cpu_count() or 1) - 1)  # the model keeps one core

@@ -26,11 +26,11 @@ from nerveseg.checkpoint import save_torch
 from nerveseg.data import describe_split, partition, read_manifest, split_into_folds
 from nerveseg.ensemble import augmentation_for_training
 from nerveseg.errors import exit_on_user_error
-from nerveseg.model import build_model, model_config, set_output_prior
+from nerveseg.model import MODELS, PRESENCE_SIGNALS, build_model, model_config, set_output_prior
 from nerveseg.postprocess import default_postprocessing
-from nerveseg.settings import parse_settings, settings_to_json
+from nerveseg.settings import Bounds, OneOf, parse_settings, settings_to_json
 from nerveseg.training import runs, steps
-from nerveseg.training.augment import BatchAugment
+from nerveseg.training.augment import AUGMENTATIONS, BatchAugment
 from nerveseg.training.crossval import choose_on_validation, cross_validation_summary, validate_fold
 from nerveseg.training.evaluation import evaluate
 from nerveseg.training.tracking import TrainingLog, tensorboard_installed
@@ -42,37 +42,37 @@ from nerveseg.transforms import collate_keep_sizes, load_transforms, network_inp
 DATA_DIR = "data/clean"  # the clean folder written by data_cleaning.py
 IMAGE_HEIGHT = 128  # height the network sees (a multiple of 16); 128x176 keeps the 420:580 aspect
 IMAGE_WIDTH = 176  # width the network sees (a multiple of 16)
-VAL_FRACTION = 0.2  # share of subjects held out for validation (whole subjects, never single frames)
-FOLDS = 1  # cross-validation: this many models, each validating on its 1/FOLDS of the subjects (5: the full recipe)
-SEED = 0  # seeds the split, the weights, the shuffling and the augmentation
+VAL_FRACTION: Bounds(above=0, below=1) = 0.2  # share of subjects held out for validation (whole subjects, not frames)
+FOLDS: Bounds(at_least=1) = 1  # cross-validation: this many models, each validating on 1/FOLDS of the subjects
+SEED: Bounds(at_least=0, below=2**31) = 0  # seeds the split, the weights, the shuffling and the augmentation
 # Augmentation
-ROTATE_DEGREES = 10.0  # random rotation, up to this many degrees either way
-SCALE = 0.1  # random zoom, up to this share in or out
-SHIFT = 0.05  # random shift, up to this share of the image side
-FLIP_PROB = 0.0  # chance of a left-right flip (off: it mirrors the anatomy)
-INTENSITY_PROB = 0.3  # chance of each gamma, gain and noise change
-AUGMENTATION = "light"  # light (the above) or nnunet (adds nnU-Net 2-D zoom 0.7-1.4, blur, low resolution, contrast)
+ROTATE_DEGREES: Bounds(at_least=0, at_most=180) = 10.0  # random rotation, up to this many degrees either way
+SCALE: Bounds(at_least=0, below=1) = 0.1  # random zoom, up to this share in or out
+SHIFT: Bounds(at_least=0, below=1) = 0.05  # random shift, up to this share of the image side
+FLIP_PROB: Bounds(at_least=0, at_most=1) = 0.0  # chance of a left-right flip (off: it mirrors the anatomy)
+INTENSITY_PROB: Bounds(at_least=0, at_most=1) = 0.3  # chance of each gamma, gain and noise change
+AUGMENTATION: OneOf(AUGMENTATIONS) = "light"  # light (the above) or nnunet (adds zoom 0.7-1.4, blur, low resolution...)
 # Model
-MODEL = "unet"  # the network: unet, unetplusplus, attentionunet, segresnet or dynunet (see nerveseg/model.py)
-CHANNELS = (16, 32, 64, 128, 256)  # UNet feature channels per level
-STRIDES = (2, 2, 2, 2)  # UNet down-sampling per level (image sides must be multiples of their product)
-NUM_RES_UNITS = 2  # residual units per UNet block
-DROPOUT = 0.0  # dropout in the UNet blocks
-PRESENCE_WEIGHT = 0.5  # weight of the image-level "is the target there at all" loss (0: no presence output)
+MODEL: OneOf(MODELS) = "unet"  # the network (see nerveseg/model.py)
+CHANNELS: Bounds(at_least=1) = (16, 32, 64, 128, 256)  # UNet feature channels per level
+STRIDES: Bounds(at_least=1) = (2, 2, 2, 2)  # UNet down-sampling per level (image sides: multiples of their product)
+NUM_RES_UNITS: Bounds(at_least=0) = 2  # residual units per UNet block
+DROPOUT: Bounds(at_least=0, below=1) = 0.0  # dropout in the UNet blocks
+PRESENCE_WEIGHT: Bounds(at_least=0) = 0.5  # weight of the image-level "is the target there" loss (0: no presence head)
 PRESENCE_BALANCE = False  # images with and without a target weigh the same in the presence loss (no prior learnt)
-PRESENCE_SIGNAL = "head"  # presence from the head, or head+mask: averaged with the mask's largest probability
-TARGET_SHARE = 0.0  # each batch holds at least this share of images with a target (nnU-Net: 0.33)
+PRESENCE_SIGNAL: OneOf(PRESENCE_SIGNALS) = "head"  # presence from the head, or head+mask: averaged with the mask's top
+TARGET_SHARE: Bounds(at_least=0, at_most=1) = 0.0  # each batch holds at least this share of images with a target
 BALANCED_RULE = True  # the presence threshold (and the rest of the rule) is chosen as if half the images were empty
 # Optimisation
-BATCH_SIZE = 0  # training images per step and process (0: 128, fewer on small data sets, down to 16, then 8)
-MICRO_BATCH_SIZE = 0  # images per forward/backward pass, gradients summed up to BATCH_SIZE (0: 64 on CPU, all on GPU)
-VAL_BATCH_SIZE = 64  # validation images per forward pass and per process
-MAX_EPOCHS = 60  # passes over the training images (each at least MIN_STEPS_PER_EPOCH steps)
-MIN_STEPS_PER_EPOCH = 32  # steps an epoch at least: a small set is passed over again (twice as many in batches of 8)
-VAL_INTERVAL = 1  # validate every this many epochs (and always after the last one)
-LEARNING_RATE = 2e-3  # Adam's peak learning rate (not scaled with the number of processes: see docs/distributed.md)
-WEIGHT_DECAY = 1e-5  # Adam's weight decay
-WARMUP_EPOCHS = 2  # epochs of linear warm-up before the cosine decay
+BATCH_SIZE: Bounds(at_least=0) = 0  # training images per step and process (0: 128, fewer on small data sets, down to 8)
+MICRO_BATCH_SIZE: Bounds(at_least=0) = 0  # images per forward/backward pass, gradients summed (0: 64 on CPU; GPU: all)
+VAL_BATCH_SIZE: Bounds(at_least=1) = 64  # validation images per forward pass and per process
+MAX_EPOCHS: Bounds(at_least=1) = 60  # passes over the training images (each at least MIN_STEPS_PER_EPOCH steps)
+MIN_STEPS_PER_EPOCH: Bounds(at_least=1) = 32  # steps an epoch at least: a small set is passed over again
+VAL_INTERVAL: Bounds(at_least=1) = 1  # validate every this many epochs (and always after the last one)
+LEARNING_RATE: Bounds(above=0) = 2e-3  # Adam's peak learning rate (not scaled with the processes: docs/distributed.md)
+WEIGHT_DECAY: Bounds(at_least=0) = 1e-5  # Adam's weight decay
+WARMUP_EPOCHS: Bounds(at_least=0) = 2  # epochs of linear warm-up before the cosine decay
 # Output
 MODEL_PATH = "2D_Nerve_Segmentation.pt"  # the best model by validation Dice (with --folds: the ensemble) goes here
 RUNS_DIR = "runs"  # each run writes a folder here: checkpoints, metrics.csv, curves.png, settings.json
@@ -82,7 +82,7 @@ TENSORBOARD = True  # log curves and validation pictures for TensorBoard into th
 RESUME = False  # continue the run RUN_NAME (or the latest run) from its last completed epoch
 # System
 DEVICE = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N
-NUM_WORKERS = 0  # data-loading worker processes (0: in the main process, best for cached data on few cores)
+NUM_WORKERS: Bounds(at_least=0) = 0  # data-loading worker processes (0: in the main process, best for cached data)
 AMP = True  # mixed precision on CUDA (ignored on CPU)
 COMPILE = False  # torch.compile the model (first epoch slower, then faster on GPU)
 QUIET = False  # no progress bars (they are off anyway when the output is not a terminal)

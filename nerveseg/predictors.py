@@ -22,6 +22,7 @@ from nerveseg.model import presence_probabilities
 from nerveseg.onnx_model import CHECKPOINT_FIELDS, METADATA_KEY, onnx_graph
 from nerveseg.transforms import network_input
 
+ENGINES = ("auto", "torch", "onnxruntime")  # auto: ONNX Runtime for a .onnx model, PyTorch for a .pt
 ONNX_TOLERANCE = 1e-4  # the largest difference of probabilities allowed between ONNX Runtime and PyTorch
 
 

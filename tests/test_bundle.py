@@ -337,13 +337,11 @@ def test_the_licence_is_an_spdx_identifier_a_file_or_a_request_to_fill_it_in(tmp
     assert "Copyright (c)" in license_text("MIT", authors="Lab")[0]
     (tmp_path / "TERMS").write_text("Our own terms.\n")
     assert license_text(str(tmp_path / "TERMS"), authors="")[0] == "Our own terms.\n"
-    assert "not openly licensed" in license_text("", authors="")[0]
-    with pytest.raises(UserError, match="neither a file nor an SPDX identifier"):
-        license_text("my licence.txt", authors="")
+    assert "not openly licensed" in license_text("", authors="")[0]  # a typo (MTI): tests/test_settings.py
 
 
 @pytest.mark.slow
 def test_export_help_and_a_bad_format(tmp_path):
     help_text = run_script("export.py", "-h", cwd=tmp_path).stdout
     assert all(option in help_text for option in ("--format", "--license", "--authors", "--overwrite", "--target"))
-    assert_user_error(run_script("export.py", "--format", "zip", cwd=tmp_path), "--format takes onnx or bundle")
+    assert_user_error(run_script("export.py", "--format", "zip", cwd=tmp_path), "--format takes one of onnx, bundle")

@@ -11,7 +11,7 @@ import torch
 from nerveseg.checkpoint import FORMAT, save_torch
 from nerveseg.errors import UserError
 from nerveseg.postprocess import TUNING_PLANES
-from nerveseg.settings import script_defaults
+from nerveseg.settings import parse_settings, script_defaults, script_namespace
 from nerveseg.training.runs import (
     ADDED_SETTINGS,
     check_output_folders,
@@ -24,42 +24,64 @@ from tests.helpers import ROOT
 
 DEFAULTS = script_defaults(ROOT / "train.py")
 
-REFUSED = [  # (settings changed from the defaults, the message)
-    ({"FOLDS": 0}, "--folds must be 1 (one validation split) or more (cross-validation), not 0"),
-    ({"BATCH_SIZE": -1}, "--batch-size must be 0 (automatic) or more, not -1"),
-    ({"MAX_EPOCHS": 0}, "--val-batch-size, --max-epochs, --val-interval and --min-steps-per-epoch must be at least 1"),
-    ({"VAL_INTERVAL": 0}, "must be at least 1"),
-    ({"MIN_STEPS_PER_EPOCH": 0}, "must be at least 1"),
-    ({"PRESENCE_WEIGHT": -0.5}, "--presence-weight must be 0 (no presence output) or more, not -0.5"),
-    ({"MICRO_BATCH_SIZE": -1}, "--micro-batch-size must be 0 (automatic) or more, not -1"),
-    ({"LEARNING_RATE": 0.0}, "--learning-rate must be above 0 (not 0.0)"),
-    ({"LEARNING_RATE": float("inf")}, "--learning-rate must be above 0 (not inf)"),
-    ({"WEIGHT_DECAY": -1e-5}, "--weight-decay and --num-workers at least 0"),
-    ({"DROPOUT": 1.0}, "--dropout from 0 up to 1 (not 1.0)"),
-    ({"NUM_WORKERS": -1}, "(not 1e-05 and -1)"),
+
+@pytest.fixture(scope="module")
+def train_settings() -> dict:
+    """train.py's globals as its settings block leaves them (its defaults and declarations)."""
+    return script_namespace(ROOT / "train.py")
+
+REFUSED = [  # (options given to train.py, the message): each setting alone, as its declaration says
+    (["--folds", "0"], "--folds must be at least 1, not 0"),
+    (["--batch-size", "-1"], "--batch-size must be at least 0, not -1"),
+    (["--max-epochs", "0"], "--max-epochs must be at least 1, not 0"),
+    (["--val-interval", "0"], "--val-interval must be at least 1, not 0"),
+    (["--min-steps-per-epoch", "0"], "--min-steps-per-epoch must be at least 1, not 0"),
+    (["--presence-weight", "-0.5"], "--presence-weight must be at least 0, not -0.5"),
+    (["--micro-batch-size", "-1"], "--micro-batch-size must be at least 0, not -1"),
+    (["--learning-rate", "0"], "--learning-rate must be above 0, not 0.0"),
+    (["--learning-rate", "inf"], "--learning-rate takes a number, not 'inf'"),
+    (["--weight-decay=-1e-5"], "--weight-decay must be at least 0, not -1e-05"),
+    (["--dropout", "1"], "--dropout must be at least 0 and below 1, not 1.0"),
+    (["--num-workers", "-1"], "--num-workers must be at least 0, not -1"),
+    (["--model", "vnet"], "--model takes one of unet, unetplusplus, attentionunet, segresnet, dynunet, not 'vnet'"),
+    (["--presence-signal", "mask"], "--presence-signal takes one of head, head+mask, not 'mask'"),
+    (["--augmentation", "heavy"], "--augmentation takes one of light, nnunet, not 'heavy'"),
+    (["--target-share", "1.5"], "--target-share must be at least 0 and at most 1, not 1.5"),
+]
+NOT_TOGETHER = [  # (settings changed from the defaults, the message): settings that cannot work together
     ({"CHANNELS": (16, 32, 64)}, "--channels needs one value more than --strides (one per UNet level), not 3 and 4"),
     ({"STRIDES": ()}, "--channels needs one value more than --strides"),
     ({"IMAGE_HEIGHT": 100}, "must be multiples of 16 (the product of the strides), not 100x176"),
     ({"IMAGE_WIDTH": 8}, "not 128x8"),
     ({"STRIDES": (2, 2, 2, 3), "IMAGE_HEIGHT": 96}, "must be multiples of 24"),
-    ({"MODEL": "vnet"}, "--model takes unet, unetplusplus, attentionunet, segresnet, dynunet, not 'vnet'"),
-    ({"PRESENCE_SIGNAL": "mask"}, "--presence-signal takes head, head+mask, not 'mask'"),
-    ({"AUGMENTATION": "heavy"}, "--augmentation takes light, nnunet, not 'heavy'"),
-    ({"TARGET_SHARE": 1.5}, "--target-share is a share of the batch, from 0 to 1, not 1.5"),
 ]
 
 
-@pytest.mark.parametrize(("changed", "message"), REFUSED)
-def test_settings_that_cannot_work_are_refused_with_what_would(changed, message):
+@pytest.mark.parametrize(("argv", "message"), REFUSED)
+def test_settings_that_cannot_work_are_refused_with_what_would(train_settings, argv, message):
+    with pytest.raises(UserError) as refused:
+        parse_settings(train_settings, argv=argv)
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(("changed", "message"), NOT_TOGETHER)
+def test_settings_that_cannot_work_together_are_refused_with_what_would(changed, message):
     with pytest.raises(UserError) as refused:
         check_settings({**DEFAULTS, **changed})
     assert message in str(refused.value)
 
 
-@pytest.mark.parametrize("changed", [{}, {"BATCH_SIZE": 0, "MICRO_BATCH_SIZE": 0}, {"PRESENCE_WEIGHT": 0.0},
-                                     {"STRIDES": (2, 2, 2), "CHANNELS": (8, 16, 32, 64), "IMAGE_HEIGHT": 8}])
-def test_settings_that_work_pass(changed):
-    check_settings({**DEFAULTS, **changed})
+@pytest.mark.parametrize(("argv", "changed"), [
+    ([], {}),
+    (["--batch-size", "0", "--micro-batch-size", "0"], {"BATCH_SIZE": 0, "MICRO_BATCH_SIZE": 0}),
+    (["--presence-weight", "0"], {"PRESENCE_WEIGHT": 0.0}),
+    (["--strides", "2,2,2", "--channels", "8,16,32,64", "--image-height", "8"],
+     {"STRIDES": (2, 2, 2), "CHANNELS": (8, 16, 32, 64), "IMAGE_HEIGHT": 8}),
+])
+def test_settings_that_work_pass(train_settings, argv, changed):
+    resolved = parse_settings(train_settings, argv=argv)
+    assert resolved == {**DEFAULTS, **changed}
+    check_settings(resolved)
 
 
 def test_an_output_folder_under_a_file_is_refused(tmp_path):

@@ -1,12 +1,24 @@
-"""The settings block -> command line mechanism shared by the three scripts."""
+"""The settings block -> command line mechanism shared by the four scripts, and each setting's declaration."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from nerveseg.errors import UserError
-from nerveseg.settings import convert, parse_settings, read_settings_block
+from nerveseg.settings import (
+    SCRIPTS,
+    Bounds,
+    OneOf,
+    convert,
+    options_markdown,
+    parse_settings,
+    read_settings_block,
+    script_defaults,
+    script_namespace,
+)
+from tests.helpers import ROOT
 
 SCRIPT = '''"""A script."""
 # ---
@@ -114,3 +126,92 @@ def test_a_settings_file_that_is_not_utf8_or_not_a_file_is_named_with_the_fix(na
     for not_a_file in ("/dev/null", str(tmp_path)):
         with pytest.raises(UserError, match=f"--config {not_a_file} is not a file; pass a JSON file of settings"):
             parse_settings(namespace, argv=["--config", not_a_file])
+
+
+# Each setting's declaration: checked by the parser, for every script ----------------------------------------------
+@pytest.fixture(scope="module")
+def scripts() -> dict[str, dict]:
+    """Each script's globals as its settings block leaves them (defaults and declarations)."""
+    return {script: script_namespace(ROOT / script) for script in SCRIPTS}
+
+
+def test_every_script_accepts_its_own_defaults(scripts):
+    for script, namespace in scripts.items():
+        assert parse_settings(namespace, argv=[]) == script_defaults(ROOT / script), script
+
+
+@pytest.mark.parametrize(("script", "argv", "message"), [
+    ("train.py", ["--strides", "0,2,2,2"], "--strides must be at least 1, not 0"),  # was a ZeroDivisionError
+    ("train.py", ["--seed", "1e30"], "--seed must be at least 0 and below 2147483648"),  # was an OverflowError
+    ("export.py", ["--license", "MTI"], "--license takes one of '', MIT, Apache-2.0, "),  # was a LICENSE for "MTI"
+    ("export.py", ["--license", "MTI"], "not 'MTI' (did you mean MIT?)"),
+    ("predict.py", ["--tta", "maybe"], "--tta takes one of auto, true, false, not 'maybe'"),
+    ("data_cleaning.py", ["--max-member-mb", "0"], "--max-member-mb must be at least 1, not 0"),
+])
+def test_a_value_its_declaration_refuses_is_named_with_what_it_takes(scripts, script, argv, message):
+    with pytest.raises(UserError) as refused:
+        parse_settings(scripts[script], argv=argv)
+    assert message in str(refused.value)
+
+
+def test_help_lists_the_choices_and_the_bounds(scripts, capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(scripts["train.py"], argv=["-h"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--model {unet,unetplusplus,attentionunet,segresnet,dynunet}" in text
+    assert "(default: 1; at least 1)" in text  # --folds
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"count": True}, "--count takes a whole number, not true"),  # was taken as 1
+    ({"rate": False}, "--rate takes a number, not false"),
+    ({"name": None}, "--name takes a text, not null"),  # was the text "None" (a folder named None)
+    ({"name": ["a"]}, '--name takes a text, not ["a"]'),
+    ({"sizes": [1, None]}, "--sizes takes a whole number, not null"),
+])
+def test_a_json_value_of_the_wrong_kind_is_refused(namespace, tmp_path, config, message):
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_settings(namespace, argv=["--config", str(path)])
+
+
+def test_a_json_true_for_a_word_setting_is_the_word(scripts, tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"tta": True}))
+    assert parse_settings(scripts["predict.py"], argv=["--config", str(path)])["TTA"] == "true"
+
+
+def test_a_settings_file_nested_too_deep_is_refused_in_one_line(namespace, tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)  # was a RecursionError
+    with pytest.raises(UserError, match="settings.json nests too deep to be settings; write it as a flat JSON object"):
+        parse_settings(namespace, argv=["--config", str(path)])
+
+
+def test_a_value_that_starts_with_a_dash_gets_the_way_to_write_it(namespace, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings(namespace, argv=["--name", "-out"])
+    assert exit_info.value.code == 2
+    assert "for a value that starts with '-', write --name=-out" in capsys.readouterr().err
+    assert parse_settings(namespace, argv=["--name=-out"])["NAME"] == "-out"
+
+
+def test_a_huge_whole_number_is_read_exactly():
+    assert convert("12345678901234567891", 0, "SEED") == 12345678901234567891
+    assert convert("1e3", 0, "SEED") == 1000
+    with pytest.raises(UserError, match="--rate takes a number, not 'nan'"):
+        convert("nan", 0.5, "RATE")
+
+
+def test_declarations_say_what_they_accept():
+    assert Bounds(at_least=0, below=1).describe() == "at least 0 and below 1"
+    assert OneOf(("a", "b"), or_file=True).describe() == "one of a, b or a file"
+    Bounds(above=0).check(1e-9, "--x")
+    with pytest.raises(UserError, match="--x must be above 0, not 0"):
+        Bounds(above=0).check(0, "--x")
+
+
+def test_options_md_is_generated_from_the_declarations():
+    stale = "docs/options.md is stale: run python -m nerveseg.settings"
+    assert (ROOT / "docs" / "options.md").read_text() == options_markdown(ROOT), stale

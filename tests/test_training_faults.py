@@ -323,7 +323,7 @@ def test_one_subject_is_too_few_for_a_split_by_subject(stopped_runs):
 def test_settings_that_cannot_work_are_refused_before_any_work(stopped_runs):
     """The script's side of the settings checks (their cases: tests/test_runs.py): one line, no traceback."""
     case = stopped_runs["learning rate 0"]
-    assert_user_error(case.result, "--learning-rate must be above 0 (not 0.0)")
+    assert_user_error(case.result, "--learning-rate must be above 0, not 0.0")
     assert case.after == case.before and not (case.work / "runs").exists()
 
 

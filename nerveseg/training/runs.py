@@ -19,10 +19,8 @@ from nerveseg.distributed import Process
 from nerveseg.errors import UserError
 from nerveseg.files import FolderLock, check_can_be_folder, write_csv, write_json
 from nerveseg.metrics import describe_scores
-from nerveseg.model import MODELS, PRESENCE_SIGNALS
 from nerveseg.pictures import plot_cross_validation, plot_training_curves
 from nerveseg.postprocess import TUNING_PLANES, PostProcessing
-from nerveseg.training.augment import AUGMENTATIONS
 from nerveseg.training.crossval import MIN_TTA_GAIN, describe_cross_validation
 
 LAST_STATE_KEYS = {"model", "optimizer", "epoch", "history", "settings"}  # what last.pt holds
@@ -34,29 +32,9 @@ RESUME_CAN_CHANGE = {"MAX_EPOCHS"}  # a resume takes them from its command line 
 
 
 def check_settings(settings: dict) -> None:
-    """Refuse settings that cannot work, with a message that says what would (the UPPER_CASE settings of train.py)."""
+    """Refuse settings that cannot work together, with a message that says what would (each setting alone is
+    checked by the parser, against its declaration in train.py's settings block)."""
     s = settings
-    if s["FOLDS"] < 1:
-        raise UserError(f"--folds must be 1 (one validation split) or more (cross-validation), not {s['FOLDS']}")
-    if s["BATCH_SIZE"] < 0:
-        raise UserError(f"--batch-size must be 0 (automatic) or more, not {s['BATCH_SIZE']}")
-    if min(s["VAL_BATCH_SIZE"], s["MAX_EPOCHS"], s["VAL_INTERVAL"], s["MIN_STEPS_PER_EPOCH"]) < 1:
-        raise UserError("--val-batch-size, --max-epochs, --val-interval and --min-steps-per-epoch must be at least 1")
-    if s["PRESENCE_WEIGHT"] < 0:
-        raise UserError(f"--presence-weight must be 0 (no presence output) or more, not {s['PRESENCE_WEIGHT']}")
-    for name, choices in (("MODEL", MODELS), ("PRESENCE_SIGNAL", PRESENCE_SIGNALS), ("AUGMENTATION", AUGMENTATIONS)):
-        if s[name] not in choices:
-            raise UserError(f"--{name.lower().replace('_', '-')} takes {', '.join(choices)}, not {s[name]!r}")
-    if not 0 <= s["TARGET_SHARE"] <= 1:
-        raise UserError(f"--target-share is a share of the batch, from 0 to 1, not {s['TARGET_SHARE']}")
-    if s["MICRO_BATCH_SIZE"] < 0:
-        raise UserError(f"--micro-batch-size must be 0 (automatic) or more, not {s['MICRO_BATCH_SIZE']}")
-    if (not 0 < s["LEARNING_RATE"] < math.inf or s["WEIGHT_DECAY"] < 0 or not 0 <= s["DROPOUT"] < 1
-            or s["NUM_WORKERS"] < 0):
-        raise UserError(
-            f"--learning-rate must be above 0 (not {s['LEARNING_RATE']}), --weight-decay and --num-workers at least 0 "
-            f"(not {s['WEIGHT_DECAY']} and {s['NUM_WORKERS']}), and --dropout from 0 up to 1 (not {s['DROPOUT']})"
-        )
     if not s["STRIDES"] or len(s["CHANNELS"]) != len(s["STRIDES"]) + 1:
         raise UserError(
             f"--channels needs one value more than --strides (one per UNet level), not {len(s['CHANNELS'])} and "
