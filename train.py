@@ -188,11 +188,11 @@ def train_fold(fold: int, train_items: list[dict], val_items: list[dict]) -> tup
     print0(f"{name}{describe_split(train_items, val_items)}")
     raw_model, model = make_model(train_items, seed=SEED + fold - 1)
     train_loader, val_loader = make_loaders(train_items, val_items)
-    steps, batch_size = len(train_loader), train_loader.batch_size
+    steps_per_epoch, batch_size = len(train_loader), train_loader.batch_size
     micro_batch = steps.micro_batch_size(MICRO_BATCH_SIZE, batch_size, process.device)
     optimizer, scheduler, scaler = steps.make_optimizer(
-        raw_model, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_EPOCHS * steps,
-        total_steps=MAX_EPOCHS * steps, device=process.device, amp=AMP)
+        raw_model, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_EPOCHS * steps_per_epoch,
+        total_steps=MAX_EPOCHS * steps_per_epoch, device=process.device, amp=AMP)
     start_epoch, history, best = runs.restore(fold_dir, resumed=run.state is not None, model=raw_model,
                                               optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     if start_epoch:
@@ -201,7 +201,7 @@ def train_fold(fold: int, train_items: list[dict], val_items: list[dict]) -> tup
         runs.prepare_fold_folder(fold_dir, history=history)
     log = TrainingLog(fold_dir, enabled=TENSORBOARD and process.is_main and tensorboard_installed(),
                       pictured=val_loader.dataset)
-    print0(name + runs.training_line(process, steps=steps, batch_size=batch_size, micro_batch=micro_batch,
+    print0(name + runs.training_line(process, steps=steps_per_epoch, batch_size=batch_size, micro_batch=micro_batch,
                                      fold_dir=fold_dir, tensorboard_dir=run_dir.parent if log.enabled else None))
     epoch = start_epoch
     try:
