@@ -30,7 +30,10 @@ from tqdm import tqdm
 from nerveseg.device import choose_device
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.files import check_can_be_folder, write_csv
-from nerveseg.images import parse_mask_values, read_gray
+from nerveseg.frames import read_image
+from nerveseg.images import parse_mask_values
+from nerveseg.inference.dicom_seg import require_highdicom
+from nerveseg.inference.media_outputs import Videos, area_mm2, frame_columns, write_media_outputs
 from nerveseg.inference.outputs import OutputFolder, find_truth, pick_examples
 from nerveseg.inference.report import Report, describe_prediction
 from nerveseg.inference.uncertainty import MemberOutputs, describe_check, uncertainty_check
@@ -55,6 +58,10 @@ PICTURES = "Images"  # where the picture of example predictions goes
 NUM_PICTURES: Bounds(at_least=0) = 4  # how many images the picture shows
 MAX_IMAGE_PIXELS: Bounds(at_least=1) = 25_000_000  # an image of more pixels (width x height) is skipped before decoding
 REPORT = True  # write OUTPUT/report.html: every image with its outlines and figures, to sort and filter in a browser
+# DICOM and video inputs (every frame is an image, <file>#<frame>; pip install "nerveseg[dicom,video]")
+MAX_VIDEO_FRAMES: Bounds(at_least=1) = 54_000  # a video of more frames is skipped before decoding (30 min at 30 fps)
+OVERLAY_VIDEOS = True  # write OUTPUT/videos/<name>.mp4 for each input video: the outline, presence and area drawn on it
+DICOM_SEG = False  # write OUTPUT/dicom-seg/<name>.dcm for each DICOM input: a DICOM Segmentation that references it
 # Truth masks
 MASKS = ""  # a folder of truth masks (<name>.png, <name>_mask.png, ...; may be INPUT itself): also report the Dice
 MASK_SUFFIX = "_mask"  # how a truth mask's name ends (<name>_mask.png); files so named in INPUT are not segmented
@@ -73,6 +80,8 @@ QUIET = False  # no progress bar
 # -----------------------------------------------------------------------------
 exit_on_user_error("predict.py")
 globals().update(parse_settings(globals()))
+if DICOM_SEG:
+    require_highdicom()  # now, not after the masks are written
 check_can_be_folder(Path(PICTURES), "--pictures")  # now, not after all the masks are written
 mask_values = parse_mask_values(MASK_VALUES)
 workers = NUM_WORKERS if NUM_WORKERS >= 0 else min(4, (os.cpu_count() or 1) - 1)  # the model keeps one core
@@ -85,15 +94,16 @@ device = choose_device(DEVICE, 0)
 predictor, checkpoint, engine = load_predictor(CHECKPOINT, device, engine=ENGINE, amp=AMP, fold=FOLD, tta=TTA)
 post = PostProcessing(**checkpoint["postprocessing"])
 image_size = tuple(checkpoint["preprocessing"]["image_size"])
-items = images_to_segment(Path(INPUT), MASK_SUFFIX)
+items = images_to_segment(Path(INPUT), MASK_SUFFIX, max_pixels=MAX_IMAGE_PIXELS, max_video_frames=MAX_VIDEO_FRAMES)
 truths = find_truth(items, MASKS, MASK_SUFFIX, mask_values, max_pixels=MAX_IMAGE_PIXELS) if MASKS else {}
 kaggle_test_set = all(item["id"].isdigit() and item["image"].lower().endswith((".tif", ".tiff")) for item in items)
 write_submission = SUBMISSION == "true" or (SUBMISSION == "auto" and kaggle_test_set)
-dataset = ReadableDataset(items, load_transforms(image_size, with_label=False, max_pixels=MAX_IMAGE_PIXELS), image_size)
+reading = load_transforms(image_size, with_label=False, max_pixels=MAX_IMAGE_PIXELS, max_video_frames=MAX_VIDEO_FRAMES)
+dataset = ReadableDataset(items, reading, image_size)
 loader = torch.utils.data.DataLoader(
     dataset, batch_size=BATCH_SIZE, num_workers=workers, collate_fn=collate_keep_sizes
 )
-output = OutputFolder(Path(OUTPUT), reads=[INPUT, *filter(None, [MASKS]), *(item["image"] for item in items)])
+output = OutputFolder(Path(OUTPUT), reads=[INPUT, *filter(None, [MASKS]), *{item["image_path"] for item in items}])
 report = (Report(output.building, images=len(items), has_truths=bool(truths), max_pixels=MAX_IMAGE_PIXELS)
           if REPORT else None)  # report.html: each image's pictures are drawn as its mask is written
 members = MemberOutputs(predictor, post)  # the ensemble's members and test-time augmentation's views, for uncertainty
@@ -102,8 +112,9 @@ print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} ({predicti
       f"({'ONNX Runtime' if engine == 'onnxruntime' else 'PyTorch'})")
 
 # %% Segment: network at its own size, then each mask back at its image's size
-IMAGE_COLUMNS = ["img", "file", "presence", "mask_area", "dice", "uncertainty", "skipped_because", "note"]
-rows, image_rows, tally, examples = [], [], DiceTally(), []
+IMAGE_COLUMNS = ["img", "file", "time_s", "presence", "mask_area", "mask_area_mm2", "dice", "uncertainty",
+                 "skipped_because", "note"]
+rows, image_rows, tally, examples, videos = [], [], DiceTally(), [], Videos()  # videos: each as one report entry
 with torch.no_grad():
     for batch in tqdm(loader, desc="predicting", unit="batch", disable=QUIET or None):
         readable = [index for index, error in enumerate(batch["error"]) if not error]
@@ -112,9 +123,12 @@ with torch.no_grad():
                 raise UserError(f"{batch['error'][index]} (--strict); remove or replace it")
             image_rows.append({"img": batch["id"][index], "file": batch["image_path"][index],
                                "skipped_because": batch["error"][index].split(": ", 1)[1]})
-            if report:
-                report.add_skipped(name=batch["id"][index], file=batch["image_path"][index],
-                                   reason=image_rows[-1]["skipped_because"])
+            skip = {"name": batch["id"][index], "file": batch["image_path"][index],
+                    "reason": image_rows[-1]["skipped_because"]}
+            if videos.holds(skip["file"]):
+                videos.add_skipped(**skip)
+            elif report:
+                report.add_skipped(**skip)
         if not readable:
             continue
         probabilities, presences = predictor(batch["image"][readable])
@@ -130,6 +144,7 @@ with torch.no_grad():
             image_row = {"img": name, "file": batch["image_path"][index], "presence": f"{presence:.4f}",
                          "mask_area": int(np.count_nonzero(mask)), "uncertainty": f"{uncertainty:.4f}",
                          "note": batch["notes"][index]}
+            image_row |= frame_columns(batch["seconds"][index], batch["pixel_area_mm2"][index], image_row["mask_area"])
             truth = None
             if name in truths:
                 truth = torch.as_tensor(truths[name]()).bool()[None, None]
@@ -140,10 +155,15 @@ with torch.no_grad():
                 tally.add(dice, ~truth.flatten(1).any(1), torch.tensor([not mask.any()]))
                 image_row["dice"] = f"{float(dice[0]):.4f}"
             image_rows.append(image_row)
-            if report:
+            if videos.holds(batch["image_path"][index]):
+                videos.add(name=name, file=batch["image_path"][index], seconds=batch["seconds"][index],
+                           presence=presence, area=image_row["mask_area"], uncertainty=uncertainty)
+            elif report:
                 report.add(name=name, file=batch["image_path"][index], network_image=batch["image"][index, 0].numpy(),
                            mask=mask, truth=None if truth is None else truth[0, 0].numpy(), presence=presence,
-                           dice=float(dice[0]) if truth is not None else None, uncertainty=uncertainty)
+                           dice=float(dice[0]) if truth is not None else None, uncertainty=uncertainty,
+                           area_mm2=area_mm2(batch["pixel_area_mm2"][index], image_row["mask_area"]),
+                           frame=batch["frame"][index])
 
 # %% Submission, pictures and the Dice
 if not rows:
@@ -154,6 +174,8 @@ if write_submission:
 write_csv(output.building / "images.csv", image_rows, IMAGE_COLUMNS)
 scores = tally.summary()
 scores["all_empty_baseline"] = tally.count_empty / max(scores["images"], 1)
+media = write_media_outputs(output, items, videos, report, post, dicom_seg=DICOM_SEG, overlay_videos=OVERLAY_VIDEOS,
+                            max_pixels=MAX_IMAGE_PIXELS)  # overlay videos, DICOM SEGs, each video's report entry
 if report:
     about = describe_prediction(CHECKPOINT, checkpoint, engine=engine, input_folder=INPUT, masks_folder=MASKS)
     report.write(output.building / "report.html", about=about, scores=scores if scores["images"] else None)
@@ -161,7 +183,7 @@ output.finish()
 predicted = {row["img"]: row["pixels"] for row in rows}
 for item in pick_examples([item for item in items if item["id"] in predicted], predicted, NUM_PICTURES):
     name = item["id"]
-    image = read_gray(item["image"], max_pixels=MAX_IMAGE_PIXELS).pixels
+    image = read_image(item["image"], max_pixels=MAX_IMAGE_PIXELS).pixels
     mask = np.asarray(Image.open(Path(OUTPUT, "masks", f"{name}.png"))) > 0
     truth = truths[name]() if name in truths else None
     dice = (
@@ -177,6 +199,7 @@ seconds = time.perf_counter() - started
 submission = f", {OUTPUT}/submission.csv" if write_submission else ""
 pictured = f" and {picture}" if examples else ""
 submission += f", {OUTPUT}/report.html" if REPORT else ""
+submission += "".join(f", {OUTPUT}/{name}" for name in media[:4]) + (f" and {len(media) - 4} more" if media[4:] else "")
 print(
     f"wrote {len(rows)} masks to {OUTPUT}/masks, {OUTPUT}/images.csv{submission}{pictured} in {seconds:.1f} s "
     f"({len(rows) / seconds:.1f} images/s)"

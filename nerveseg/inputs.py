@@ -12,7 +12,9 @@ from monai.data import Dataset
 from PIL import Image, UnidentifiedImageError
 
 from nerveseg.errors import UserError
-from nerveseg.images import IMAGE_SUFFIXES, UnreadableImage
+from nerveseg.frames import frame_items, is_media_file, media_fields, split_frame
+from nerveseg.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, UnreadableImage
+from nerveseg.video import MAX_VIDEO_FRAMES
 
 IMAGE_FOLDERS = ("images", "image", "imgs", "img")
 
@@ -29,10 +31,11 @@ def skipped_folder(folder: Path) -> bool:
     return folder.name.startswith(".") or any((folder / marker).exists() for marker in PIPELINE_MARKERS)
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Image files below `folder`, at any depth, in a fixed order. Hidden files and folders are skipped, and so
-    are folders the pipeline wrote (a clean copy, predictions) or a Kaggle download's own folder. Symbolic links
-    to folders are followed, each folder read once: a link back up the tree (a loop) is not followed again."""
+def image_files(folder: Path, *, media: bool = False) -> list[Path]:
+    """Image files below `folder`, at any depth, in a fixed order (with `media`, DICOM files and videos too: see
+    nerveseg/frames.py). Hidden files and folders are skipped, and so are folders the pipeline wrote (a clean
+    copy, predictions) or a Kaggle download's own folder. Symbolic links to folders are followed, each folder read
+    once: a link back up the tree (a loop) is not followed again."""
     found, visited = [], set()
     for root, folders, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -41,8 +44,8 @@ def image_files(folder: Path) -> list[Path]:
             continue
         visited.add(real)
         folders[:] = sorted(name for name in folders if not skipped_folder(Path(root, name)))
-        found += [Path(root, name) for name in sorted(files)
-                  if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")]
+        found += [Path(root, name) for name in sorted(files) if not name.startswith(".") and
+                  (name.lower().endswith(IMAGE_SUFFIXES) or media and is_media_file(Path(root, name)))]
     return found
 
 
@@ -80,15 +83,17 @@ def folder_pairs(source: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def images_to_segment(folder: Path, suffix: str, *, option: str = "--input") -> list[dict]:
+def images_to_segment(folder: Path, suffix: str, *, option: str = "--input", max_pixels: int = MAX_IMAGE_PIXELS,
+                      max_video_frames: int = MAX_VIDEO_FRAMES) -> list[dict]:
     """The images below `folder` (any depth) for predict.py, sorted naturally, each with its id: its path below the
     folder without extension. A file named like a mask of an image beside it (<name>_mask.png), or in the masks/
-    folder beside an images/ folder, is a truth, not an image to segment. `option` names the setting that gave
-    `folder`, for the messages."""
+    folder beside an images/ folder, is a truth, not an image to segment. A DICOM file or a video is its frames,
+    `<id>#<n>` (nerveseg.frames.frame_items). `option` names the setting that gave `folder`, for the messages."""
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder; pass {option} with a folder of images")
     masks_folders = {masks for _, masks in folder_pairs(folder)}
-    files = [path for path in image_files(folder) if not any(masks in path.parents for masks in masks_folders)]
+    files = [path for path in image_files(folder, media=True)
+             if not any(masks in path.parents for masks in masks_folders)]
     pattern = mask_name_pattern(suffix)
     ids = [id_of(path, folder, pattern) for path in files]
     image_ids = {identifier for identifier, is_mask in ids if not is_mask}
@@ -97,7 +102,8 @@ def images_to_segment(folder: Path, suffix: str, *, option: str = "--input") -> 
     if not images:
         held_out = folder.parent / "held-out" / "images"  # own data: test/ is empty, the test set is held-out/
         hint = f" (to test on the held-out subjects: --input {held_out} --masks {held_out.parent / 'masks'})"
-        raise UserError(f"{folder} holds no images (.tif, .png, .jpg or .bmp); pass {option} with a folder of images"
+        raise UserError(f"{folder} holds no images (.tif, .png, .jpg, .bmp, DICOM or video); pass {option} with a "
+                        "folder of images"
                         + (hint if held_out.is_dir() else ""))
     by_id: dict[str, list[Path]] = {}
     for path in images:
@@ -105,8 +111,13 @@ def images_to_segment(folder: Path, suffix: str, *, option: str = "--input") -> 
     for identifier, paths in by_id.items():
         if len(paths) > 1:
             raise UserError(f"{' and '.join(map(str, paths))} would both be segmented as {identifier}.png; rename one")
-    return [{"image": str(paths[0]), "image_path": str(paths[0]), "id": identifier}
-            for identifier, paths in sorted(by_id.items(), key=lambda item: natural_key(item[0]))]
+    items = []
+    for identifier, paths in sorted(by_id.items(), key=lambda item: natural_key(item[0])):
+        if is_media_file(paths[0]):
+            items += frame_items(paths[0], identifier, max_pixels=max_pixels, max_video_frames=max_video_frames)
+        else:
+            items.append({"image": str(paths[0]), "image_path": str(paths[0]), "id": identifier, **media_fields()})
+    return items
 
 
 def truth_files(folder: Path, suffix: str, *, images: set[Path]) -> dict[str, list[Path]]:
@@ -114,7 +125,7 @@ def truth_files(folder: Path, suffix: str, *, images: set[Path]) -> dict[str, li
     format; `images`, the resolved paths of the images being segmented, are not masks even in the same folder)."""
     pattern = mask_name_pattern(suffix)
     found: dict[str, list[Path]] = {}
-    for path in image_files(folder):
+    for path in image_files(folder, media=True):
         if path.resolve() not in images:
             found.setdefault(id_of(path, folder, pattern)[0], []).append(path)
     return found
@@ -166,8 +177,8 @@ def read_error_reason(path: str, error: BaseException) -> str:
     cause: BaseException | None = error
     while cause is not None and not isinstance(cause, UnreadableImage):
         cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-        return str(cause).removeprefix(f"{path}: ")
+    if cause is not None:  # a frame's reason names its file: "<file>: frame <n>: ..."
+        return str(cause).removeprefix(f"{path}: ").removeprefix(f"{split_frame(path)[0]}: ")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -14,22 +14,24 @@ import numpy as np
 import torch
 from monai.transforms import Compose, MapTransform, Resized
 
-from nerveseg.images import MAX_IMAGE_PIXELS, read_gray
+from nerveseg.frames import read_image
+from nerveseg.images import MAX_IMAGE_PIXELS
+from nerveseg.video import MAX_VIDEO_FRAMES
 
 
 class ReadImaged(MapTransform):
-    """Read each key's file as 8-bit grayscale (nerveseg.images.read_gray) into a (1, height, width) float32
-    tensor, as MONAI's LoadImaged and EnsureChannelFirstd would; the first key's notes (several frames,
-    non-finite pixels) go to "notes"."""
+    """Read each key's file (or a DICOM or video frame, `<file>#<n>`: nerveseg.frames.read_image) as 8-bit
+    grayscale into a (1, height, width) float32 tensor, as MONAI's LoadImaged and EnsureChannelFirstd would; the
+    first key's notes (several frames, non-finite pixels) go to "notes"."""
 
-    def __init__(self, keys: Sequence[str], *, max_pixels: int) -> None:
+    def __init__(self, keys: Sequence[str], *, max_pixels: int, max_video_frames: int = MAX_VIDEO_FRAMES) -> None:
         super().__init__(keys)
-        self.max_pixels = max_pixels
+        self.max_pixels, self.max_video_frames = max_pixels, max_video_frames
 
     def __call__(self, data: Mapping[Hashable, str]) -> dict:
         d = dict(data)
         for number, key in enumerate(self.keys):
-            image = read_gray(d[key], max_pixels=self.max_pixels)
+            image = read_image(d[key], max_pixels=self.max_pixels, max_video_frames=self.max_video_frames)
             d[key] = torch.from_numpy(image.pixels.astype(np.float32))[None]
             if number == 0:
                 d["notes"] = image.notes
@@ -73,15 +75,16 @@ class ToUint8d(MapTransform):
 
 
 def load_transforms(
-    image_size: Sequence[int], *, with_label: bool, keep_full_label: bool = False, max_pixels: int = MAX_IMAGE_PIXELS
+    image_size: Sequence[int], *, with_label: bool, keep_full_label: bool = False, max_pixels: int = MAX_IMAGE_PIXELS,
+    max_video_frames: int = MAX_VIDEO_FRAMES,
 ) -> Compose:
     """Read and resize whole images (area) and masks (nearest neighbour) to the network's size: done once.
 
     keep_full_label also keeps the mask at its original size, packed (see PackFullMaskd); an image of more than
-    `max_pixels` pixels is refused before it is decoded.
+    `max_pixels` pixels, or a video of more than `max_video_frames` frames, is refused before it is decoded.
     """
     keys = ["image", "label"] if with_label else ["image"]
-    steps = [ReadImaged(keys, max_pixels=max_pixels), RecordSized("image")]
+    steps = [ReadImaged(keys, max_pixels=max_pixels, max_video_frames=max_video_frames), RecordSized("image")]
     if keep_full_label:
         steps.append(PackFullMaskd("label"))
     steps.append(Resized("image", spatial_size=image_size, mode="area"))

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from nerveseg.dicom import is_dicom_file
 from nerveseg.errors import UserError
 from nerveseg.files import FolderLock, atomic_write, building_folder, check_replaceable, swap_into_place
-from nerveseg.images import MAX_IMAGE_PIXELS, MaskValues, read_mask
+from nerveseg.frames import read_truth
+from nerveseg.images import MAX_IMAGE_PIXELS, MaskValues
 from nerveseg.inputs import truth_files
 
 MARKER = ".nerveseg-predictions"  # tells a folder of ours from a user's folder, and lists what we wrote
@@ -91,18 +93,22 @@ def files_of_others(target: Path) -> list[str]:
 def find_truth(
     items: list[dict], folder: str, suffix: str, rule: MaskValues, *, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> dict[str, Callable[[], np.ndarray]]:
-    """For each image with a truth mask in `folder` (see layouts.truth_files), a reader of it as 0/1; several mask
-    files of one image are merged."""
+    """For each image with a truth mask in `folder` (see inputs.truth_files), a reader of it as 0/1; several mask
+    files of one image are merged. A frame `<id>#<n>` of a DICOM file or video has its own mask file, or frame n of
+    a mask given as DICOM, `<id>.dcm` or `<id>_mask.dcm`."""
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"--masks {folder} is not a folder")
     found = truth_files(root, suffix, images={Path(item["image_path"]).resolve() for item in items})
     truths = {}
     for item in items:
-        paths = found.get(item["id"])
+        base, _, number = item["id"].rpartition("#")
+        paths = [(path, 1) for path in found.get(item["id"], [])]
+        if not paths and number.isdigit():
+            paths = [(path, int(number)) for path in found.get(base, []) if is_dicom_file(path)]
         if paths:
             truths[item["id"]] = lambda paths=paths: np.maximum.reduce(
-                [read_mask(str(path), rule, max_pixels=max_pixels) for path in paths])
+                [read_truth(path, frame, rule, max_pixels=max_pixels) for path, frame in paths])
     if not truths:
         raise UserError(f"--masks {folder} holds no mask named like the input images (<name>.png, <name>{suffix}.png "
                         "or any other image format, in the same subfolders)")

@@ -24,7 +24,8 @@ from PIL import Image
 
 from nerveseg.errors import UserError
 from nerveseg.files import atomic_write
-from nerveseg.images import MAX_IMAGE_PIXELS, read_gray
+from nerveseg.frames import frame_name, read_image
+from nerveseg.images import MAX_IMAGE_PIXELS
 from nerveseg.inference.uncertainty import WRONG_BELOW, describe_check, uncertainty_check
 from nerveseg.metrics import describe_scores
 
@@ -35,7 +36,7 @@ PREDICTED, TRUTH = (255, 40, 40), (40, 255, 80)  # outline colours
 # What the page knows of each file, written as one list per file in this order (the page's script reads them by
 # these names): a list of lists keeps a page of 5,508 images small
 COLUMNS = ["name", "file", "kind", "presence", "area", "dice", "uncertainty", "truth_empty", "thumb", "width",
-           "height", "full", "reason"]
+           "height", "full", "reason", "area_mm2"]
 
 
 def kind_of_case(mask_is_empty: bool, truth_is_empty: bool | None, dice: float | None) -> str:
@@ -83,9 +84,11 @@ class Report:
         self.rows: list[dict] = []  # one per file, with the keys of COLUMNS
 
     def add(self, *, name: str, file: str, network_image: np.ndarray, mask: np.ndarray, truth: np.ndarray | None,
-            presence: float, dice: float | None, uncertainty: float) -> None:
+            presence: float, dice: float | None, uncertainty: float, area_mm2: float | None = None,
+            frame: int = 0) -> None:
         """One predicted image: `network_image` the (h, w) 8-bit image the network saw, `mask` and `truth` (bool,
-        or None) at the image's own (H, W) size."""
+        or None) at the image's own (H, W) size; `area_mm2` the mask's area where the size of a pixel is known;
+        `frame` its frame in a DICOM file (0: an image file)."""
         number = len(self.rows)
         height, width = mask.shape
         scale = THUMBNAIL_SIDE / max(height, width)
@@ -96,7 +99,7 @@ class Report:
         self.save(draw_outlines(small, resized_mask(mask, size), small_truth, 1), thumb, quality=85)
         full = ""
         if self.full_size:
-            image = read_gray(file, max_pixels=self.max_pixels).pixels  # upright, as predict.py read it
+            image = read_image(frame_name(file, frame), max_pixels=self.max_pixels).pixels  # as predict.py read it
             full = f"{PICTURES}/{number}-full.jpg"
             line = max(1, round(max(height, width) / 300))
             self.save(draw_outlines(image, mask.astype(bool), truth, line), full, quality=90)
@@ -106,14 +109,21 @@ class Report:
             "presence": round(presence, 4), "area": int(np.count_nonzero(mask)),
             "dice": None if dice is None else round(dice, 4), "uncertainty": round(uncertainty, 4),
             "truth_empty": truth_is_empty, "thumb": thumb, "width": size[0], "height": size[1], "full": full,
-            "reason": "",
+            "reason": "", "area_mm2": None if area_mm2 is None else round(area_mm2, 2),
         })
 
     def add_skipped(self, *, name: str, file: str, reason: str) -> None:
         """A file that could not be read, and why."""
         self.rows.append({"name": name, "file": file, "kind": "skipped", "presence": None, "area": 0, "dice": None,
                           "uncertainty": None, "truth_empty": None, "thumb": "", "width": 0, "height": 0, "full": "",
-                          "reason": reason})
+                          "reason": reason, "area_mm2": None})
+
+    def add_video(self, *, name: str, file: str, picture: str, size: tuple[int, int], text: str) -> None:
+        """A video as one entry: `picture` (below the report's folder) its presence and area over time, `text` its
+        frames in words (see nerveseg/inference/media_outputs.py)."""
+        self.rows.append({"name": name, "file": file, "kind": "video", "presence": None, "area": 0, "dice": None,
+                          "uncertainty": None, "truth_empty": None, "thumb": picture, "width": size[0],
+                          "height": size[1], "full": picture, "reason": text, "area_mm2": None})
 
     def save(self, picture: Image.Image, relative: str, *, quality: int) -> None:
         """A JPEG beside the page; a full disk is a UserError that names it."""
@@ -129,11 +139,12 @@ class Report:
         """The page, atomically: `about` the lines of what predicted with what, `scores` DiceTally.summary() with
         its all-empty baseline where truths were given."""
         kinds = [row["kind"] for row in self.rows]
-        predicted = [row for row in self.rows if row["kind"] != "skipped"]
+        predicted = [row for row in self.rows if row["kind"] not in ("skipped", "video")]
         skipped = [row for row in self.rows if row["kind"] == "skipped"]
         summary = [*about, ("images", f"{len(predicted)} predicted, {len(skipped)} skipped; "
                                       f"{sum(row['area'] == 0 for row in predicted)} empty masks")]
         summary += [(f"skipped {row['file']}", row["reason"]) for row in skipped[:20]]
+        summary += [(f"video {row['file']}", row["reason"]) for row in self.rows if row["kind"] == "video"][:20]
         if scores:
             summary.append(("Kaggle Dice", f"{describe_scores(scores)}; all-empty baseline "
                                            f"{scores['all_empty_baseline']:.4f}"))
