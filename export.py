@@ -32,9 +32,9 @@ from nerveseg.checkpoint import VERSION as CHECKPOINT_VERSION
 from nerveseg.errors import UserError, exit_on_user_error
 from nerveseg.export.bundle import write_bundle
 from nerveseg.export.bundle_docs import LICENSES
-from nerveseg.files import atomic_write
+from nerveseg.files import FolderLock, atomic_write
 from nerveseg.inputs import ReadableDataset, images_to_segment, read_some
-from nerveseg.onnx_model import CHECKPOINT_FIELDS, add_metadata, onnx_graph
+from nerveseg.onnx_model import CHECKPOINT_FIELDS, add_metadata, is_our_onnx, onnx_graph
 from nerveseg.predictors import OnnxPredictor, TorchPredictor, check_onnx_matches_torch, prediction_model
 from nerveseg.settings import AUTO_TRUE_FALSE, Bounds, OneOf, parse_settings
 from nerveseg.transforms import load_transforms, network_input
@@ -61,6 +61,15 @@ globals().update(parse_settings(globals()))
 output = Path(OUTPUT or Path(CHECKPOINT).with_suffix(".onnx" if FORMAT == "onnx" else ""))
 if output.resolve() == Path(CHECKPOINT).resolve() or (FORMAT == "onnx" and output.suffix.lower() != ".onnx"):
     raise UserError(f"--output must be a .onnx file other than the checkpoint, not {output}")
+if FORMAT == "onnx" and (output.is_dir() or output.exists() and not is_our_onnx(output)):
+    raise UserError(f"--output {output} is a {'folder' if output.is_dir() else 'file'} that export.py did not "
+                    "write, and the export would replace it; choose another --output (a new file, or an ONNX model "
+                    "export.py wrote)")
+if FORMAT == "bundle":  # one run at a time writes a bundle folder: a second is refused now, before any work
+    try:
+        lock = FolderLock(output, script="export.py")
+    except OSError as error:
+        raise UserError(f"cannot write into {output.parent}: {error.strerror}; choose another --output") from None
 monai.data.set_track_meta(False)
 
 # %% Load the model and the images to check it on

@@ -16,6 +16,7 @@ An unreadable file is skipped and named, unless --strict.
 """
 
 # %% Import useful libraries
+import functools
 import os
 import sys
 import time
@@ -28,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from nerveseg.device import choose_device
-from nerveseg.errors import UserError, exit_on_user_error
+from nerveseg.errors import UserError, die_with_parent, exit_on_user_error
 from nerveseg.files import check_can_be_folder, write_csv
 from nerveseg.frames import read_image
 from nerveseg.images import parse_mask_values
@@ -100,8 +101,9 @@ kaggle_test_set = all(item["id"].isdigit() and item["image"].lower().endswith(("
 write_submission = SUBMISSION == "true" or (SUBMISSION == "auto" and kaggle_test_set)
 reading = load_transforms(image_size, with_label=False, max_pixels=MAX_IMAGE_PIXELS, max_video_frames=MAX_VIDEO_FRAMES)
 dataset = ReadableDataset(items, reading, image_size)
-loader = torch.utils.data.DataLoader(
-    dataset, batch_size=BATCH_SIZE, num_workers=workers, collate_fn=collate_keep_sizes
+loader = torch.utils.data.DataLoader(  # its reader processes end with this one, however it ends
+    dataset, batch_size=BATCH_SIZE, num_workers=workers, collate_fn=collate_keep_sizes,
+    worker_init_fn=functools.partial(die_with_parent, os.getpid()),
 )
 output = OutputFolder(Path(OUTPUT), reads=[INPUT, *filter(None, [MASKS]), *{item["image_path"] for item in items}])
 report = (Report(output.building, images=len(items), has_truths=bool(truths), max_pixels=MAX_IMAGE_PIXELS)

@@ -1,5 +1,7 @@
 """Expected errors: a clear message that names the file and the fix, and no traceback."""
 
+import ctypes
+import os
 import signal
 import sys
 import threading
@@ -31,3 +33,13 @@ def exit_on_user_error(script: str) -> None:
     sys.excepthook = hook
     if threading.current_thread() is threading.main_thread():  # only the main thread may set a signal handler
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def die_with_parent(parent: int, *_: object) -> None:
+    """In a worker process (data_cleaning.py's checks, predict.py's readers): be killed when the process `parent`
+    that started it ends, even by kill -9, rather than live on as an orphan (Linux's PR_SET_PDEATHSIG; elsewhere
+    the worker ends when it finds its parent gone). Takes and ignores a DataLoader's worker number."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent ended before that line
+        os._exit(1)

@@ -1,5 +1,6 @@
 """Safe file writing: a reader sees the old file or the complete new one, never half of one; a folder is
-replaced only where the pipeline wrote it, never where it holds what the run reads; one run at a time writes it.
+replaced only where the pipeline wrote it, never where it holds what the run reads; one run at a time writes it;
+what a killed run left half-written is removed by the next run that writes there.
 """
 
 import contextlib
@@ -7,8 +8,10 @@ import csv
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,7 +38,9 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(path.parent, re.escape(f".{path.name}.") + RANDOM_PART + r"\.tmp")
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        lock = take_lock(temporary)  # tells a later run that this file is being written, until this process ends
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror}; choose a writable folder") from None
     try:
@@ -51,6 +56,8 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
         if isinstance(error, OSError):
             raise UserError(f"cannot write {path}: {error.strerror}; {path} was left as it was") from None
         raise
+    finally:
+        drop_lock(lock)
 
 
 def write_json(path: str | Path, value: Any) -> None:
@@ -85,9 +92,12 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) 
 
 def building_folder(target: Path) -> Path:
     """A new empty folder beside `target` to build it in (see swap_into_place), with the permissions that
-    mkdir would give it (0777 less the umask), not mkdtemp's private 0700. Raises OSError."""
+    mkdir would give it (0777 less the umask), not mkdtemp's private 0700; locked while this process builds it.
+    The building and retired folders of `target` that a killed run left are removed first. Raises OSError."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(target.parent, re.escape(f".{target.name}.") + rf"(building-{RANDOM_PART}|old-\d+)")
     building = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    building_locks[building] = take_lock(building)
     building.chmod(0o777 & ~current_umask())
     return building
 
@@ -98,7 +108,86 @@ def swap_into_place(building: Path, target: Path) -> None:
     if target.exists():
         os.replace(target, retired)
     os.replace(building, target)
+    drop_lock(building_locks.pop(building, None))
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def discard_building(building: Path) -> None:
+    """Delete an unfinished building folder (a run that failed or was stopped)."""
+    shutil.rmtree(building, ignore_errors=True)
+    drop_lock(building_locks.pop(building, None))
+
+
+# Locks that end with the process that took them, and what a killed run left ------------------------------------
+
+RANDOM_PART = "[a-z0-9_]{8}"  # the random part of tempfile's names
+ABANDONED_AFTER_S = 1.0  # younger work files are left alone: their run may not have locked them yet
+held_locks: set[int] = set()  # the descriptors of the locks this process holds (see take_lock)
+building_locks: dict[Path, int | None] = {}  # each building folder of this process, with its lock
+
+
+def take_lock(path: str | Path) -> int | None:
+    """Lock the file or folder `path` (fcntl, exclusive) without waiting: the open descriptor that holds the lock,
+    or None where another process holds it. Raises OSError where `path` cannot be opened.
+
+    The lock is this process's alone: a forked child (a worker of data_cleaning.py, a reader of predict.py) closes
+    its copy of the descriptor at once (forget_inherited_locks), so it never outlives its taker; the kernel drops
+    it when the taker ends in any way, kill -9 included. That is how a later run tells a run's work from a dead
+    run's leftovers, and why a lock never stops a later run after its taker died."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        return None
+    except BaseException:
+        os.close(descriptor)
+        raise
+    held_locks.add(descriptor)
+    return descriptor
+
+
+def drop_lock(descriptor: int | None) -> None:
+    """Release a lock of take_lock (None: none was taken)."""
+    if descriptor in held_locks:
+        held_locks.discard(descriptor)
+        os.close(descriptor)
+
+
+def forget_inherited_locks() -> None:
+    """In a forked child: close the copies of the parent's lock descriptors, leaving the locks to the parent."""
+    for descriptor in held_locks:
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    held_locks.clear()
+    building_locks.clear()
+
+
+os.register_at_fork(after_in_child=forget_inherited_locks)
+
+
+def remove_abandoned(folder: Path, pattern: str) -> None:
+    """Remove the work files and folders in `folder` named like `pattern` (a regular expression) that a run killed
+    while writing them left: those whose lock no process holds (see take_lock)."""
+    for entry in os.scandir(folder):
+        if not re.fullmatch(pattern, entry.name) or entry.is_symlink():
+            continue
+        try:
+            if time.time() - entry.stat().st_mtime < ABANDONED_AFTER_S:
+                continue
+            lock = take_lock(entry.path)
+        except OSError:
+            continue
+        if lock is not None:
+            try:
+                if entry.is_dir():
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                pass
+            finally:
+                drop_lock(lock)
 
 
 # Replacing a folder: only one of ours, never one the run reads from, one run at a time ---------------------------
@@ -149,37 +238,35 @@ def resolved_paths(paths: Iterable[str | Path]) -> Iterator[tuple[str | Path, st
 
 
 class FolderLock:
-    """An exclusive lock (fcntl) on .NAME.lock beside the folder `target` while this process writes it: another run
-    that asks for it meanwhile is refused at once. Released by release(), or at the end of the process in any way
-    (even kill -9: the kernel drops the lock; only then is a stale lock file left, which the next run reuses).
-    Raises OSError where the lock file cannot be made."""
+    """An exclusive lock on .NAME.lock beside the folder `target` while this process writes it (take_lock): another
+    run that asks for it meanwhile is refused at once. Released by release(), or when this process ends in any way
+    (even kill -9: the kernel drops the lock, and no worker process keeps it; only then is a stale lock file left,
+    which the next run reuses). Raises OSError where the lock file cannot be made."""
 
     def __init__(self, target: Path, *, script: str, option: str = "--output") -> None:
         path = target.parent / f".{target.name}.lock"
         target.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (kept open: it holds the lock)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip()
-                handle.close()
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666))
+            lock = take_lock(path)
+            if lock is None:
+                holder = path.read_text(encoding="utf-8", errors="replace").strip() if path.is_file() else ""
                 raise UserError(f"{target} is being written by another {script} run"
-                                f"{f' (process {holder})' if holder else ''}; wait for it to end, or choose another "
-                                f"{option}") from None
+                                f"{f' (process {holder})' if holder.isdecimal() else ''}; wait for it to end, or "
+                                f"choose another {option}")
             with contextlib.suppress(FileNotFoundError):
-                if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                if os.stat(path).st_ino == os.fstat(lock).st_ino:
                     break  # else the run before removed it as we opened it: lock the new one
-            handle.close()
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self.release = weakref.finalize(self, remove_lock, path, handle)  # at the latest when the process ends
+            drop_lock(lock)
+        with open(path, "w", encoding="utf-8") as file:  # the process named to a run refused meanwhile
+            file.write(f"{os.getpid()}\n")
+        self.release = weakref.finalize(self, remove_lock, path, lock, os.getpid())  # at the latest at the end
 
 
-def remove_lock(path: Path, handle: IO) -> None:
-    """Remove a lock file while holding its lock, then release it (the order that keeps two runs out)."""
-    with contextlib.suppress(OSError):
-        path.unlink()
-    handle.close()
+def remove_lock(path: Path, lock: int, owner: int) -> None:
+    """Remove a lock file while holding its lock, then release it (the order that keeps two runs out); only in the
+    process that took it (not in a forked child that ends)."""
+    if os.getpid() == owner:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        drop_lock(lock)

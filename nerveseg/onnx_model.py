@@ -11,6 +11,7 @@ nerveseg/predictors.py runs it (and checks it against PyTorch).
 import io
 import json
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,3 +61,25 @@ def add_metadata(graph: bytes, metadata: dict) -> bytes:
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
     return model.SerializeToString()
+
+
+def is_our_onnx(path: Path) -> bool:
+    """Whether `path` is an ONNX model that export.py wrote (its metadata carries the checkpoint format's tag), which
+    a new export may replace; any other file is a user's."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from nerveseg.checkpoint import FORMAT
+
+    try:
+        if not path.is_file() or path.stat().st_size >= 2**31:  # protobuf's bound: no graph of ours is larger
+            return False
+        model = onnx.load_model(path, load_external_data=False)
+    except (OSError, DecodeError):
+        return False
+    texts = [entry.value for entry in model.metadata_props if entry.key == METADATA_KEY]
+    try:
+        metadata = json.loads(texts[0]) if texts else None
+    except ValueError:
+        return False
+    return isinstance(metadata, dict) and metadata.get("format") == FORMAT

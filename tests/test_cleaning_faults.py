@@ -2,11 +2,16 @@
 written or a disk that fills up. Each gives a message that names the file and the fix, a non-zero exit
 where the stage cannot go on, no traceback, and leaves the originals byte-identical."""
 
+import contextlib
 import csv
 import errno
 import io
+import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 import tracemalloc
 import types
 import zipfile
@@ -23,6 +28,8 @@ from nerveseg.cleaning.sources import ArchiveCache, Locator, TooLarge, find_down
 from nerveseg.errors import UserError
 from tests.helpers import (
     NO_SPACE,
+    ROOT,
+    SLOW_READS,
     SYS_IS_UNWRITABLE,
     assert_user_error,
     run_script,
@@ -204,10 +211,10 @@ def test_a_full_disk_while_cleaning_keeps_the_previous_clean(tiny_download, tmp_
 # %% Only a clean copy of ours is ever replaced, never what the clean reads
 
 
-def write_own_folder(root: Path) -> None:
+def write_own_folder(root: Path, pairs: int = 4) -> None:
     """A user's own folder: 4 image/mask pairs in images/ and masks/, and a notes file of theirs."""
     rng = np.random.default_rng(0)
-    for number in range(4):
+    for number in range(pairs):
         mask = np.zeros((32, 48), np.uint8)
         mask[8:20, 10 + number : 30] = 255
         for folder, pixels in (("images", rng.integers(0, 256, (32, 48), dtype=np.uint8)), ("masks", mask)):
@@ -277,6 +284,52 @@ def test_a_clean_stopped_by_a_signal_leaves_no_building_folder(stop, tmp_path):
     assert "data_cleaning.py: interrupted" in stderr and "Traceback" not in stderr, stderr
     assert hidden == [] and not (tmp_path / "clean").exists()
     assert tree_hashes(tmp_path / "mine") == before
+def children_of(pid: int) -> list[int]:
+    """The processes that `pid` started and that still run."""
+    return [int(child) for task in Path(f"/proc/{pid}/task").glob("*")
+            for child in (task / "children").read_text().split()]
+
+
+def has_ended(pid: int) -> bool:
+    """Whether the process `pid` ended (gone, or a zombie that nobody reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_a_clean_killed_by_kill_9_leaves_no_worker_and_nothing_in_the_way_of_the_next(tmp_path):
+    write_own_folder(tmp_path / "mine", pairs=60)
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW_READS)  # each image read takes a while
+    args = ["--source", "mine", "--output", "clean", "--quiet"]
+    environment = {**os.environ, "PYTHONPATH": f"{tmp_path / 'slow'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "data_cleaning.py"), *args, "--workers", "2"],
+                               cwd=tmp_path, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            workers = children_of(process.pid)
+        assert len(workers) == 2 and list(tmp_path.glob(".clean.building-*")), "the workers never started"
+        process.kill()  # kill -9
+        process.wait()
+        deadline = time.monotonic() + 10
+        while not all(map(has_ended, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(map(has_ended, workers)), "a worker lives on without its run"
+        rerun = run_script("data_cleaning.py", *args, cwd=tmp_path)
+        assert rerun.returncode == 0, rerun.stderr
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+        assert len(list((tmp_path / "clean" / "images").iterdir())) == 60
+    finally:
+        for pid in [process.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 # %% Archives and files bounded before they are read
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ from onnx import TensorProto, helper
 
 from nerveseg.checkpoint import FORMAT, VERSION, ensemble_checkpoint, load_checkpoint, make_checkpoint, save_torch
 from nerveseg.errors import UserError
+from nerveseg.files import FolderLock
 from nerveseg.model import build_model, model_config, set_output_prior
 from nerveseg.onnx_model import METADATA_KEY, add_metadata, onnx_graph
 from nerveseg.postprocess import PostProcessing
@@ -236,3 +238,61 @@ def test_unreadable_check_images_are_skipped_and_an_empty_folder_names_check_inp
     refused = run_script("export.py", *model, "--output", "other.onnx", "--check-input", str(empty), cwd=tmp_path)
     assert refused.returncode == 1 and "pass --check-input with a folder of images" in refused.stderr
     assert "--input" not in refused.stderr.replace("--check-input", "") and not (tmp_path / "other.onnx").exists()
+
+
+# %% Never over a user's file, one run at a time, and what a killed export left is tidied
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory) -> Path:
+    """An untrained checkpoint of a small network: export.py runs in seconds with it."""
+    config = model_config((4, 8), (2,), 0, 0.0)
+    checkpoint = make_checkpoint(build_model(config), model_config=config, preprocessing={"image_size": [32, 48]},
+                                 postprocessing=PostProcessing().as_dict(), settings={}, epoch=1, metrics={})
+    path = tmp_path_factory.mktemp("small-model") / "model.pt"
+    save_torch(path, checkpoint)
+    return path
+
+
+def left_by_a_killed_run(path: Path, *, folder: bool) -> Path:
+    """What a kill -9 leaves: a work file or folder that no process locks any more, written a while ago."""
+    path.mkdir() if folder else path.write_bytes(b"half of it")
+    os.utime(path, (0, 0))
+    return path
+
+
+@pytest.mark.slow
+def test_an_onnx_export_never_replaces_a_file_it_did_not_write_and_tidies_what_a_kill_left(small_checkpoint,
+                                                                                           tmp_path):
+    model = ["--checkpoint", str(small_checkpoint)]
+    (tmp_path / "mine.onnx").write_bytes(b"my own model")
+    config = model_config((4, 8), (2,), 0, 0.0)
+    (tmp_path / "foreign.onnx").write_bytes(onnx_graph(build_model(config).eval(), (32, 48), has_presence=True))
+    for name in ("mine.onnx", "foreign.onnx"):  # any file, an ONNX model without our metadata too
+        before = (tmp_path / name).read_bytes()
+        result = run_script("export.py", *model, "--output", name, cwd=tmp_path)
+        assert_user_error(result, f"--output {name} is a file that export.py did not write, and the export would "
+                          "replace it; choose another --output (a new file, or an ONNX model export.py wrote)")
+        assert (tmp_path / name).read_bytes() == before
+    left = left_by_a_killed_run(tmp_path / ".model.onnx.abcd1234.tmp", folder=False)
+    for _ in range(2):  # a new file, then one export.py wrote
+        result = run_script("export.py", *model, "--output", "model.onnx", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert not left.exists() and load_onnx(tmp_path / "model.onnx")[1]["epoch"] == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["foreign.onnx", "mine.onnx", "model.onnx"]
+
+
+@pytest.mark.slow
+def test_a_second_bundle_export_into_one_folder_is_refused_at_once_and_a_kills_leftovers_tidied(small_checkpoint,
+                                                                                                 tmp_path):
+    bundle = ["export.py", "--checkpoint", str(small_checkpoint), "--format", "bundle", "--output", "bundle"]
+    first = FolderLock(tmp_path / "bundle", script="export.py")  # a first export, still at work
+    refused = run_script(*bundle, cwd=tmp_path)
+    assert_user_error(refused, f"bundle is being written by another export.py run (process {os.getpid()}); wait "
+                      "for it to end, or choose another --output")
+    assert not (tmp_path / "bundle").exists()
+    first.release()
+    left = left_by_a_killed_run(tmp_path / ".bundle.building-abcd1234", folder=True)
+    result = run_script(*bundle, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not left.exists() and sorted(path.name for path in tmp_path.iterdir()) == ["bundle"]

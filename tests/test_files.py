@@ -1,10 +1,15 @@
 """Atomic writing (nerveseg/files.py): a disk that fills up keeps the previous file and leaves no temporary
-file; written files and folders get the usual permissions."""
+file; written files and folders get the usual permissions; a lock ends with the process that took it, and what a
+killed writer left is removed by the next write there."""
 
+import contextlib
 import errno
 import os
 import re
+import signal
 import stat
+import subprocess
+import sys
 import types
 
 import pytest
@@ -14,7 +19,7 @@ from nerveseg import files
 from nerveseg.checkpoint import read_torch_file, save_torch
 from nerveseg.errors import UserError
 from nerveseg.files import write_csv, write_json
-from tests.helpers import NO_SPACE, full_disk_opener
+from tests.helpers import NO_SPACE, ROOT, full_disk_opener
 
 # %% A disk that fills up while writing
 
@@ -76,3 +81,91 @@ def test_texts_a_spreadsheet_would_run_as_formulas_are_written_as_text(tmp_path)
     write_csv(tmp_path / "out.csv", rows, ["name", "value"])
     assert (tmp_path / "out.csv").read_text().splitlines() == [
         "name,value", "'=1+1,1", "'+A1,-2.5", "'-2+3,-3", "'@SUM(A1),1e-3", "'\tx,", "1_2,a=b"]
+
+
+# %% Locks that end with their taker, and what a killed writer left
+
+TAKES_A_LOCK_AND_FORKS = """
+import os, sys, time
+from pathlib import Path
+from nerveseg.files import FolderLock
+lock = FolderLock(Path(sys.argv[1]), script="test.py")
+worker = os.fork()
+if worker == 0:  # a worker process (data_cleaning.py's, a DataLoader's) that outlives its parent
+    time.sleep(120)
+    os._exit(0)
+print(worker, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_lock_ends_with_its_taker_even_where_a_forked_worker_lives_on(tmp_path):
+    target = tmp_path / "out"
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    taker = subprocess.Popen([sys.executable, "-c", TAKES_A_LOCK_AND_FORKS, str(target)], stdout=subprocess.PIPE,
+                             text=True, env=environment)
+    worker = int(taker.stdout.readline())
+    try:
+        with pytest.raises(UserError, match=rf"out is being written by another test.py run \(process {taker.pid}\)"):
+            files.FolderLock(target, script="test.py")
+        taker.kill()  # kill -9: no code of the taker runs
+        taker.wait()
+        assert os.path.exists(f"/proc/{worker}")  # the worker lives on
+        files.FolderLock(target, script="test.py").release()  # and holds nothing
+    finally:
+        taker.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+KILLED_WHILE_WRITING = """
+import os, signal, sys
+from pathlib import Path
+from nerveseg.files import atomic_write, building_folder
+target = Path(sys.argv[1])
+building = building_folder(target)
+(building / "masks").mkdir()
+with atomic_write(target.parent / "results.csv") as file:
+    file.write("half of it")
+    file.flush()
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print(building.name, flush=True)
+    sys.stdin.read()  # alive, writing, until the test closes its input
+"""
+
+
+def work_name(name: str) -> str:
+    """A work file's or folder's name with its random part as *."""
+    return re.sub(r"[a-z0-9_]{8}(\.tmp)?$", r"*\1", name)
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write_there_and_live_work_is_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "ABANDONED_AFTER_S", 0.0, raising=False)
+    target = tmp_path / "out"
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, str(target), "kill"], env=environment)
+    assert killed.returncode == -signal.SIGKILL
+    left = sorted(path.name for path in tmp_path.iterdir())
+    assert [work_name(name) for name in left] == [".out.building-*", ".results.csv.*.tmp"]
+    (tmp_path / ".out.building-abcd1234").mkdir()  # left by an older version, which took no lock
+    (tmp_path / ".out.old-4242").mkdir()  # a replaced folder whose deletion a kill cut short
+    mine = [".out.notes", ".results.csv.mine.tmp", "out.building-abcd1234"]  # named alike, but not work folders
+    for name in mine:
+        (tmp_path / name).write_text("the user's")
+    alive = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_WRITING, str(target), "live"], env=environment,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        live = alive.stdout.readline().strip()
+        building = files.building_folder(target)
+        with files.atomic_write(tmp_path / "results.csv") as file:
+            file.write("all of it")
+        hidden = sorted(path.name for path in tmp_path.iterdir() if path.name != "results.csv")
+        assert [work_name(name) for name in hidden if name not in mine] == [
+            ".out.building-*", ".out.building-*", ".results.csv.*.tmp"]  # the live run's, and ours
+        assert {live, building.name} <= set(hidden) and set(mine) <= set(hidden)
+        assert (tmp_path / "results.csv").read_text() == "all of it"
+    finally:
+        alive.communicate("")
+    files.discard_building(building)

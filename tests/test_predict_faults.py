@@ -106,6 +106,19 @@ def test_files_a_user_added_to_a_predictions_folder_are_carried_over_untouched(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions"]
 
 
+def test_empty_folders_a_user_made_in_a_predictions_folder_are_kept(tmp_path):
+    target = tmp_path / "predictions"
+    predictions_of(target, ["1"])
+    for folder in ("to sort", "masks/reviewed", "later/empty/too"):
+        (target / folder).mkdir(parents=True)
+    predictions_of(target, ["2"])
+    assert all((target / folder).is_dir() for folder in ("to sort", "masks/reviewed", "later/empty/too"))
+    (target / "masks" / "2.png").unlink()
+    (target / "masks" / "2.png").mkdir()  # a folder of the user's where this run writes a mask
+    with pytest.raises(UserError, match="masks/2.png is a folder of yours, and this run wrote a file of that name"):
+        predictions_of(target, ["2"])
+
+
 def test_a_user_file_named_like_a_new_prediction_stops_the_run_and_changes_nothing(tmp_path):
     target = tmp_path / "predictions"
     predictions_of(target, ["1"])
@@ -165,6 +178,21 @@ def test_predict_stopped_by_sigterm_leaves_no_building_folder(small_model, tmp_p
     stderr, hidden = stop_when_building("predict.py", args, tmp_path, ".out.building-*", signal.SIGTERM)
     assert "predict.py: interrupted" in stderr and "Traceback" not in stderr, stderr
     assert hidden == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_what_predict_killed_by_kill_9_left_is_tidied_by_the_next_run(small_model, tmp_path):
+    images_folder(tmp_path / "input", [str(number) for number in range(300)])
+    args = ["--checkpoint", str(small_model), "--input", "input", "--output", "out", "--quiet"]
+    _, hidden = stop_when_building("predict.py", [*args, "--num-workers", "2"], tmp_path, ".out.building-*",
+                                   signal.SIGKILL)
+    assert [re.sub(r"-\w{8}$", "-*", name) for name in hidden] == [".out.building-*", ".out.lock"]
+    shutil.rmtree(tmp_path / "input")
+    images_folder(tmp_path / "input", ["1"])  # one image: a quick run
+    rerun = run_script("predict.py", *args, "--num-workers", "0", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert (tmp_path / "out" / "masks" / "1.png").is_file()
 
 
 @pytest.mark.slow

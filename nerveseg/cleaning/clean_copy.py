@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +31,15 @@ from nerveseg.cleaning.pairs import MANIFEST_COLUMNS, PairResult, PairStatus
 from nerveseg.cleaning.sources import MAX_MEMBER_MB
 from nerveseg.data import split_by_subject
 from nerveseg.errors import UserError
-from nerveseg.files import FolderLock, building_folder, check_replaceable, swap_into_place, write_csv, write_json
+from nerveseg.files import (
+    FolderLock,
+    building_folder,
+    check_replaceable,
+    discard_building,
+    swap_into_place,
+    write_csv,
+    write_json,
+)
 from nerveseg.images import MASK_VALUES_FORMS, MAX_IMAGE_PIXELS, MaskValues, describe_label
 from nerveseg.inputs import natural_key
 
@@ -133,7 +140,7 @@ def clean_copy_aside(output: Path) -> Iterator[Path]:
             "another --output, then run again"
         ) from None
     finally:
-        shutil.rmtree(building, ignore_errors=True)
+        discard_building(building)  # nothing left to discard once swapped in
         lock.release()
 
 

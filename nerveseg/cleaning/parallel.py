@@ -9,7 +9,7 @@ from typing import Any
 from tqdm import tqdm
 
 from nerveseg.cleaning.pairs import PairJob
-from nerveseg.errors import UserError
+from nerveseg.errors import UserError, die_with_parent
 
 
 def run_job(function: Callable[[PairJob], Any], job: PairJob) -> Any:
@@ -29,7 +29,8 @@ def run_parallel(function: Callable[[PairJob], Any], jobs: list[PairJob], worker
                  quiet: bool) -> list:
     """Map `function` over `jobs` in `workers` processes (0: one per core), in order, with a bar.
 
-    Workers are forked: they get the jobs by pickling, and open their own archives (see ArchiveCache).
+    Workers are forked: they get the jobs by pickling, and open their own archives (see ArchiveCache). They end
+    with the run, however it ends (die_with_parent), and hold none of its locks (nerveseg.files.take_lock).
     Chunks are small enough that every worker gets some of the jobs, even with a few dozen.
     """
     workers = workers or os.cpu_count() or 1
@@ -42,7 +43,8 @@ def run_parallel(function: Callable[[PairJob], Any], jobs: list[PairJob], worker
     else:
         chunk = max(1, min(64, len(jobs) // (4 * workers)))
         try:
-            with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            with concurrent.futures.ProcessPoolExecutor(
+                    workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
                 for result in pool.map(functools.partial(run_job, function), jobs, chunksize=chunk):
                     results.append(result)
                     bar.update()

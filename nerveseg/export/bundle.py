@@ -19,7 +19,6 @@ probabilities and, at every pixel, the image's presence probability (1 for a mod
 import datetime
 import io
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from nerveseg.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from nerveseg.ensemble import TestTimeAugmentation
 from nerveseg.errors import UserError
 from nerveseg.export.bundle_docs import bundle_readme, license_text
-from nerveseg.files import building_folder, swap_into_place
+from nerveseg.files import building_folder, discard_building, swap_into_place
 from nerveseg.images import IMAGE_SUFFIXES, WIDE_MODES
 from nerveseg.onnx_model import CHECKPOINT_FIELDS, Probabilities
 from nerveseg.postprocess import PostProcessing
@@ -352,10 +351,10 @@ def write_bundle(target: Path, *, model: nn.Module, checkpoint: dict, source: st
         (building / "LICENSE").write_text(license_file)
         swap_into_place(building, target)
     except OSError as error:
-        shutil.rmtree(building, ignore_errors=True)
+        discard_building(building)
         raise UserError(f"cannot write the bundle {target}: {error.strerror}; nothing was changed there") from None
     except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
+        discard_building(building)
         raise
     size = sum(path.stat().st_size for path in target.rglob("*") if path.is_file())
     return (f"wrote the MONAI Bundle {target} ({checkpoint['predicting_with']}; {size / 1e6:.1f} MB); TorchScript "

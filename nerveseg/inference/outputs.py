@@ -1,7 +1,6 @@
 """predict.py's outputs: the output folder, the truth masks, the examples drawn."""
 
 import os
-import shutil
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -11,7 +10,14 @@ from PIL import Image
 
 from nerveseg.dicom import is_dicom_file
 from nerveseg.errors import UserError
-from nerveseg.files import FolderLock, atomic_write, building_folder, check_replaceable, swap_into_place
+from nerveseg.files import (
+    FolderLock,
+    atomic_write,
+    building_folder,
+    check_replaceable,
+    discard_building,
+    swap_into_place,
+)
 from nerveseg.frames import read_truth
 from nerveseg.images import MAX_IMAGE_PIXELS, MaskValues
 from nerveseg.inputs import truth_files
@@ -38,7 +44,7 @@ class OutputFolder:
             raise UserError(f"cannot write into {target.parent}: {error.strerror}; choose another --output") from None
         (self.building / "masks").mkdir()
         self.target = target
-        weakref.finalize(self, shutil.rmtree, self.building, ignore_errors=True)  # an unfinished run leaves nothing
+        weakref.finalize(self, discard_building, self.building)  # an unfinished run leaves nothing
 
     def write_mask(self, name: str, mask: np.ndarray) -> None:
         """One mask as an 8-bit PNG of 0 and 255, at masks/<name>.png (a name may hold subfolders)."""
@@ -68,6 +74,13 @@ class OutputFolder:
                 raise UserError(f"cannot carry {self.target / name} over into the new predictions "
                                 f"({error.strerror}); move it out of {self.target} and run again ({self.target} was "
                                 "left as it was)") from None
+        for name in empty_folders_of_others(self.target):
+            try:
+                (self.building / name).mkdir(parents=True, exist_ok=True)
+            except OSError:
+                raise UserError(f"{self.target / name} is a folder of yours, and this run wrote a file of that name; "
+                                f"move it out of {self.target} and run again ({self.target} was left as it was)"
+                                ) from None
         swap_into_place(self.building, self.target)
         self.lock.release()
 
@@ -88,6 +101,15 @@ def files_of_others(target: Path) -> list[str]:
         return [name for name in names if name not in (MARKER, "images.csv", "submission.csv")
                 and not (name.startswith("masks/") and name.endswith(".png"))]
     return [name for name in names if name not in listed]
+
+
+def empty_folders_of_others(target: Path) -> list[str]:
+    """The empty folders in an earlier predictions folder, as paths below it: predict.py makes none, so they are
+    yours (a folder of yours with files in it comes along with its files)."""
+    if not (target / MARKER).is_file():
+        return []
+    return [path.relative_to(target).as_posix() for path in target.rglob("*")
+            if path.is_dir() and not path.is_symlink() and not any(path.iterdir())]
 
 
 def find_truth(
