@@ -75,7 +75,7 @@ monai.data.set_track_meta(False)
 # %% Load the model and the images to check it on
 model, checkpoint = prediction_model(CHECKPOINT, torch.device("cpu"), fold=FOLD, tta=TTA)
 image_size = tuple(checkpoint["preprocessing"]["image_size"])
-has_presence = checkpoint["model_config"].get("presence", False)
+has_presence = checkpoint["model_config"]["presence"]
 if Path(CHECK_INPUT).is_dir():
     items = images_to_segment(Path(CHECK_INPUT), "_mask", option="--check-input")
     transform = load_transforms(image_size, with_label=False, max_pixels=MAX_IMAGE_PIXELS)

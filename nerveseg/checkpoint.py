@@ -13,6 +13,10 @@ Version 3 added the ensemble of train.py --folds K: instead of "state_dict", "en
 ({"fold", "epoch", "state_dict", "metrics"}), whose probabilities are averaged; and "tta", the test-time
 augmentation and whether validation chose it ({"use", "zoom", "shift", "flip"}). A file without "tta" is
 predicted without it.
+
+Settings were added along the way (presence_weight, folds, model, ...): a checkpoint or a run's last.pt made
+before one has not saved it. `upgrade` fills in, once at load, everything an earlier version lacks, with the
+value that version worked with, so that the code reading a checkpoint never has to ask what is there.
 """
 
 import pickle
@@ -24,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nerveseg.ensemble import Ensemble
+from nerveseg.ensemble import Ensemble, augmentation_for
 from nerveseg.errors import UserError
 from nerveseg.files import atomic_write
 from nerveseg.model import build_model, size_multiple
@@ -32,6 +36,24 @@ from nerveseg.postprocess import PostProcessing
 
 FORMAT = "nerveseg-unet"
 VERSION = 3
+ADDED_SETTINGS = {"presence_weight": 0.0, "min_steps_per_epoch": 1, "folds": 1, "model": "unet",  # what runs made
+                  "presence_balance": False, "presence_signal": "head", "target_share": 0.0,  # before them used
+                  "augmentation": "light", "scale": 0.1, "shift": 0.05, "flip_prob": 0.0}
+ADDED_MODEL_CONFIG = {"model": "unet", "presence": False}  # before version 2: the UNet, without presence output
+
+
+def upgrade(checkpoint: dict) -> dict:
+    """A checkpoint, a run's last.pt or an export's metadata of any earlier version, with what later versions
+    added: its saved settings (where it has them), its model_config and, for one that holds weights, its
+    test-time augmentation (not chosen, the views its training settings imply)."""
+    upgraded = dict(checkpoint)
+    if isinstance(checkpoint.get("settings"), dict):
+        upgraded["settings"] = {**ADDED_SETTINGS, **checkpoint["settings"]}
+    if isinstance(checkpoint.get("model_config"), dict):
+        upgraded["model_config"] = {**ADDED_MODEL_CONFIG, **checkpoint["model_config"]}
+    if "tta" not in checkpoint and ("state_dict" in checkpoint or "ensemble" in checkpoint):
+        upgraded["tta"] = {"use": False, **augmentation_for({**ADDED_SETTINGS, **(checkpoint.get("settings") or {})})}
+    return upgraded
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -157,6 +179,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *, fol
         raise UserError(f"{path} is not a checkpoint written by train.py (no '{FORMAT}' format tag)")
     if checkpoint.get("version", 0) > VERSION:
         raise UserError(f"{path} was written by a newer version of this project; update it to read the file")
+    checkpoint = upgrade(checkpoint)
     weights = "ensemble" if "ensemble" in checkpoint else "state_dict"
     needed = ("model_config", weights, "preprocessing", "postprocessing", "epoch")
     missing = [key for key in needed if key not in checkpoint]

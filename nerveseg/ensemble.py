@@ -105,5 +105,4 @@ def augmentation_for_training(*, scale: float, shift: float, flip_prob: float) -
 
 def augmentation_for(settings: dict) -> dict:
     """The test-time augmentation of a model whose checkpoint saved these (lower-case) training settings."""
-    return augmentation_for_training(scale=settings.get("scale", 0.1), shift=settings.get("shift", 0.05),
-                                     flip_prob=settings.get("flip_prob", 0.0))
+    return augmentation_for_training(scale=settings["scale"], shift=settings["shift"], flip_prob=settings["flip_prob"])

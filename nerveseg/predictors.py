@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nerveseg.checkpoint import FORMAT, VERSION, check_postprocessing, describe_model, load_checkpoint
+from nerveseg.checkpoint import FORMAT, VERSION, check_postprocessing, describe_model, load_checkpoint, upgrade
 from nerveseg.device import autocast
-from nerveseg.ensemble import TestTimeAugmentation, augmentation_for
+from nerveseg.ensemble import TestTimeAugmentation
 from nerveseg.errors import UserError
 from nerveseg.model import presence_probabilities
 from nerveseg.onnx_model import CHECKPOINT_FIELDS, METADATA_KEY, onnx_graph
@@ -99,7 +99,7 @@ def load_onnx(path: Path) -> tuple[OnnxPredictor, dict]:
         raise UserError(f"{path} was written by a newer version of this project; update it to read the file")
     check_postprocessing(metadata["postprocessing"], path)
     check_graph_against_metadata(predictor, metadata, path)
-    return predictor, metadata
+    return predictor, upgrade(metadata)
 
 
 def check_graph_against_metadata(predictor: OnnxPredictor, metadata: dict, path: Path) -> None:
@@ -140,7 +140,7 @@ def prediction_model(path: str | Path, device: torch.device, *, fold: int, tta: 
     test-time augmentation where `tta` says so ("auto": where validation chose it, "true", "false"); and the
     checkpoint, its "tta" saying whether augmentation is on and "predicting_with" what predicts, in words."""
     model, checkpoint = load_checkpoint(path, device, fold=fold)
-    record = checkpoint.get("tta") or {"use": False, **augmentation_for(checkpoint.get("settings") or {})}
+    record = checkpoint["tta"]
     use_tta = record["use"] if tta == "auto" else tta == "true"
     described = describe_model(checkpoint, fold=fold)
     if use_tta:
@@ -176,7 +176,7 @@ def load_predictor(path: str | Path, device: torch.device, *, engine: str, amp: 
     if device.type != "cpu":
         raise UserError("--engine onnxruntime runs on the CPU; pass --device cpu, or --engine torch for the GPU")
     image_size = tuple(checkpoint["preprocessing"]["image_size"])
-    has_presence = checkpoint["model_config"].get("presence", False)
+    has_presence = checkpoint["model_config"]["presence"]
     predictor = OnnxPredictor(onnx_graph(model, image_size, has_presence=has_presence), str(path))
     generator = torch.Generator().manual_seed(0)
     check_images = torch.randint(0, 256, (4, 1, *image_size), dtype=torch.uint8, generator=generator)

@@ -10,7 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from nerveseg.checkpoint import ensemble_checkpoint, load_checkpoint, make_checkpoint, read_torch_file, save_torch
+from nerveseg.checkpoint import (
+    ADDED_SETTINGS,
+    ensemble_checkpoint,
+    load_checkpoint,
+    make_checkpoint,
+    read_torch_file,
+    save_torch,
+    upgrade,
+)
 from nerveseg.errors import UserError
 from nerveseg.model import MODELS, build_model, model_config
 from nerveseg.postprocess import PostProcessing
@@ -81,6 +89,22 @@ def test_a_checkpoint_from_before_the_model_setting_loads_as_the_unet(tmp_path):
     for mine, theirs in zip(model(images), old_model.eval()(images), strict=True):
         torch.testing.assert_close(mine, theirs)
 
+
+def test_what_an_old_checkpoint_lacks_is_filled_in_once_at_load(tmp_path):
+    """upgrade: a checkpoint of version 2 (no "tta", settings from before presence_weight, folds, model, ...) reads
+    as today's, with the values that version worked with; today's fields are kept as they are."""
+    config = {key: value for key, value in model_config((4, 8), (2,), 0, 0.0).items() if key != "model"}
+    checkpoint = make_checkpoint(build_model(config), model_config=config, preprocessing={"image_size": [32, 48]},
+                                 postprocessing=PostProcessing().as_dict(), settings={"scale": 0.2, "max_epochs": 9},
+                                 epoch=2, metrics={"dice": 0.5}) | {"version": 2}
+    save_torch(tmp_path / "v2.pt", checkpoint)
+    _, loaded = load_checkpoint(tmp_path / "v2.pt")
+    assert loaded["tta"] == {"use": False, "zoom": 0.1, "shift": 0.025, "flip": False}
+    assert loaded["settings"] == {**ADDED_SETTINGS, "scale": 0.2, "max_epochs": 9}
+    assert loaded["model_config"] == {**config, "model": "unet"}
+    assert upgrade(upgrade(checkpoint)) == upgrade(checkpoint)
+    assert upgrade({"model_config": {"presence": True}, "preprocessing": {}}) == {
+        "model_config": {"model": "unet", "presence": True}, "preprocessing": {}}  # an export's metadata
 
 @pytest.mark.parametrize("name", MODELS)
 def test_a_checkpoint_says_its_network_and_loads_it_alone_and_as_an_ensemble(name, tmp_path):

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nerveseg.checkpoint import FORMAT, save_torch
+from nerveseg.checkpoint import ADDED_SETTINGS, FORMAT, save_torch
 from nerveseg.errors import UserError
 from nerveseg.postprocess import TUNING_PLANES
 from nerveseg.settings import parse_settings, script_defaults, script_namespace
 from nerveseg.training.runs import (
-    ADDED_SETTINGS,
     check_output_folders,
     check_settings,
     completed_fold,
@@ -105,7 +104,7 @@ def test_a_new_run_gets_its_folder_and_never_takes_over_an_old_one(tmp_path):
 def test_resume_takes_the_runs_own_settings_but_the_system_ones_from_now(tmp_path):
     runs = tmp_path / "runs"
     old_settings = {key.lower(): list(value) if isinstance(value, tuple) else value for key, value in DEFAULTS.items()
-                    if key not in ADDED_SETTINGS}  # a run started before these settings existed
+                    if key.lower() not in ADDED_SETTINGS}  # a run started before these settings existed
     old_settings |= {"max_epochs": 7, "channels": [8, 16, 32, 64, 128], "quiet": False, "device": "cuda"}
     for name in ("first", "second"):
         (runs / name).mkdir(parents=True)

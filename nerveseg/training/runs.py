@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nerveseg.checkpoint import ensemble_checkpoint, is_checkpoint, make_checkpoint, read_torch_file, save_torch
+from nerveseg.checkpoint import (
+    ensemble_checkpoint,
+    is_checkpoint,
+    make_checkpoint,
+    read_torch_file,
+    save_torch,
+    upgrade,
+)
 from nerveseg.distributed import Process
 from nerveseg.errors import UserError
 from nerveseg.files import FolderLock, check_can_be_folder, write_csv, write_json
@@ -25,9 +32,6 @@ from nerveseg.training.crossval import MIN_TTA_GAIN, describe_cross_validation
 
 LAST_STATE_KEYS = {"model", "optimizer", "epoch", "history", "settings"}  # what last.pt holds
 SYSTEM_SETTINGS = {"DEVICE", "NUM_WORKERS", "QUIET", "RESUME", "PICTURES", "TENSORBOARD"}  # a resume takes them anew
-ADDED_SETTINGS = {"PRESENCE_WEIGHT": 0.0, "MIN_STEPS_PER_EPOCH": 1, "FOLDS": 1,  # what runs made before them used
-                  "MODEL": "unet", "PRESENCE_BALANCE": False, "PRESENCE_SIGNAL": "head", "TARGET_SHARE": 0.0,
-                  "AUGMENTATION": "light"}
 RESUME_CAN_CHANGE = {"MAX_EPOCHS"}  # a resume takes them from its command line where given there (recorded)
 
 
@@ -112,8 +116,8 @@ def open_run(settings: dict) -> Run:
     state = read_torch_file(last_paths[-1])
     if not isinstance(state, dict) or not LAST_STATE_KEYS <= state.keys():
         raise UserError(f"{last_paths[-1]} is not the last.pt of a train.py run; start a run without --resume")
+    state = upgrade(state)  # what a run of an earlier version lacks (nerveseg/checkpoint.py)
     resumed = {
-        **ADDED_SETTINGS,
         **{key.upper(): tuple(value) if isinstance(value, list) else value for key, value in state["settings"].items()},
         **{key: settings[key] for key in SYSTEM_SETTINGS},
     }
