@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage as ndi
 
 from nerveseg.cleaning import synthetic
+from nerveseg.cleaning.synthetic_video import sweep_frames
 
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
@@ -22,28 +22,10 @@ def nerve_frames(count: int, *, subject: int = 1, seed: int = 0) -> list[tuple[n
     return [synthetic._picture(seed, 1, subject, frame, True) for frame in range(1, count + 1)]
 
 
-def moving_nerve(count: int, *, subject: int = 1, seed: int = 0, travel: float = 1.6) -> list[tuple[np.ndarray,
-                                                                                                   np.ndarray]]:
-    """A probe sweep: the subject's nerve slides across a still field of tissue and speckle, out of the field and
-    back (its offset goes from 0 to `travel` times the width and back, as a sine), with its true mask each frame;
-    the frames where it is out of view have an empty mask."""
-    background, _ = synthetic._picture(seed, 1, subject, 1, False)
-    with_nerve, mask = synthetic._picture(seed, 1, subject, 1, True)
-    region = ndi.binary_dilation(mask, iterations=3)  # the nerve's rim reaches just past its mask
-    rows, columns = np.nonzero(region)
-    frames = []
-    for index in range(count):
-        shift = round(travel * synthetic.WIDTH * np.sin(np.pi * index / max(count - 1, 1)) / 2)
-        image, truth = background.copy(), np.zeros_like(mask)
-        moved = columns + shift
-        inside = (moved >= 0) & (moved < synthetic.WIDTH)
-        image[rows[inside], moved[inside]] = with_nerve[rows[inside], columns[inside]]
-        truth_rows, truth_columns = np.nonzero(mask)
-        shifted = truth_columns + shift
-        keep = (shifted >= 0) & (shifted < synthetic.WIDTH)
-        truth[truth_rows[keep], shifted[keep]] = True
-        frames.append((image, truth))
-    return frames
+def moving_nerve(count: int, *, subject: int = 1, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A probe sweep of `count` frames: the nerve slides out of the field and back, with its true masks
+    (nerveseg.cleaning.synthetic_video)."""
+    return sweep_frames(count, subject=subject, seed=seed)
 
 
 def dicom_dataset(frames: Sequence[np.ndarray], *, photometric: str = "MONOCHROME2", jpeg: bool = False,
