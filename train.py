@@ -14,6 +14,7 @@ the loaders, train the model (train_fold per fold, which calls train_epoch), pub
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import monai
 import torch
@@ -89,18 +90,17 @@ QUIET = False  # no progress bars (they are off anyway when the output is not a 
 # -----------------------------------------------------------------------------
 exit_on_user_error("train.py")
 run = runs.open_run(parse_settings(globals()))  # a new run, or with --resume the stopped run with its own settings
-settings, run_dir = run.settings, run.folder
-globals().update(settings)  # the constants above now hold this run's settings
-runs.check_settings(settings)
-runs.check_output_folders(run_dir, settings)
+run_dir = run.folder
+globals().update(run.settings)  # the constants above now hold this run's settings
+settings = SimpleNamespace(**run.settings)  # the same, as one object for the functions below (settings.SEED)
+runs.check_settings(run.settings)
+runs.check_output_folders(run_dir, run.settings)
 process = distributed.start(DEVICE)  # this process's rank and device (one process without torchrun)
-print0 = print if process.is_main else (lambda *args, **kwargs: None)
-quiet = QUIET or not process.is_main
 if run.state is not None:
-    print0(f"resuming {run_dir} (its own settings are used)")
+    process.print0(f"resuming {run_dir} (its own settings are used)")
 memory.keep_freed_memory()  # big CPU tensors are reused, not handed back and faulted in again (see nerveseg/memory.py)
 monai.data.set_track_meta(False)  # plain tensors: faster, and the metadata is not needed
-saved_settings = settings_to_json(settings)
+saved_settings = settings_to_json(run.settings)
 
 # %% Load data: the manifest of data_cleaning.py, split by subject (into FOLDS folds, each validating on its share)
 folds = split_into_folds(read_manifest(DATA_DIR), FOLDS, VAL_FRACTION, SEED)
@@ -123,53 +123,59 @@ augment = BatchAugment.preset(AUGMENTATION, rotate_degrees=ROTATE_DEGREES, scale
 tta = augmentation_for_training(scale=SCALE, shift=SHIFT, flip_prob=FLIP_PROB)  # what validation will judge
 
 
-def make_model(train_items: list[dict], seed: int) -> tuple[nn.Module, nn.Module]:
-    """The MODEL network with its presence output (nerveseg/model.py), starting at the training set's shares of
-    target pixels and of images with a target: the plain model, and what trains (compiled with COMPILE, DDP)."""
+def make_model(config: dict, train_items: list[dict], *, seed: int, settings: SimpleNamespace,
+               process: distributed.Process) -> tuple[nn.Module, nn.Module]:
+    """The network of `config` with its presence output (nerveseg/model.py), starting at the training set's shares
+    of target pixels and of images with a target: the plain model, and what trains (compiled with COMPILE, DDP)."""
     monai.utils.set_determinism(seed)
     raw_model = build_model(config).to(process.device)  # the plain model: its weights are saved and loaded
-    present = 0.5 if PRESENCE_BALANCE else sum(not i["empty"] for i in train_items) / len(train_items)
+    present = 0.5 if settings.PRESENCE_BALANCE else sum(not i["empty"] for i in train_items) / len(train_items)
     set_output_prior(raw_model, foreground_fraction=sum(i["mask_fraction"] for i in train_items) / len(train_items),
                      present_fraction=present)
-    model = torch.compile(raw_model, dynamic=False) if COMPILE else raw_model
+    model = torch.compile(raw_model, dynamic=False) if settings.COMPILE else raw_model
     return raw_model, nn.parallel.DistributedDataParallel(model) if process.world_size > 1 else model
 
 
-def make_loaders(train_items: list[dict], val_items: list[dict]) -> tuple[ThreadDataLoader, DataLoader]:
+def make_loaders(train_items: list[dict], val_items: list[dict], *, image_size: tuple[int, int],
+                 settings: SimpleNamespace, process: distributed.Process) -> tuple[ThreadDataLoader, DataLoader]:
     """This process's share of the images, read and resized once (MONAI transforms, cached), in epochs whose order
     is a function of (SEED, epoch); small sets get a smaller batch and longer epochs (docs/pipeline.md)."""
     my_train_items = partition(train_items, process.rank, process.world_size, pad=True)
-    batch_size, epoch_length = steps.epoch_plan(len(my_train_items), batch_size=BATCH_SIZE,
-                                                   min_steps=MIN_STEPS_PER_EPOCH)
-    show_progress = not quiet and sys.stderr.isatty()
+    batch_size, epoch_length = steps.epoch_plan(len(my_train_items), batch_size=settings.BATCH_SIZE,
+                                                min_steps=settings.MIN_STEPS_PER_EPOCH)
+    show_progress = not settings.QUIET and process.is_main and sys.stderr.isatty()
     train_ds = CacheDataset(my_train_items, load_transforms(image_size, with_label=True), progress=show_progress,
                             copy_cache=False)
     val_ds = CacheDataset(partition(val_items, process.rank, process.world_size, pad=False),
                           load_transforms(image_size, with_label=True, keep_full_label=True), progress=show_progress)
-    sampler = steps.EpochSampler(len(train_ds), epoch_length, SEED, batch_size=batch_size, target_share=TARGET_SHARE,
-                                    present=[not item["empty"] for item in my_train_items])
-    train_loader = ThreadDataLoader(train_ds, batch_size=batch_size, sampler=sampler, num_workers=NUM_WORKERS,
+    present = [not item["empty"] for item in my_train_items]
+    sampler = steps.EpochSampler(len(train_ds), epoch_length, settings.SEED, batch_size=batch_size,
+                                 target_share=settings.TARGET_SHARE, present=present)
+    train_loader = ThreadDataLoader(train_ds, batch_size=batch_size, sampler=sampler, num_workers=settings.NUM_WORKERS,
                                     collate_fn=collate_keep_sizes)
-    val_loader = DataLoader(val_ds, batch_size=VAL_BATCH_SIZE, num_workers=NUM_WORKERS, collate_fn=collate_keep_sizes)
+    val_loader = DataLoader(val_ds, batch_size=settings.VAL_BATCH_SIZE, num_workers=settings.NUM_WORKERS,
+                            collate_fn=collate_keep_sizes)
     return train_loader, val_loader
 
 
 # %% Train the model: one per fold; each fold leaves its best model and that model's validation predictions
 def train_epoch(model: nn.Module, loader: ThreadDataLoader, optimizer, scheduler, scaler, *, epoch: int,
-                micro_batch: int, name: str) -> float:
+                micro_batch: int, name: str, augment: BatchAugment, loss_function: nn.Module,
+                settings: SimpleNamespace, process: distributed.Process) -> float:
     """One epoch of optimiser steps on batches augmented on the device; the mean training loss of all processes."""
     loader.sampler.set_epoch(epoch)  # the shuffle of this epoch
-    generator = torch.Generator(process.device).manual_seed(steps.augmentation_seed(SEED, epoch, process.rank))
+    generator = torch.Generator(process.device).manual_seed(steps.augmentation_seed(settings.SEED, epoch, process.rank))
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=process.device)
-    bar = tqdm(loader, desc=f"{name}epoch {epoch}/{MAX_EPOCHS}", leave=False, disable=quiet or None)
+    bar = tqdm(loader, desc=f"{name}epoch {epoch}/{settings.MAX_EPOCHS}", leave=False,
+               disable=settings.QUIET or not process.is_main or None)
     for step, batch in enumerate(bar):
         images = network_input(batch["image"].to(process.device, non_blocking=True))
         labels = batch["label"].to(process.device, non_blocking=True).float()
         images, labels = augment(images, labels, generator)
         optimizer.zero_grad(set_to_none=True)
         loss = steps.backward_in_micro_batches(model, loss_function, images, labels, micro_batch=micro_batch,
-                                                  scaler=scaler, amp=AMP)
+                                               scaler=scaler, amp=settings.AMP)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -179,44 +185,53 @@ def train_epoch(model: nn.Module, loader: ThreadDataLoader, optimizer, scheduler
     return distributed.mean_of_sums(loss_sum, len(loader.sampler), process)
 
 
-def train_fold(fold: int, train_items: list[dict], val_items: list[dict]) -> tuple[dict, dict]:
-    """Train one fold's model (from its last.pt when resumed); return its best checkpoint and its validation."""
-    fold_dir, name = runs.fold_folder(run_dir, fold, FOLDS), runs.fold_name(fold, FOLDS)
+def train_fold(fold: int, train_items: list[dict], val_items: list[dict], *, run_dir: Path, resumed: bool, record: dict,
+               loss_function: nn.Module, augment: BatchAugment, tta: dict, settings: SimpleNamespace,
+               process: distributed.Process) -> tuple[dict, dict]:
+    """Train one fold's model of `record` (from its last.pt when resumed), with what every fold shares; return its
+    best checkpoint and its validation."""
+    print0, quiet = process.print0, settings.QUIET or not process.is_main
+    image_size = tuple(record["preprocessing"]["image_size"])
+    fold_dir, name = runs.fold_folder(run_dir, fold, settings.FOLDS), runs.fold_name(fold, settings.FOLDS)
     if (kept := runs.completed_fold(fold_dir)) is not None:  # a resumed run keeps the folds it completed
         print0(f"{name}completed before: kept")
         return kept
     print0(f"{name}{describe_split(train_items, val_items)}")
-    raw_model, model = make_model(train_items, seed=SEED + fold - 1)
-    train_loader, val_loader = make_loaders(train_items, val_items)
+    raw_model, model = make_model(record["model_config"], train_items, seed=settings.SEED + fold - 1,
+                                  settings=settings, process=process)
+    train_loader, val_loader = make_loaders(train_items, val_items, image_size=image_size, settings=settings,
+                                            process=process)
     steps_per_epoch, batch_size = len(train_loader), train_loader.batch_size
-    micro_batch = steps.micro_batch_size(MICRO_BATCH_SIZE, batch_size, process.device)
+    micro_batch = steps.micro_batch_size(settings.MICRO_BATCH_SIZE, batch_size, process.device)
     optimizer, scheduler, scaler = steps.make_optimizer(
-        raw_model, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, warmup_steps=WARMUP_EPOCHS * steps_per_epoch,
-        total_steps=MAX_EPOCHS * steps_per_epoch, device=process.device, amp=AMP)
-    start_epoch, history, best = runs.restore(fold_dir, resumed=run.state is not None, model=raw_model,
+        raw_model, learning_rate=settings.LEARNING_RATE, weight_decay=settings.WEIGHT_DECAY,
+        warmup_steps=settings.WARMUP_EPOCHS * steps_per_epoch, total_steps=settings.MAX_EPOCHS * steps_per_epoch,
+        device=process.device, amp=settings.AMP)
+    start_epoch, history, best = runs.restore(fold_dir, resumed=resumed, model=raw_model,
                                               optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     if start_epoch:
-        print0(f"{name}resuming after epoch {start_epoch} of {MAX_EPOCHS}")
+        print0(f"{name}resuming after epoch {start_epoch} of {settings.MAX_EPOCHS}")
     if process.is_main:
         runs.prepare_fold_folder(fold_dir, history=history)
-    log = TrainingLog(fold_dir, enabled=TENSORBOARD and process.is_main and tensorboard_installed(),
+    log = TrainingLog(fold_dir, enabled=settings.TENSORBOARD and process.is_main and tensorboard_installed(),
                       pictured=val_loader.dataset)
     print0(name + runs.training_line(process, steps=steps_per_epoch, batch_size=batch_size, micro_batch=micro_batch,
                                      fold_dir=fold_dir, tensorboard_dir=run_dir.parent if log.enabled else None))
     epoch = start_epoch
     try:
-        for epoch in range(start_epoch + 1, MAX_EPOCHS + 1):
+        for epoch in range(start_epoch + 1, settings.MAX_EPOCHS + 1):
             started = time.perf_counter()
             train_loss = train_epoch(model, train_loader, optimizer, scheduler, scaler, epoch=epoch,
-                                     micro_batch=micro_batch, name=name)
+                                     micro_batch=micro_batch, name=name, augment=augment, loss_function=loss_function,
+                                     settings=settings, process=process)
             train_seconds = time.perf_counter() - started
-            runs.check_finite(train_loss, epoch=epoch, fold_dir=fold_dir, learning_rate=LEARNING_RATE)
+            runs.check_finite(train_loss, epoch=epoch, fold_dir=fold_dir, learning_rate=settings.LEARNING_RATE)
             row = {"epoch": epoch, "train_loss": round(train_loss, 5), "lr": f"{scheduler.get_last_lr()[0]:.3g}",
                    "train_seconds": round(train_seconds, 3)}
             # Every VAL_INTERVAL epochs and after the last: validate, and keep the model if it is the best so far
             metrics = None
-            if epoch % VAL_INTERVAL == 0 or epoch == MAX_EPOCHS:
-                metrics, _ = evaluate(raw_model, val_loader, loss_function, process, amp=AMP, quiet=quiet)
+            if epoch % settings.VAL_INTERVAL == 0 or epoch == settings.MAX_EPOCHS:
+                metrics, _ = evaluate(raw_model, val_loader, loss_function, process, amp=settings.AMP, quiet=quiet)
                 row |= runs.validation_row(metrics)
                 best = runs.best_so_far(best, raw_model, metrics, epoch=epoch, record=record, fold_dir=fold_dir,
                                         save=process.is_main)
@@ -225,12 +240,12 @@ def train_fold(fold: int, train_items: list[dict], val_items: list[dict]) -> tup
             # Every epoch: what --resume needs to go on as if never stopped (last.pt), metrics.csv and the curves
             if process.is_main:
                 runs.save_epoch(fold_dir, runs.last_state(raw_model, optimizer, scheduler, scaler, epoch=epoch,
-                                                          history=history, settings=saved_settings))
+                                                          history=history, settings=record["settings"]))
             log.epoch(row, images_per_second=len(train_loader.sampler) * process.world_size / train_seconds)
             # Every few epochs: TensorBoard's pictures (by the plain model: a compiled one would compile again)
-            if log.wants_pictures(epoch, MAX_EPOCHS):
+            if log.wants_pictures(epoch, settings.MAX_EPOCHS):
                 log.pictures(raw_model, epoch)
-            print0(name + runs.epoch_line(row, MAX_EPOCHS, metrics))
+            print0(name + runs.epoch_line(row, settings.MAX_EPOCHS, metrics))
     except KeyboardInterrupt:
         print0(runs.interrupted(epoch, run_dir, fold=name))
         log.close()
@@ -241,7 +256,7 @@ def train_fold(fold: int, train_items: list[dict], val_items: list[dict]) -> tup
                                  image_size=image_size) from None
     log.close()
     validation = validate_fold(raw_model, val_loader, loss_function, process, fold=fold, best=best, val_items=val_items,
-                               tta=tta, amp=AMP, quiet=quiet)
+                               tta=tta, amp=settings.AMP, quiet=quiet)
     if process.is_main:
         save_torch(fold_dir / "validation.pt", validation)  # this fold is complete
     return best, validation
@@ -249,7 +264,9 @@ def train_fold(fold: int, train_items: list[dict], val_items: list[dict]) -> tup
 
 members, validations = [], []
 for fold, (train_items, val_items) in enumerate(folds, start=1):
-    best, validation = train_fold(fold, train_items, val_items)
+    best, validation = train_fold(fold, train_items, val_items, run_dir=run_dir, resumed=run.state is not None,
+                                  record=record, loss_function=loss_function, augment=augment, tta=tta,
+                                  settings=settings, process=process)
     members.append(best)
     validations.append(validation)
 
@@ -259,6 +276,6 @@ summary = cross_validation_summary(validations, rule=post, use_tta=use_tta, defa
 checkpoint = runs.published_model(members, summary, rule=post, tta={"use": use_tta, **tta, "validation_dice": tta_dice})
 if process.is_main:
     runs.publish(checkpoint, summary, run_dir=run_dir, model_path=MODEL_PATH, pictures=Path(PICTURES))
-print0(runs.describe_result(checkpoint, summary, default_rule=default_rule))
-print0(f"Saved {MODEL_PATH}; curves and metrics in {run_dir}")
+process.print0(runs.describe_result(checkpoint, summary, default_rule=default_rule))
+process.print0(f"Saved {MODEL_PATH}; curves and metrics in {run_dir}")
 distributed.stop()

@@ -27,6 +27,11 @@ class Process:
         """Rank 0 prints, draws and writes files."""
         return self.rank == 0
 
+    def print0(self, *args: object, **kwargs: object) -> None:
+        """print, on rank 0 only."""
+        if self.is_main:
+            print(*args, **kwargs)
+
 
 def start(device_name: str) -> Process:
     """Join the process group when launched by torchrun; pick this process's device."""
