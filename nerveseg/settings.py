@@ -242,10 +242,17 @@ class SettingsParser(argparse.ArgumentParser):
         super().error(message)
 
 
+def accepted(default: Any, declaration: Declaration | None) -> str:
+    """What a setting accepts, in words: its declaration's (of each value, for a list), or its type's."""
+    if declaration is None:
+        return kind_of(default)
+    return ("each " if isinstance(default, tuple) else "") + declaration.describe()
+
+
 def help_text(setting: Setting, default: Any, declaration: Declaration | None) -> str:
     """A setting's line in -h: its comment, its default and what it accepts."""
     shown_as_metavar = isinstance(declaration, OneOf) and not declaration.or_file
-    accepts = f"; {declaration.describe()}" if declaration is not None and not shown_as_metavar else ""
+    accepts = f"; {accepted(default, declaration)}" if declaration is not None and not shown_as_metavar else ""
     return f"{setting.comment} (default: {format_default(default)}{accepts})"
 
 
@@ -359,7 +366,7 @@ def options_table(script: Path) -> str:
     for setting in read_settings_block(script.read_text()):
         default = namespace[setting.name]
         declaration = declared.get(setting.name)
-        accepts = declaration.describe() if declaration is not None else kind_of(default)
+        accepts = accepted(default, declaration)
         shown = f"`{format_default(default)}`" if default != "" else '`""`'
         rows.append(f"| `{option_name(setting.name)}` | {shown} | {accepts} | "
                     f"{setting.comment.replace('|', '/')} |")
