@@ -71,10 +71,6 @@ class OneOf:
     choices: tuple[str, ...]
     or_file: bool = False
 
-    def __init__(self, choices: Any, *, or_file: bool = False) -> None:
-        object.__setattr__(self, "choices", tuple(choices))
-        object.__setattr__(self, "or_file", or_file)
-
     def describe(self) -> str:
         words = ", ".join(repr(word) if word == "" else word for word in self.choices)
         return f"one of {words}" + (" or a file" if self.or_file else "")
