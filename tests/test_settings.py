@@ -215,3 +215,21 @@ def test_declarations_say_what_they_accept():
 def test_options_md_is_generated_from_the_declarations():
     stale = "docs/options.md is stale: run python -m nerveseg.settings"
     assert (ROOT / "docs" / "options.md").read_text() == options_markdown(ROOT), stale
+
+
+@pytest.mark.parametrize(("script", "config", "message"), [
+    ("train.py", {"max_epochs": True}, "--max-epochs takes a whole number, not true"),  # was 1 epoch
+    ("train.py", {"data_dir": None}, "--data-dir takes a text, not null"),  # was the folder "None"
+])
+def test_the_settings_files_of_issue_31_are_refused(scripts, tmp_path, script, config, message):
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_settings(scripts[script], argv=["--config", str(path)])
+
+
+def test_an_output_named_like_an_option_gets_the_way_to_write_it(scripts, capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(scripts["predict.py"], argv=["--output", "-out"])
+    assert "write --output=-out" in capsys.readouterr().err
+    assert parse_settings(scripts["predict.py"], argv=["--output=-out"])["OUTPUT"] == "-out"
