@@ -36,6 +36,7 @@ from nerveseg.images import parse_mask_values
 from nerveseg.inference.dicom_seg import require_highdicom
 from nerveseg.inference.media_outputs import Videos, area_mm2, frame_columns, write_media_outputs
 from nerveseg.inference.outputs import OutputFolder, find_truth, pick_examples
+from nerveseg.inference.presence_over_time import PresenceOverTime
 from nerveseg.inference.report import Report, describe_prediction
 from nerveseg.inference.uncertainty import MemberOutputs, describe_check, uncertainty_check
 from nerveseg.inputs import ReadableDataset, images_to_segment
@@ -62,6 +63,7 @@ REPORT = True  # write OUTPUT/report.html: every image with its outlines and fig
 # DICOM and video inputs (every frame is an image, <file>#<frame>; pip install "nerveseg[dicom,video]")
 MAX_VIDEO_FRAMES: Bounds(at_least=1) = 54_000  # a video of more frames is skipped before decoding (30 min at 30 fps)
 OVERLAY_VIDEOS = True  # write OUTPUT/videos/<name>.mp4 for each input video: the outline, presence and area drawn on it
+PRESENCE_WINDOW: Bounds(at_least=1) = 1  # a video frame's presence: the median of this many frames around it (1: off)
 DICOM_SEG = False  # write OUTPUT/dicom-seg/<name>.dcm for each DICOM input: a DICOM Segmentation that references it
 # Truth masks
 MASKS = ""  # a folder of truth masks (<name>.png, <name>_mask.png, ...; may be INPUT itself): also report the Dice
@@ -108,6 +110,7 @@ loader = torch.utils.data.DataLoader(  # its reader processes end with this one,
 output = OutputFolder(Path(OUTPUT), reads=[INPUT, *filter(None, [MASKS]), *{item["image_path"] for item in items}])
 report = (Report(output.building, images=len(items), has_truths=bool(truths), max_pixels=MAX_IMAGE_PIXELS)
           if REPORT else None)  # report.html: each image's pictures are drawn as its mask is written
+over_time = PresenceOverTime(PRESENCE_WINDOW, dataset, predictor)  # video frames decided on their neighbours
 members = MemberOutputs(predictor, post)  # the ensemble's members and test-time augmentation's views, for uncertainty
 predicting_with = checkpoint.get("predicting_with") or f"epoch {checkpoint['epoch']}"  # an older export: one model
 print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} ({predicting_with}) on {device} "
@@ -135,6 +138,7 @@ with torch.no_grad():
             continue
         probabilities, presences = predictor(batch["image"][readable])
         uncertainties = members.uncertainty(probabilities, presences)
+        presences = over_time(batch, readable, presences)
         sizes = [tuple(batch["original_size"][index].tolist()) for index in readable]
         probabilities = upsample(probabilities, sizes)
         for index, probability, presence, uncertainty in zip(readable, probabilities, presences, uncertainties,

@@ -112,3 +112,37 @@ def test_a_video_gets_its_overlay_and_one_report_entry(predicted):
         assert (edge[:, 0].astype(int) - edge[:, 1]).mean() > 40
     page = (output / "report.html").read_text()
     assert page.count('"video",null,0,null') == 1 and "clip#3" not in page and "8 frames segmented" in page
+
+
+def test_presence_over_time_is_the_median_of_the_window_across_batches():
+    import torch
+
+    from nerveseg.inference.presence_over_time import PresenceOverTime, median_presence
+
+    raw = [0.9, 0.9, 0.1, 0.9, 0.9, 0.2, 0.1, 0.8, 0.1, 0.1]  # a video's frames 1..10, then an image
+
+    class Frames:
+        data = [{"id": f"v#{n}", "image_path": "v.mp4", "frame": n} for n in range(1, 11)]
+        data.append({"id": "a", "image_path": "a.png", "frame": 0})
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, index: int) -> dict:
+            value = raw[index] if index < len(raw) else 0.5
+            return {**self.data[index], "image": torch.full((1, 2, 2), value), "error": ""}
+
+    def predictor(images: torch.Tensor) -> tuple[None, list[float]]:
+        return None, [float(image.mean()) for image in images]
+
+    dataset = Frames()
+    over_time = PresenceOverTime(5, dataset, predictor)
+    decided = []
+    for start, stop in ((0, 4), (4, 8), (8, 11)):
+        items = [dataset[index] for index in range(start, stop)]
+        batch = {key: [item[key] for item in items] for key in ("id", "image_path", "frame")}
+        decided += over_time(batch, list(range(len(items))), predictor(torch.stack([i["image"] for i in items]))[1])
+    assert decided[:10] == pytest.approx(median_presence(raw, 5)) and decided[10] == 0.5
+    assert median_presence(raw, 5)[2] == 0.9 and median_presence(raw, 1) == raw  # the lone 0.1 is outvoted
+    assert PresenceOverTime(1, dataset, predictor)({"image_path": ["v.mp4"], "frame": [3], "id": ["v#3"]}, [0],
+                                                   [0.1]) == [0.1]
