@@ -21,6 +21,7 @@ value that version worked with, so that the code reading a checkpoint never has 
 
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from torch import nn
 from nerveseg.ensemble import Ensemble, augmentation_for
 from nerveseg.errors import UserError
 from nerveseg.files import atomic_write
-from nerveseg.model import build_model, size_multiple
+from nerveseg.model import build_model, check_network_request, size_multiple
 from nerveseg.postprocess import PostProcessing
 
 FORMAT = "nerveseg-unet"
@@ -164,6 +165,44 @@ def check_postprocessing(values: object, path: str | Path) -> None:
                         "file train.py wrote, or train again") from None
 
 
+def check_request(checkpoint: dict, path: str | Path) -> None:
+    """Refuse, before any network is built, a checkpoint whose configuration and image size ask for more memory than
+    any model here needs (model.check_network_request) or whose image size does not suit its network."""
+    preprocessing = checkpoint["preprocessing"]
+    size = preprocessing.get("image_size") if isinstance(preprocessing, dict) else None
+    try:
+        check_network_request(checkpoint["model_config"], size)
+    except ValueError as error:
+        raise UserError(f"{path} asks for a network beyond what it may ({error}); it was damaged or edited: use the "
+                        "file train.py wrote, or train again") from None
+    multiple = size_multiple(checkpoint["model_config"])
+    if not all(side >= multiple and side % multiple == 0 for side in size):
+        raise UserError(
+            f"{path}: its image size {size} does not suit its network (height and width must be multiples of "
+            f"{multiple}); it was damaged or edited: use the file train.py wrote, or train again"
+        )
+
+
+def check_weights(weights: object, config: dict, path: str | Path) -> None:
+    """Refuse weights that do not fit the network `config` describes, compared on a network without memory (on the
+    meta device: shapes only) before the real one is built; and weights that are not all finite numbers."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": the point here
+            build_model(config).load_state_dict(weights)
+    except (RuntimeError, TypeError, KeyError, ValueError, AttributeError, AssertionError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise UserError(
+            f"{path} does not match the model it describes ({'; '.join(lines[:2])[:400]}); it was damaged or edited: "
+            "use the file train.py wrote, or train again"
+        ) from None
+    for name, value in weights.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise UserError(f"{path} holds weights that are not numbers (NaN or infinite, in {name}): the training "
+                            "that wrote it diverged, or the file was damaged. Use another checkpoint (an earlier "
+                            "epoch's, or a run's best.pt), or train again")
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *, fold: int = 0) -> tuple[nn.Module, dict]:
     """The model (in eval mode, on `device`) and the checkpoint dict. For an ensemble checkpoint the model is the
     Ensemble of its fold models, or with `fold` k only the model of fold k."""
@@ -192,25 +231,13 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *, fol
             held = f"the models of folds {', '.join(map(str, folds))}" if weights == "ensemble" else "one model"
             raise UserError(f"{path} holds {held}, not fold {fold}; pass one of those to --fold, or 0 for all")
         members = [member for member in members if member["fold"] == fold]
-    try:
-        models = [build_model(checkpoint["model_config"]) for _ in members]
-        for model, member in zip(models, members, strict=True):
-            model.load_state_dict(member["state_dict"])
-    except (RuntimeError, TypeError, KeyError, ValueError) as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise UserError(
-            f"{path} does not match the model it describes ({'; '.join(lines[:2])}); it was damaged or edited: "
-            "use the file train.py wrote, or train again"
-        ) from None
+    check_request(checkpoint, path)
+    for member in members:
+        check_weights(member.get("state_dict") if isinstance(member, dict) else None, checkpoint["model_config"], path)
+    models = [build_model(checkpoint["model_config"]) for _ in members]
+    for model, member in zip(models, members, strict=True):
+        model.load_state_dict(member["state_dict"])
     check_postprocessing(checkpoint["postprocessing"], path)
-    preprocessing, multiple = checkpoint["preprocessing"], size_multiple(checkpoint["model_config"])
-    size = preprocessing.get("image_size") if isinstance(preprocessing, dict) else None
-    sides = size if isinstance(size, list | tuple) and len(size) == 2 else [0]
-    if not all(type(side) is int and side >= multiple and side % multiple == 0 for side in sides):
-        raise UserError(
-            f"{path}: its image size {size} does not suit its network (height and width must be multiples of "
-            f"{multiple}); it was damaged or edited: use the file train.py wrote, or train again"
-        )
     model = models[0] if len(models) == 1 else Ensemble(models)
     return model.to(device).eval(), checkpoint
 

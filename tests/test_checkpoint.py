@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from nerveseg import checkpoint as checkpoint_module
 from nerveseg.checkpoint import (
     ADDED_SETTINGS,
     ensemble_checkpoint,
@@ -238,3 +239,55 @@ def test_a_checkpoint_path_that_is_a_folder_an_onnx_model_or_a_resume_state_says
         load_checkpoint(run / "last.pt")
     assert str(caught.value) == (f"{run / 'last.pt'} is a training run's state for --resume (last.pt), not a model; "
                                  f"predict with the run's best model {run / 'best.pt'} or the published published.pt")
+
+
+# %% A checkpoint is data: what it may ask for is bounded, and checked before any network is built
+
+ASKING_TOO_MUCH = {  # an edit of the small checkpoint, and the refusal
+    "a huge image size": (lambda c: c["preprocessing"].update(image_size=[16000, 16000]),
+                          "asks for a network beyond what it may (an input of 16000x16000 with channels [4, 8] holds "
+                          "2,048 million feature values per image, above the bound of 67 million"),
+    "a large channel count": (lambda c: c["model_config"].update(channels=[4, 4096]),
+                              "does not match the model it describes (Error(s) in loading state_dict for "
+                              "PresenceUNet:; size mismatch for "),
+    "a channel count past the bound": (lambda c: c["model_config"].update(channels=[4, 12288]),
+                                       "channels must be 2 to 10 whole numbers from 1 to 4096, not [4, 12288]"),
+    "too many levels": (lambda c: c["model_config"].update(channels=[4] * 1000, strides=[1] * 999),
+                        "channels must be 2 to 10 whole numbers"),
+    "residual units past the bound": (lambda c: c["model_config"].update(num_res_units=10**6),
+                                      "num_res_units from 0 to 16, not 1, 1, 1000000"),
+    "a text channel count": (lambda c: c["model_config"].update(channels=[4, "8"]), "not [4, '8']"),
+    "settings of another kind": (lambda c: c.update(model_config=[4, 8]), "its model_config is list, not a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ASKING_TOO_MUCH))
+def test_a_checkpoint_that_asks_for_too_much_is_refused_before_any_network_is_built(case, small_checkpoint,
+                                                                                    monkeypatch):
+    edit, message = ASKING_TOO_MUCH[case]
+    edited = edit_checkpoint(small_checkpoint, edit)
+    built_on = []  # the device of each network built: "meta" holds shapes only, no memory
+
+    def build(config):
+        built_on.append(torch.get_default_device().type)
+        return build_model(config)
+
+    monkeypatch.setattr(checkpoint_module, "build_model", build)
+    with pytest.raises(UserError) as caught:
+        load_checkpoint(edited)
+    assert message in str(caught.value) and str(edited) in str(caught.value)
+    assert "edited" in str(caught.value) and "train.py" in str(caught.value)
+    assert set(built_on) <= {"meta"}, "a network was built before the checkpoint was checked"
+    load_checkpoint(small_checkpoint)
+    assert built_on[-2:] == ["meta", "cpu"]  # a sound checkpoint: compared, then built
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_with_weights_that_are_not_numbers_is_refused(value, small_checkpoint):
+    edited = edit_checkpoint(small_checkpoint, lambda c: c["state_dict"]["model.0.conv.weight"].view(-1)
+                             .__setitem__(3, value))
+    with pytest.raises(UserError, match=re.escape(
+            f"{edited} holds weights that are not numbers (NaN or infinite, in model.0.conv.weight): the training "
+            "that wrote it diverged, or the file was damaged. Use another checkpoint")):
+        load_checkpoint(edited)
+

@@ -322,6 +322,17 @@ def test_page_escapes_what_would_end_its_script():
     assert "<" not in data and "&" not in data
 
 
+def test_a_page_with_nan_or_infinite_figures_is_still_json_its_script_can_read():
+    text = page({"columns": ["presence", "dice"], "rows": [[float("nan"), float("inf")], [0.5, -float("inf")]],
+                 "summary": [("Kaggle Dice", float("nan"))], "has_truths": True, "full_size_limit": 1})
+    data = re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1)
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON: the page's JSON.parse stops at it")
+
+    assert json.loads(data, parse_constant=refuse)["rows"] == [[None, None], [0.5, None]]
+
+
 def test_a_full_disk_while_writing_a_thumbnail_is_a_clear_error(tmp_path, monkeypatch):
     report = Report(tmp_path, images=5000, has_truths=False)
 

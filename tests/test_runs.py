@@ -53,6 +53,8 @@ NOT_TOGETHER = [  # (settings changed from the defaults, the message): settings 
     ({"IMAGE_HEIGHT": 100}, "must be multiples of 16 (the product of the strides), not 100x176"),
     ({"IMAGE_WIDTH": 8}, "not 128x8"),
     ({"STRIDES": (2, 2, 2, 3), "IMAGE_HEIGHT": 96}, "must be multiples of 24"),
+    ({"IMAGE_HEIGHT": 16000, "IMAGE_WIDTH": 16000}, "--image-height, --image-width and --channels ask for more memory "
+     "than any model here may (an input of 16000x16000 with channels [16, 32, 64, 128, 256] holds 8,448 million"),
 ]
 
 
@@ -76,6 +78,7 @@ def test_settings_that_cannot_work_together_are_refused_with_what_would(changed,
     (["--presence-weight", "0"], {"PRESENCE_WEIGHT": 0.0}),
     (["--strides", "2,2,2", "--channels", "8,16,32,64", "--image-height", "8"],
      {"STRIDES": (2, 2, 2), "CHANNELS": (8, 16, 32, 64), "IMAGE_HEIGHT": 8}),
+    (["--image-height", "1024", "--image-width", "1024"], {"IMAGE_HEIGHT": 1024, "IMAGE_WIDTH": 1024}),  # in bounds
 ])
 def test_settings_that_work_pass(train_settings, argv, changed):
     resolved = parse_settings(train_settings, argv=argv)

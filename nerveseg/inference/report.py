@@ -15,9 +15,11 @@ replaces an older one at once, with the rest of the folder (predict_io.OutputFol
 import base64
 import hashlib
 import json
+import math
 import re
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -171,10 +173,22 @@ def page(data: dict) -> str:
     )}
     policy = (f"default-src 'none'; img-src 'self' file:; style-src {hashes['style']}; "
               f"script-src {hashes['script']}; base-uri 'none'; form-action 'none'")
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(without_nan(data), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     text = text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")  # never ends the element
     text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
     return template.replace("@CSP@", policy, 1).replace("@DATA@", text, 1)
+
+
+def without_nan(value: Any) -> Any:
+    """`value` with every NaN or infinite number made None (shown blank): bare NaN is not JSON, and would stop the
+    page's script."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_nan(item) for item in value]
+    return value
 
 
 def digest(text: str) -> str:
