@@ -35,7 +35,7 @@ from nerveseg.frames import read_image
 from nerveseg.images import parse_mask_values
 from nerveseg.inference.dicom_seg import require_highdicom
 from nerveseg.inference.media_outputs import Videos, area_mm2, frame_columns, write_media_outputs
-from nerveseg.inference.outputs import OutputFolder, find_truth, pick_examples
+from nerveseg.inference.outputs import OutputFolder, find_truth, pick_examples, truth_of
 from nerveseg.inference.presence_over_time import PresenceOverTime
 from nerveseg.inference.report import Report, describe_prediction
 from nerveseg.inference.uncertainty import MemberOutputs, describe_check, uncertainty_check
@@ -151,9 +151,10 @@ with torch.no_grad():
                          "mask_area": int(np.count_nonzero(mask)), "uncertainty": f"{uncertainty:.4f}",
                          "note": batch["notes"][index]}
             image_row |= frame_columns(batch["seconds"][index], batch["pixel_area_mm2"][index], image_row["mask_area"])
-            truth = None
-            if name in truths:
-                truth = torch.as_tensor(truths[name]()).bool()[None, None]
+            truth, truth_problem = truth_of(truths, name)
+            image_row["note"] = "; ".join(filter(None, [image_row["note"], truth_problem]))
+            if truth is not None:
+                truth = torch.as_tensor(truth).bool()[None, None]
                 if truth.shape[-2:] != mask.shape:
                     raise UserError(f"the truth mask of {batch['image_path'][index]} is {truth.shape[-1]}x"
                                     f"{truth.shape[-2]}, the image {mask.shape[1]}x{mask.shape[0]}; check --masks")
@@ -191,7 +192,7 @@ for item in pick_examples([item for item in items if item["id"] in predicted], p
     name = item["id"]
     image = read_image(item["image"], max_pixels=MAX_IMAGE_PIXELS).pixels
     mask = np.asarray(Image.open(Path(OUTPUT, "masks", f"{name}.png"))) > 0
-    truth = truths[name]() if name in truths else None
+    truth = truth_of(truths, name)[0]
     dice = (
         float(kaggle_dice(torch.as_tensor(mask)[None, None], torch.as_tensor(truth)[None, None]))
         if truth is not None

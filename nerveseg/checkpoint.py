@@ -203,6 +203,18 @@ def check_weights(weights: object, config: dict, path: str | Path) -> None:
                             "epoch's, or a run's best.pt), or train again")
 
 
+RECORDS = ("model_config", "preprocessing", "postprocessing", "settings", "metrics", "tta")  # dicts, where present
+
+
+def check_records(checkpoint: dict, path: str | Path) -> None:
+    """Refuse a checkpoint (or an ONNX model's metadata) whose records are not dicts (settings edited to a list:
+    it would fail after all the work), naming the first."""
+    for key in RECORDS:
+        if checkpoint.get(key) is not None and not isinstance(checkpoint[key], dict):
+            raise UserError(f"{path}: its {key} is a {type(checkpoint[key]).__name__}, not a record of names and "
+                            "values; it was damaged or edited: use the file train.py wrote, or train again")
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *, fold: int = 0) -> tuple[nn.Module, dict]:
     """The model (in eval mode, on `device`) and the checkpoint dict. For an ensemble checkpoint the model is the
     Ensemble of its fold models, or with `fold` k only the model of fold k."""
@@ -218,6 +230,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *, fol
         raise UserError(f"{path} is not a checkpoint written by train.py (no '{FORMAT}' format tag)")
     if checkpoint.get("version", 0) > VERSION:
         raise UserError(f"{path} was written by a newer version of this project; update it to read the file")
+    check_records(checkpoint, path)
     checkpoint = upgrade(checkpoint)
     weights = "ensemble" if "ensemble" in checkpoint else "state_dict"
     needed = ("model_config", weights, "preprocessing", "postprocessing", "epoch")

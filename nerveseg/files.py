@@ -6,6 +6,7 @@ what a killed run left half-written is removed by the next run that writes there
 import contextlib
 import csv
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -33,19 +34,21 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
 
     On any error the temporary file is removed and `path` keeps its previous content. A full disk
     or a read-only folder becomes a UserError that names the file. The file gets the permissions that
-    open() would give it (0666 less the umask), not mkstemp's private 0600.
+    open() would give it (0666 less the umask), not mkstemp's private 0600. A text file is UTF-8, and a
+    file name that is not UTF-8 is written as its own bytes (a reader gets it back with errors="surrogateescape").
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_abandoned(path.parent, re.escape(f".{path.name}.") + RANDOM_PART + r"\.tmp")
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_abandoned(path.parent, re.escape(f".{hidden_stem(path)}.") + RANDOM_PART + r"\.tmp")
+        handle, temporary = tempfile.mkstemp(prefix=f".{hidden_stem(path)}.", suffix=".tmp", dir=path.parent)
         lock = take_lock(temporary)  # tells a later run that this file is being written, until this process ends
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror}; choose a writable folder") from None
     try:
         os.fchmod(handle, 0o666 & ~current_umask())
-        with os.fdopen(handle, mode, **({} if "b" in mode else {"newline": "", "encoding": "utf-8"})) as file:
+        text = {"newline": "", "encoding": "utf-8", "errors": "surrogateescape"}
+        with os.fdopen(handle, mode, **({} if "b" in mode else text)) as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
@@ -67,6 +70,27 @@ def write_json(path: str | Path, value: Any) -> None:
         file.write("\n")
 
 
+def hidden_stem(path: Path) -> str:
+    """What the names of the hidden files and folders beside `path` start with (.NAME.lock, .NAME.building-*,
+    ...): its name, or where that leaves too little of the 255 bytes a file name may have, the name's first
+    characters and a hash of it."""
+    name = os.fsencode(path.name)
+    if len(name) <= 200:
+        return path.name
+    return f"{os.fsdecode(name[:100]).rstrip()}-{hashlib.sha256(name).hexdigest()[:16]}"
+
+
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def name_text(name: str | Path) -> str:
+    """A file name as text to show (in a report, a table, a message): the bytes of a name that is not UTF-8 as
+    \\xff, and the controls that reorder the text around them ("scan<right-to-left override>gnp.exe.png" shows as
+    "scanexe.png") as \\u202e, so that the name reads as it is."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(f"\\u{ord(character):04x}" if character in BIDI_CONTROLS else character for character in text)
+
+
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a cell as a formula
 
 
@@ -83,11 +107,13 @@ def spreadsheet_safe(value: Any) -> Any:
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    """Write a CSV file atomically, one row per dict; texts that a spreadsheet would run are made plain text."""
+    """Write a CSV file atomically, one row per dict; texts that a spreadsheet would run are made plain text, and
+    file names show as they are (see name_text)."""
     with atomic_write(path) as file:
         writer = csv.DictWriter(file, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
+        writer.writerows({key: spreadsheet_safe(name_text(value) if isinstance(value, str) else value)
+                          for key, value in row.items()} for row in rows)
 
 
 def building_folder(target: Path) -> Path:
@@ -95,8 +121,8 @@ def building_folder(target: Path) -> Path:
     mkdir would give it (0777 less the umask), not mkdtemp's private 0700; locked while this process builds it.
     The building and retired folders of `target` that a killed run left are removed first. Raises OSError."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(target.parent, re.escape(f".{target.name}.") + rf"(building-{RANDOM_PART}|old-\d+)")
-    building = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    remove_abandoned(target.parent, re.escape(f".{hidden_stem(target)}.") + rf"(building-{RANDOM_PART}|old-\d+)")
+    building = Path(tempfile.mkdtemp(prefix=f".{hidden_stem(target)}.building-", dir=target.parent))
     building_locks[building] = take_lock(building)
     building.chmod(0o777 & ~current_umask())
     return building
@@ -104,7 +130,7 @@ def building_folder(target: Path) -> Path:
 
 def swap_into_place(building: Path, target: Path) -> None:
     """Replace the folder `target` by the finished folder `building`; the old one is deleted only after."""
-    retired = target.parent / f".{target.name}.old-{os.getpid()}"
+    retired = target.parent / f".{hidden_stem(target)}.old-{os.getpid()}"
     if target.exists():
         os.replace(target, retired)
     os.replace(building, target)
@@ -209,6 +235,7 @@ def check_replaceable(target: Path, *, marker: str, reads: Iterable[str | Path],
     file; a folder that is not empty and lacks `marker`, the file that `script` leaves in every folder it writes.
     """
     resolved = os.path.realpath(target)
+    check_not_current_folder(target, script=script, option=option)
     for path, read in resolved_paths(reads):
         if read == resolved:
             raise UserError(f"{option} {target} is what {script} reads, and replacing it would delete your files; "
@@ -223,6 +250,16 @@ def check_replaceable(target: Path, *, marker: str, reads: Iterable[str | Path],
     if target.exists() and not (target / marker).is_file() and any(target.iterdir()):
         raise UserError(f"{target} already holds files that {script} did not write, and it never replaces those; "
                         f"choose another {option} (a new or empty folder)")
+
+
+def check_not_current_folder(target: Path, *, script: str, option: str = "--output") -> None:
+    """Refuse, before any work, a folder to (re)build that is the one the script runs in (--output .) or above it:
+    it cannot be swapped for the new one."""
+    resolved, here = os.path.realpath(target), os.getcwd()
+    if here == resolved or here.startswith(resolved.rstrip(os.sep) + os.sep):
+        raise UserError(f"{option} {target} is {'' if here == resolved else 'above '}the folder {script} runs in, "
+                        f"which cannot be replaced; choose another {option}: a new folder such as {option} "
+                        f"{script.removesuffix('.py')}-output")
 
 
 def resolved_paths(paths: Iterable[str | Path]) -> Iterator[tuple[str | Path, str]]:
@@ -244,7 +281,7 @@ class FolderLock:
     which the next run reuses). Raises OSError where the lock file cannot be made."""
 
     def __init__(self, target: Path, *, script: str, option: str = "--output") -> None:
-        path = target.parent / f".{target.name}.lock"
+        path = target.parent / f".{hidden_stem(target)}.lock"
         target.parent.mkdir(parents=True, exist_ok=True)
         while True:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666))

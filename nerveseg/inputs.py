@@ -4,6 +4,7 @@ reading them one by one, an unreadable one skipped with its reason. Used by pred
 import os
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,9 +132,30 @@ def truth_files(folder: Path, suffix: str, *, images: set[Path]) -> dict[str, li
     return found
 
 
+def mask_suffix_hint(groups: list[tuple[list[str], set[str]]], suffix: str) -> str:
+    """A hint at --mask-suffix where names add one ending to another file's name (case1_seg beside case1), "" if
+    none. `groups`: the names (without extension) of one folder, each with the names they may extend (those of the
+    same folder, or of the images/ folder beside a masks/ folder)."""
+    endings: Counter = Counter()
+    for names, bases in groups:
+        for name in names:
+            for separator in re.finditer(r"[-_. ]", name):
+                if name[: separator.start()] in bases:
+                    ending = name[separator.start():]
+                    endings[re.sub(r"(?<=.)_\d+$", "", ending)] += 1  # an extra mask <name>_seg_1 counts as _seg
+                    break
+    endings.pop(suffix, None)
+    if not endings:
+        return ""
+    ending, count = endings.most_common(1)[0]
+    return f" {count} file(s) are named <name>{ending} beside <name>: if those are masks, pass --mask-suffix {ending}."
+
+
 def natural_key(name: object) -> tuple:
-    """Sort "2_10" after "2_9" (and subject 10 after subject 9)."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(name)))
+    """Sort "2_10" after "2_9" (and subject 10 after subject 9). Only the digits 0-9 are numbers: "²" or "٣" are
+    text (str.isdigit() takes "²" for a digit that int() then refuses)."""
+    parts = re.split(r"([0-9]+)", str(name))
+    return tuple(int(part) if index % 2 else part for index, part in enumerate(parts))
 
 
 

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from nerveseg.files import atomic_write  # noqa: E402
+from nerveseg.files import atomic_write, name_text  # noqa: E402
 
 PREDICTION_COLOUR, TRUTH_COLOUR = "#ff3b30", "#34c759"
 
@@ -86,7 +86,7 @@ def plot_predictions(examples: list[dict], path: str | Path, title: str) -> None
         for axis in (left, right):
             axis.imshow(example["image"], cmap="gray", vmin=0, vmax=255)
             axis.set_axis_off()
-        left.set_title(f"{example['id']}: ultrasound")
+        left.set_title(f"{name_text(example['id'])}: ultrasound")
         handles = []
         for key, colour, label in (("truth", TRUTH_COLOUR, "truth"), ("prediction", PREDICTION_COLOUR, "prediction")):
             mask = example.get(key)
@@ -96,7 +96,7 @@ def plot_predictions(examples: list[dict], path: str | Path, title: str) -> None
                 empty = "" if np.any(mask) else " (empty)"
                 handles.append(Line2D([], [], color=colour, linewidth=2, label=f"{label}{empty}"))
         score = f", Dice {example['dice']:.2f}" if example.get("dice") is not None else ""
-        right.set_title(f"{example['id']}: outline{score}")
+        right.set_title(f"{name_text(example['id'])}: outline{score}")
         right.legend(handles=handles, loc="lower right", fontsize=9)
     figure.suptitle(title)
     save_figure(figure, path)

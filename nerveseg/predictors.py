@@ -14,7 +14,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nerveseg.checkpoint import FORMAT, VERSION, check_postprocessing, describe_model, load_checkpoint, upgrade
+from nerveseg.checkpoint import (
+    FORMAT,
+    VERSION,
+    check_postprocessing,
+    check_records,
+    describe_model,
+    load_checkpoint,
+    upgrade,
+)
 from nerveseg.device import autocast
 from nerveseg.ensemble import TestTimeAugmentation
 from nerveseg.errors import UserError
@@ -97,6 +105,7 @@ def load_onnx(path: Path) -> tuple[OnnxPredictor, dict]:
                         "post-processing); export the model with python export.py")
     if metadata.get("version", 0) > VERSION:
         raise UserError(f"{path} was written by a newer version of this project; update it to read the file")
+    check_records(metadata, path)
     check_postprocessing(metadata["postprocessing"], path)
     check_graph_against_metadata(predictor, metadata, path)
     return predictor, upgrade(metadata)

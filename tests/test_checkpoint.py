@@ -291,3 +291,13 @@ def test_a_checkpoint_with_weights_that_are_not_numbers_is_refused(value, small_
             "that wrote it diverged, or the file was damaged. Use another checkpoint")):
         load_checkpoint(edited)
 
+
+
+@pytest.mark.parametrize("record", ["settings", "metrics", "postprocessing", "preprocessing", "model_config"])
+def test_a_checkpoint_whose_record_is_not_a_dict_is_refused_at_load(record, small_checkpoint):
+    checkpoint = torch.load(small_checkpoint, weights_only=True)
+    checkpoint[record] = [1, 2]
+    save_torch(small_checkpoint, checkpoint)
+    with pytest.raises(UserError, match=f"model.pt: its {record} is a list, not a record of names and values; it "
+                                        "was damaged or edited: use the file train.py wrote"):
+        load_checkpoint(small_checkpoint)

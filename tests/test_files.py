@@ -169,3 +169,38 @@ def test_what_a_killed_writer_left_is_removed_by_the_next_write_there_and_live_w
     finally:
         alive.communicate("")
     files.discard_building(building)
+
+
+def test_file_names_that_are_not_utf8_or_reorder_the_text_are_written_as_they_read(tmp_path):
+    names = [os.fsdecode(b"bad\xff\xfe"), "scan\u202egnp.exe", "plain é 中"]
+    write_csv(tmp_path / "out.csv", [{"name": name} for name in names], ["name"])
+    assert (tmp_path / "out.csv").read_text(encoding="utf-8").splitlines() == [
+        "name", "bad\\xff\\xfe", "scan\\u202egnp.exe", "plain é 中"]
+    with files.atomic_write(tmp_path / "list.txt") as file:  # a list of names to read back: their own bytes
+        file.write(names[0])
+    assert (tmp_path / "list.txt").read_bytes() == b"bad\xff\xfe"
+
+
+def test_a_folder_of_a_legal_long_name_gets_its_lock_and_work_folder(tmp_path):
+    target = tmp_path / ("p" * 250)  # 250 bytes: legal; ".NAME.building-XXXXXXXX" would not be
+    lock = files.FolderLock(target, script="predict.py")
+    building = files.building_folder(target)
+    (building / "mask.png").write_bytes(b"x")
+    files.write_json(building / "a.json", {})
+    with files.atomic_write(tmp_path / ("q" * 254)) as file:
+        file.write("a file of a 254-byte name")
+    files.swap_into_place(building, target)
+    files.swap_into_place(files.building_folder(target), target)  # replacing it: its old name too
+    lock.release()
+    assert all(len(os.fsencode(path.name)) <= 255 for path in tmp_path.iterdir())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p" * 250, "q" * 254]
+
+
+@pytest.mark.parametrize("output", [".", "..", "HERE"])
+def test_an_output_that_is_the_current_folder_or_above_it_is_refused_at_once(output, tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    target = tmp_path / "work" if output == "HERE" else files.Path(output)
+    with pytest.raises(UserError, match=f"--output {re.escape(str(target))} is (above )?the folder predict.py runs "
+                                        "in, which cannot be replaced; choose another --output"):
+        files.check_replaceable(target, marker=".marker", reads=[], script="predict.py")

@@ -13,7 +13,7 @@ from PIL import Image
 from nerveseg.data import read_manifest, split_by_subject
 from nerveseg.errors import UserError
 from nerveseg.images import COLOUR, MaskValues, mask_labels, parse_mask_values, target_pixels, to_grayscale
-from nerveseg.inputs import images_to_segment
+from nerveseg.inputs import images_to_segment, natural_key
 from tests.helpers import FAST_TRAINING, SHARED_DATA, assert_user_error, run_script, tree_hashes
 
 BUS_UCLM = SHARED_DATA / "bus-uclm"
@@ -518,3 +518,10 @@ def test_a_source_that_is_an_image_or_a_device_says_what_to_pass(own_pairs, tmp_
                               "Pass --source with the folder")
             assert "re-download" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.png"]
+
+
+def test_only_the_digits_0_to_9_are_numbers_in_the_natural_order(tmp_path):
+    for name in ("2.png", "10.png", "².png", "a٣.png"):  # "²".isdigit() is True, and int("²") fails
+        Image.fromarray(GRAY).save(tmp_path / name)
+    assert [item["id"] for item in images_to_segment(tmp_path, "_mask")] == ["2", "10", "a٣", "²"]
+    assert natural_key("x²_9b") < natural_key("x²_10") and natural_key("²") == ("²",)

@@ -293,3 +293,47 @@ def test_images_in_linked_folders_are_segmented_once(awkward_predictions):
     linked = sorted(f"linked/{path.stem}.png" for path in (awkward_predictions.folder / "linked").iterdir())
     assert len(linked) == 2 and written == sorted(["1.png", "2.png", "sub/3.png", "rotated.png", "nan.png",
                                                    "moving.png", *linked])
+
+
+# %% Odd names, damaged or unmatched truths: the good images still get their masks
+
+
+@pytest.mark.slow
+def test_names_of_superscripts_bytes_that_are_not_utf8_and_right_to_left_controls_are_segmented(small_model,
+                                                                                                 tmp_path):
+    folder = images_folder(tmp_path / "input", ["1", "10", "2", "²", "scan\u202egnp.exe"])
+    Image.fromarray(np.full((40, 60), 9, np.uint8)).save(os.fsencode(folder) + b"/bad\xff\xfe.png")
+    result = run_script("predict.py", "--checkpoint", str(small_model), "--input", "input", "--output", "out",
+                        "--pictures", "pictures", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "out" / "images.csv", newline="", encoding="utf-8") as file:
+        assert [row["img"] for row in csv.DictReader(file)] == ["1", "2", "10", "bad\\xff\\xfe", "scan\\u202egnp.exe",
+                                                                 "²"]
+    masks = {os.fsencode(path.name) for path in (tmp_path / "out" / "masks").iterdir()}
+    assert b"bad\xff\xfe.png" in masks and "².png".encode() in masks and len(masks) == 6
+    assert "scan\\\\u202egnp.exe" in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_damaged_truths_are_left_out_and_named_and_unmatched_ones_get_a_mask_suffix_hint(small_model, tmp_path):
+    images_folder(tmp_path / "images", ["1", "2", "3", "4", "5"])
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("1", "4_seg", "5_seg"):
+        Image.fromarray(np.zeros((40, 60), np.uint8)).save(masks / f"{name}.png")
+    (masks / "2.png").write_bytes((masks / "1.png").read_bytes()[:40])  # truncated
+    (masks / "3.png").write_text("not an image")
+    result = run_script("predict.py", "--checkpoint", str(small_model), "--input", "images", "--masks", "masks",
+                        "--output", "out", "--pictures", "pictures", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "out" / "images.csv", newline="") as file:
+        rows = {row["img"]: row for row in csv.DictReader(file)}
+    assert len(list((tmp_path / "out" / "masks").iterdir())) == 5 and rows["1"]["dice"]
+    for name, reason in (("2", "a damaged or truncated PNG file"), ("3", "not an image")):
+        left_out = f"its truth mask was left out: masks/{name}.png: {reason}"
+        assert not rows[name]["dice"] and rows[name]["note"].startswith(left_out), rows[name]
+        assert f"images/{name}.png: its truth mask was left out: masks/{name}.png" in result.stderr
+    assert ("2 of 5 images have no truth mask in --masks masks (the Dice is of the others only): images/4.png, "
+            "images/5.png; 2 mask file(s) matched no image: masks/4_seg.png, masks/5_seg.png. 2 file(s) are named "
+            "<name>_seg beside <name>: if those are masks, pass --mask-suffix _seg.") in result.stderr
+    assert "on 1 images with truth masks" in result.stdout

@@ -3,6 +3,7 @@
 import csv
 import errno
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from PIL import Image
 
 from nerveseg.ensemble import Ensemble, TestTimeAugmentation
 from nerveseg.errors import UserError
-from nerveseg.inference.report import FULL_SIZE_LIMIT, Report, kind_of_case, page
+from nerveseg.inference.report import FULL_SIZE_LIMIT, Report, describe_prediction, kind_of_case, page
 from nerveseg.inference.uncertainty import MemberOutputs, roc_auc, single_model_uncertainty, uncertainty_check
 from nerveseg.model import build_model, model_config
 from nerveseg.postprocess import PostProcessing
@@ -345,3 +346,53 @@ def test_a_full_disk_while_writing_a_thumbnail_is_a_clear_error(tmp_path, monkey
         report.add(name="a", file="a.png", network_image=np.zeros((8, 8), np.uint8), mask=np.zeros((8, 8), np.uint8),
                    truth=None, presence=0.5, dice=None, uncertainty=0.0)
     assert not (tmp_path / "report" / "0.jpg").exists()  # no partial picture left
+
+
+def report_of(folder: Path, names: list[str]) -> dict:
+    """A report of thumbnails only (no file is read again) for images called `names`, in that order; its data."""
+    report = Report(folder, images=5000, has_truths=False)
+    for name in names:
+        report.add(name=name, file=f"in/{name}.png", network_image=np.zeros((8, 8), np.uint8),
+                   mask=np.zeros((8, 8), np.uint8), truth=None, presence=0.5, dice=None, uncertainty=0.1)
+    report.add_skipped(name="3", file="in/3.png", reason="not an image")
+    about = describe_prediction("m.pt", {"epoch": 1}, engine="torch", input_folder="in", masks_folder="")
+    report.write(folder / "report.html", about=about, scores=None)
+    text = (folder / "report.html").read_text(encoding="utf-8")
+    return json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1))
+
+
+def test_the_page_lists_the_images_in_natural_order_and_its_summary_rows_are_named_once(tmp_path):
+    data = report_of(tmp_path, ["10", "2", "1", "b10", "b9"])
+    assert [row[0] for row in data["rows"]] == ["1", "2", "3", "10", "b9", "b10"]  # images.csv's order
+    labels = [label for label, _ in data["summary"]]
+    assert len(labels) == len(set(labels)), labels
+
+
+def test_names_that_reorder_the_text_or_are_not_utf8_are_shown_as_they_are(tmp_path):
+    names = ["scan\u202egnp.exe", "x\u2066y\u2069", os.fsdecode(b"bad\xff\xfe")]
+    data = report_of(tmp_path, names)
+    shown = {row[0]: row[1] for row in data["rows"]}
+    assert set(shown) == {"scan\\u202egnp.exe", "x\\u2066y\\u2069", "bad\\xff\\xfe", "3"}
+    assert shown["bad\\xff\\xfe"] == "in/bad\\xff\\xfe.png"
+    (tmp_path / "report.html").read_text(encoding="utf-8")  # valid UTF-8
+
+
+def test_the_page_says_its_pictures_are_in_report_beside_it(tmp_path):
+    report_of(tmp_path, ["1", "2"])
+    text = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "The pictures are in the folder report/ beside this page" in text
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_a_page_moved_without_its_pictures_says_where_they_are(tmp_path):
+    report_of(tmp_path, ["1", "2"])
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.move(tmp_path / "report.html", moved / "report.html")
+    result = browser("--dump-dom", url=(moved / "report.html").as_uri(), cwd=moved)
+    note = re.search(r'<p class="pictures missing" id="pictures">(.*?)</p>', result.stdout, re.S)
+    assert note and note.group(1).startswith("The pictures did not load: they are in the folder report/"), note
+    shutil.move(tmp_path / "report", moved / "report")
+    result = browser("--dump-dom", url=(moved / "report.html").as_uri(), cwd=moved)
+    assert '<p class="pictures" id="pictures">The pictures are in the folder report/' in result.stdout

@@ -31,6 +31,7 @@ from nerveseg.inputs import (
     image_files,
     join_id,
     mask_name_pattern,
+    mask_suffix_hint,
     natural_key,
     relative_id,
 )
@@ -103,25 +104,6 @@ def describe_folder(source: Path) -> str:
         return f"no image files ({', '.join(entries) or 'it is empty'})"
     shown = ", ".join(f"{count} {suffix} in {folder}/" for (folder, suffix), count in counts.most_common(6))
     return f"{sum(counts.values())} image files: {shown}{', ...' if len(counts) > 6 else ''}"
-
-
-def mask_suffix_hint(groups: list[tuple[list[str], set[str]]], suffix: str) -> str:
-    """A hint at --mask-suffix where names add one ending to another file's name (case1_seg beside case1), "" if
-    none. `groups`: the names (without extension) of one folder, each with the names they may extend (those of the
-    same folder, or of the images/ folder beside a masks/ folder)."""
-    endings: Counter = Counter()
-    for names, bases in groups:
-        for name in names:
-            for separator in re.finditer(r"[-_. ]", name):
-                if name[: separator.start()] in bases:
-                    ending = name[separator.start():]
-                    endings[re.sub(r"(?<=.)_\d+$", "", ending)] += 1  # an extra mask <name>_seg_1 counts as _seg
-                    break
-    endings.pop(suffix, None)
-    if not endings:
-        return ""
-    ending, count = endings.most_common(1)[0]
-    return f" {count} file(s) are named <name>{ending} beside <name>: if those are masks, pass --mask-suffix {ending}."
 
 
 def suffix_hint(source: Path, suffix: str) -> str:

@@ -1,6 +1,7 @@
 """predict.py's outputs: the output folder, the truth masks, the examples drawn."""
 
 import os
+import sys
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,11 +17,12 @@ from nerveseg.files import (
     building_folder,
     check_replaceable,
     discard_building,
+    name_text,
     swap_into_place,
 )
 from nerveseg.frames import read_truth
-from nerveseg.images import MAX_IMAGE_PIXELS, MaskValues
-from nerveseg.inputs import truth_files
+from nerveseg.images import MAX_IMAGE_PIXELS, MaskValues, UnreadableImage
+from nerveseg.inputs import mask_suffix_hint, natural_key, read_error_reason, truth_files
 
 MARKER = ".nerveseg-predictions"  # tells a folder of ours from a user's folder, and lists what we wrote
 
@@ -95,7 +97,7 @@ def files_of_others(target: Path) -> list[str]:
     marker does not list (a marker left by an older version is empty: its files were these names)."""
     if not (target / MARKER).is_file():
         return []  # a new or empty folder
-    listed = set((target / MARKER).read_text(encoding="utf-8", errors="replace").splitlines())
+    listed = set((target / MARKER).read_text(encoding="utf-8", errors="surrogateescape").splitlines())
     names = [path.relative_to(target).as_posix() for path in files_below(target)]
     if not listed:
         return [name for name in names if name not in (MARKER, "images.csv", "submission.csv")
@@ -130,11 +132,57 @@ def find_truth(
             paths = [(path, int(number)) for path in found.get(base, []) if is_dicom_file(path)]
         if paths:
             truths[item["id"]] = lambda paths=paths: np.maximum.reduce(
-                [read_truth(path, frame, rule, max_pixels=max_pixels) for path, frame in paths])
+                [read_truth_file(path, frame, rule, max_pixels=max_pixels) for path, frame in paths])
     if not truths:
+        hint = mask_suffix_hint([(list(found), {item["id"] for item in items})], suffix)
         raise UserError(f"--masks {folder} holds no mask named like the input images (<name>.png, <name>{suffix}.png "
-                        "or any other image format, in the same subfolders)")
+                        f"or any other image format, in the same subfolders).{hint}")
+    report_unmatched(items, found, truths, folder, suffix)
     return truths
+
+
+def report_unmatched(items: list[dict], found: dict[str, list[Path]], truths: dict, folder: str,
+                     suffix: str) -> None:
+    """Say (on stderr) which images have no truth and which mask files matched no image, with a hint at
+    --mask-suffix where their names extend the images' (case1_seg beside case1): the Dice is of the others only."""
+    without = [item["image_path"] for item in items if item["id"] not in truths]
+    matched = {identifier for item in items for identifier in (item["id"], item["id"].rpartition("#")[0])}
+    unmatched_ids = found.keys() - matched
+    unmatched = sorted((path for identifier in unmatched_ids for path in found[identifier]), key=natural_key)
+    if not without:
+        return
+    hint = mask_suffix_hint([(list(unmatched_ids), {item["id"] for item in items})], suffix)
+    print(f"predict.py: {len(without)} of {len(items)} images have no truth mask in --masks {folder} (the Dice is "
+          f"of the others only): {shown(without)}"
+          + (f"; {len(unmatched)} mask file(s) matched no image: {shown(unmatched)}." if unmatched else ".") + hint,
+          file=sys.stderr)
+
+
+def shown(paths: list) -> str:
+    """The first few of `paths`, as text."""
+    return ", ".join(name_text(path) for path in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
+def read_truth_file(path: Path, frame: int, rule: MaskValues, *, max_pixels: int) -> np.ndarray:
+    """One truth mask as 0/1 (nerveseg.frames.read_truth); UnreadableImage (naming it and why) where it is damaged
+    or not an image."""
+    try:
+        return read_truth(path, frame, rule, max_pixels=max_pixels)
+    except UserError:
+        raise  # UnreadableImage, or several mask values without --mask-values: a setting to give
+    except Exception as error:  # PIL's errors for a damaged file: OSError, ValueError, SyntaxError, ...
+        raise UnreadableImage(f"{path}: {read_error_reason(str(path), error)}") from None
+
+
+def truth_of(truths: dict[str, Callable[[], np.ndarray]], name: str) -> tuple[np.ndarray | None, str]:
+    """The truth mask of the image `name` (None where it has none), and why its file could not be read ("" where
+    it could): a damaged truth is left out of the Dice and named, as a damaged image is skipped and named."""
+    if name not in truths:
+        return None, ""
+    try:
+        return truths[name](), ""
+    except UnreadableImage as error:
+        return None, f"its truth mask was left out: {name_text(str(error))}"
 
 
 def pick_examples(items: list[dict], predicted: dict[str, str], count: int) -> list[dict]:

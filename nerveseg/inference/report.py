@@ -25,10 +25,11 @@ import numpy as np
 from PIL import Image
 
 from nerveseg.errors import UserError
-from nerveseg.files import atomic_write
+from nerveseg.files import atomic_write, name_text
 from nerveseg.frames import frame_name, read_image
 from nerveseg.images import MAX_IMAGE_PIXELS
 from nerveseg.inference.uncertainty import WRONG_BELOW, describe_check, uncertainty_check
+from nerveseg.inputs import natural_key
 from nerveseg.metrics import describe_scores
 
 PICTURES = "report"  # the folder of the pictures, beside report.html
@@ -107,7 +108,8 @@ class Report:
             self.save(draw_outlines(image, mask.astype(bool), truth, line), full, quality=90)
         truth_is_empty = None if truth is None else not truth.any()
         self.rows.append({
-            "name": name, "file": file, "kind": kind_of_case(not mask.any(), truth_is_empty, dice),
+            "name": name_text(name), "file": name_text(file),
+            "kind": kind_of_case(not mask.any(), truth_is_empty, dice),
             "presence": round(presence, 4), "area": int(np.count_nonzero(mask)),
             "dice": None if dice is None else round(dice, 4), "uncertainty": round(uncertainty, 4),
             "truth_empty": truth_is_empty, "thumb": thumb, "width": size[0], "height": size[1], "full": full,
@@ -116,14 +118,16 @@ class Report:
 
     def add_skipped(self, *, name: str, file: str, reason: str) -> None:
         """A file that could not be read, and why."""
-        self.rows.append({"name": name, "file": file, "kind": "skipped", "presence": None, "area": 0, "dice": None,
+        self.rows.append({"name": name_text(name), "file": name_text(file), "kind": "skipped", "presence": None,
+                          "area": 0, "dice": None,
                           "uncertainty": None, "truth_empty": None, "thumb": "", "width": 0, "height": 0, "full": "",
                           "reason": reason, "area_mm2": None})
 
     def add_video(self, *, name: str, file: str, picture: str, size: tuple[int, int], text: str) -> None:
         """A video as one entry: `picture` (below the report's folder) its presence and area over time, `text` its
         frames in words (see nerveseg/inference/media_outputs.py)."""
-        self.rows.append({"name": name, "file": file, "kind": "video", "presence": None, "area": 0, "dice": None,
+        self.rows.append({"name": name_text(name), "file": name_text(file), "kind": "video", "presence": None,
+                          "area": 0, "dice": None,
                           "uncertainty": None, "truth_empty": None, "thumb": picture, "width": size[0],
                           "height": size[1], "full": picture, "reason": text, "area_mm2": None})
 
@@ -141,6 +145,7 @@ class Report:
         """The page, atomically: `about` the lines of what predicted with what, `scores` DiceTally.summary() with
         its all-empty baseline where truths were given."""
         kinds = [row["kind"] for row in self.rows]
+        self.rows.sort(key=lambda row: natural_key(row["name"]))  # as images.csv: "2" before "10"
         predicted = [row for row in self.rows if row["kind"] not in ("skipped", "video")]
         skipped = [row for row in self.rows if row["kind"] == "skipped"]
         summary = [*about, ("images", f"{len(predicted)} predicted, {len(skipped)} skipped; "
@@ -202,7 +207,7 @@ def describe_prediction(checkpoint_path: str, checkpoint: dict, *, engine: str, 
     ensemble and test-time augmentation, post-processing."""
     settings, metrics = checkpoint.get("settings") or {}, checkpoint.get("metrics") or {}
     predicting_with = checkpoint.get("predicting_with") or f"epoch {checkpoint.get('epoch')}"
-    lines = [("images", input_folder + (f" (truths: {masks_folder})" if masks_folder else "")),
+    lines = [("input", name_text(input_folder) + (f" (truths: {name_text(masks_folder)})" if masks_folder else "")),
              ("model", f"{checkpoint_path}: {predicting_with}, run by "
                        f"{'ONNX Runtime' if engine == 'onnxruntime' else 'PyTorch'}")]
     if settings:
