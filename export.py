@@ -58,9 +58,13 @@ OVERWRITE = False  # replace an existing bundle folder (only one that export.py 
 # -----------------------------------------------------------------------------
 exit_on_user_error("export.py")
 globals().update(parse_settings(globals()))
-output = Path(OUTPUT or Path(CHECKPOINT).with_suffix(".onnx" if FORMAT == "onnx" else ""))
-if output.resolve() == Path(CHECKPOINT).resolve() or (FORMAT == "onnx" and output.suffix.lower() != ".onnx"):
-    raise UserError(f"--output must be a .onnx file other than the checkpoint, not {output}")
+named = Path(CHECKPOINT).with_suffix(".onnx" if FORMAT == "onnx" else "")  # the default: the checkpoint's name
+output = Path(OUTPUT or (named if named != Path(CHECKPOINT) else f"{CHECKPOINT}-bundle"))
+written = "a .onnx file" if FORMAT == "onnx" else "the bundle's folder"
+if output.resolve() == Path(CHECKPOINT).resolve():
+    raise UserError(f"--output {output} is the checkpoint itself; pass --output with {written}")
+if FORMAT == "onnx" and output.suffix.lower() != ".onnx":
+    raise UserError(f"--output must be a .onnx file for --format onnx, not {output} (--format bundle writes a folder)")
 if FORMAT == "onnx" and (output.is_dir() or output.exists() and not is_our_onnx(output)):
     raise UserError(f"--output {output} is a {'folder' if output.is_dir() else 'file'} that export.py did not "
                     "write, and the export would replace it; choose another --output (a new file, or an ONNX model "

@@ -200,11 +200,12 @@ for item in pick_examples([item for item in items if item["id"] in predicted], p
     )
     examples.append({"id": name, "image": image, "prediction": mask, "truth": truth, "dice": dice})
 picture = Path(PICTURES, "predictions.png")
+replaced = " (replacing the picture of the run before; --pictures DIR keeps it)" if picture.exists() else ""
 if examples:
     plot_predictions(examples, picture, f"Predicted outlines ({Path(CHECKPOINT).name}, {INPUT})")
 seconds = time.perf_counter() - started
 submission = f", {OUTPUT}/submission.csv" if write_submission else ""
-pictured = f" and {picture}" if examples else ""
+pictured = f" and {picture}{replaced}" if examples else ""
 submission += f", {OUTPUT}/report.html" if REPORT else ""
 submission += "".join(f", {OUTPUT}/{name}" for name in media[:4]) + (f" and {len(media) - 4} more" if media[4:] else "")
 print(

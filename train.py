@@ -20,7 +20,6 @@ import monai
 import torch
 from monai.data import CacheDataset, DataLoader, ThreadDataLoader
 from torch import nn
-from tqdm import tqdm
 
 from nerveseg import distributed, memory
 from nerveseg.checkpoint import save_torch
@@ -29,6 +28,7 @@ from nerveseg.ensemble import augmentation_for_training
 from nerveseg.errors import exit_on_user_error
 from nerveseg.model import MODELS, PRESENCE_SIGNALS, build_model, model_config, set_output_prior
 from nerveseg.postprocess import default_postprocessing
+from nerveseg.progress import progress
 from nerveseg.settings import Bounds, OneOf, parse_settings, settings_to_json
 from nerveseg.training import runs, steps
 from nerveseg.training.augment import AUGMENTATIONS, BatchAugment
@@ -167,8 +167,8 @@ def train_epoch(model: nn.Module, loader: ThreadDataLoader, optimizer, scheduler
     generator = torch.Generator(process.device).manual_seed(steps.augmentation_seed(settings.SEED, epoch, process.rank))
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=process.device)
-    bar = tqdm(loader, desc=f"{name}epoch {epoch}/{settings.MAX_EPOCHS}", leave=False,
-               disable=settings.QUIET or not process.is_main or None)
+    bar = progress(loader, desc=f"{name}epoch {epoch}/{settings.MAX_EPOCHS}",
+                   quiet=settings.QUIET or not process.is_main)
     for step, batch in enumerate(bar):
         images = network_input(batch["image"].to(process.device, non_blocking=True))
         labels = batch["label"].to(process.device, non_blocking=True).float()

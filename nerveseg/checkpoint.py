@@ -133,18 +133,34 @@ def read_torch_file(path: str | Path) -> Any:
                         f"--checkpoint {path}); to export again, pass the .pt checkpoint it was exported from")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        raise UserError(
-            f"{path} holds Python objects that safe loading refuses (weights_only=True"
-            f"{f', it refers to {refused[1]}' if refused else ''}), so it was not loaded and nothing in it was run. "
-            "Only use checkpoints written by train.py."
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        if is_onnx_model(path):
+            raise UserError(f"{path} is an ONNX model (as export.py writes), named like a checkpoint: rename it to "
+                            f"{path.with_suffix('.onnx').name} and pass that to --checkpoint (predict.py runs it)"
+                            ) from None
+        if isinstance(error, pickle.UnpicklingError):
+            refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            raise UserError(
+                f"{path} holds Python objects that safe loading refuses (weights_only=True"
+                f"{f', it refers to {refused[1]}' if refused else ''}), so it was not loaded and nothing in it was "
+                "run. Only use checkpoints written by train.py."
+            ) from None
         raise UserError(
             f"{path} is not a readable checkpoint (truncated or another kind of file: {error}); "
             "train again or copy it again"
         ) from None
+
+
+def is_onnx_model(path: Path) -> bool:
+    """Whether the file is an ONNX model: a graph of at least one node that the onnx package reads."""
+    import onnx  # only here: reading a checkpoint does not need it
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load_model(path, load_external_data=False)
+    except (DecodeError, ValueError, OSError, RuntimeError):
+        return False
+    return model.ir_version > 0 and len(model.graph.node) > 0
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -4,6 +4,7 @@ writes, pixel for pixel, with no part of this project importable; its metadata p
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -213,11 +214,50 @@ def test_the_bundle_reads_the_images_predict_py_reads_in_its_order(bundles, imag
     for name in ("2_10.png", "2_9.tif", "10.png", "sub/1_2.jpg", "sub/1_2_mask.png", ".hidden.png"):
         (folder / name).parent.mkdir(exist_ok=True)
         shutil.copy(images / "n0.png", folder / name)
-    parser = ConfigParser()
-    parser.read_config(str(bundles["single"] / "configs" / "inference.json"))
-    parser["dataset_dir"] = str(folder)
     expected = [item["image"] for item in images_to_segment(folder, "_mask")]
-    assert parser.get_parsed_content("datalist") == expected and len(expected) == 16
+    assert bundle_datalist(bundles["single"], folder) == expected and len(expected) == 16
+
+
+def bundle_datalist(bundle: Path, folder: Path) -> list[str]:
+    """The images the bundle would segment in `folder`, in its order."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["dataset_dir"], parser["bundle_root"] = str(folder), str(bundle)  # as `monai.bundle run` finds it
+    return parser.get_parsed_content("datalist")
+
+
+@pytest.mark.slow
+def test_the_bundle_reads_each_image_once_through_a_link_loop_and_not_the_masks_beside_images(bundles, images,
+                                                                                              tmp_path):
+    folder = tmp_path / "own"
+    for name in ("images/1.png", "images/10.png", "images/2.png", "images/².png", "masks/1.png", "masks/2.png",
+                 "scans/a.png", "scans/a_mask.png"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(images / "n0.png", folder / name)
+    (folder / "loop").symlink_to(".")
+    (folder / "scans" / "up").symlink_to("..")
+    expected = [item["image"] for item in images_to_segment(folder, "_mask")]
+    assert bundle_datalist(bundles["single"], folder) == expected
+    assert [Path(path).relative_to(folder).as_posix() for path in expected] == [
+        "images/1.png", "images/2.png", "images/10.png", "images/².png", "scans/a.png"]
+
+
+@pytest.mark.slow
+def test_an_unreadable_image_is_skipped_with_one_line_and_the_others_get_predict_pys_masks(
+        bundles, checkpoints, images, fresh_environment, tmp_path):
+    folder = tmp_path / "some broken"
+    shutil.copytree(images, folder)
+    (folder / "n2.png").write_bytes((images / "n2.png").read_bytes()[:100])  # truncated
+    (folder / "scans" / "note.png").write_text("not an image")
+    stdout = run_bundle(bundles["single"], folder, tmp_path / "bundled", fresh_environment)
+    skipped = [line for line in stdout.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 2 and all(line.endswith("; no mask written") for line in skipped), stdout[-3000:]
+    assert f"skipped {folder / 'n2.png'}: it cannot be read (" in stdout
+    result = run_script("predict.py", "--checkpoint", str(checkpoints["single"]), "--input", str(folder), "--output",
+                        "predicted", "--pictures", "pictures", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    masks = assert_same_masks(tmp_path / "predicted" / "masks", tmp_path / "bundled")
+    assert len(masks) == 12 and "n2.png" not in masks
 
 
 # %% What the bundle holds
@@ -328,6 +368,10 @@ def test_an_existing_bundle_is_replaced_only_with_overwrite_and_a_foreign_folder
             check_target(folder, overwrite=True)
     with pytest.raises(UserError, match="not a folder"):
         check_target(tmp_path / "bundle" / "LICENSE", overwrite=True)
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    with pytest.raises(UserError, match=f"link is a symbolic link to {re.escape(str(tmp_path / 'mine'))}; pass "
+                                        f"--output {re.escape(str(tmp_path / 'mine'))} itself, or choose another"):
+        check_target(tmp_path / "link", overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     check_target(tmp_path / "new", overwrite=False)  # a new folder is fine
 
@@ -338,6 +382,15 @@ def test_the_licence_is_an_spdx_identifier_a_file_or_a_request_to_fill_it_in(tmp
     (tmp_path / "TERMS").write_text("Our own terms.\n")
     assert license_text(str(tmp_path / "TERMS"), authors="")[0] == "Our own terms.\n"
     assert "not openly licensed" in license_text("", authors="")[0]  # a typo (MTI): tests/test_settings.py
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_pt_is_exported_to_a_bundle_beside_it(checkpoints, tmp_path):
+    shutil.copy(checkpoints["single"], tmp_path / "model")
+    result = run_script("export.py", "--checkpoint", "model", "--format", "bundle", "--license", "MIT", cwd=tmp_path)
+    assert result.returncode == 0 and "wrote the MONAI Bundle model-bundle" in result.stdout, result.stderr
+    itself = run_script("export.py", "--checkpoint", "model", "--format", "bundle", "--output", "model", cwd=tmp_path)
+    assert_user_error(itself, "--output model is the checkpoint itself; pass --output with the bundle's folder")
 
 
 @pytest.mark.slow

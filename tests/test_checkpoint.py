@@ -22,6 +22,7 @@ from nerveseg.checkpoint import (
 )
 from nerveseg.errors import UserError
 from nerveseg.model import MODELS, build_model, model_config
+from nerveseg.onnx_model import onnx_graph
 from nerveseg.postprocess import PostProcessing
 from tests.helpers import assert_user_error, run_script, tree_hashes
 
@@ -301,3 +302,14 @@ def test_a_checkpoint_whose_record_is_not_a_dict_is_refused_at_load(record, smal
     with pytest.raises(UserError, match=f"model.pt: its {record} is a list, not a record of names and values; it "
                                         "was damaged or edited: use the file train.py wrote"):
         load_checkpoint(small_checkpoint)
+
+
+def test_an_onnx_model_renamed_pt_is_said_to_be_one(tmp_path):
+    config = model_config((4, 8), (2,), 0, 0.0)
+    (tmp_path / "model.pt").write_bytes(onnx_graph(build_model(config).eval(), (32, 48), has_presence=True))
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'model.pt'} is an ONNX model (as export.py writes), "
+                                                  "named like a checkpoint: rename it to model.onnx")):
+        read_torch_file(tmp_path / "model.pt")
+    (tmp_path / "other.pt").write_bytes(b"\x08\x07 not much of anything")
+    with pytest.raises(UserError, match="other.pt is not a readable checkpoint|other.pt holds Python objects"):
+        read_torch_file(tmp_path / "other.pt")

@@ -337,3 +337,15 @@ def test_damaged_truths_are_left_out_and_named_and_unmatched_ones_get_a_mask_suf
             "images/5.png; 2 mask file(s) matched no image: masks/4_seg.png, masks/5_seg.png. 2 file(s) are named "
             "<name>_seg beside <name>: if those are masks, pass --mask-suffix _seg.") in result.stderr
     assert "on 1 images with truth masks" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_run_that_replaces_the_picture_of_the_run_before_says_so(small_model, tmp_path):
+    images_folder(tmp_path / "input", ["1", "2"])
+    arguments = ("--checkpoint", str(small_model), "--input", "input", "--pictures", "pictures", "--quiet")
+    first = run_script("predict.py", *arguments, "--output", "first", cwd=tmp_path)
+    assert first.returncode == 0 and "pictures/predictions.png in" in first.stdout, first.stderr
+    second = run_script("predict.py", *arguments, "--output", "second", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert ("pictures/predictions.png (replacing the picture of the run before; --pictures DIR keeps it) in"
+            in second.stdout)

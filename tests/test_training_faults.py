@@ -19,13 +19,22 @@ import time
 import types
 from pathlib import Path
 
+import monai
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from nerveseg import progress
 from nerveseg.checkpoint import load_checkpoint, read_torch_file, save_torch
 from nerveseg.data import read_manifest
+from nerveseg.distributed import Process
 from nerveseg.errors import UserError
 from nerveseg.files import write_csv
+from nerveseg.model import build_model, model_config
+from nerveseg.training.evaluation import evaluate
+from nerveseg.training.steps import SegmentationLoss
+from nerveseg.transforms import collate_keep_sizes, load_transforms
 from tests.helpers import (
     FAST_TRAINING,
     ROOT,
@@ -541,3 +550,25 @@ def test_resume_with_more_max_epochs_trains_on_to_them(sigterm_run, tmp_path):
     assert [row["epoch"] for row in rows] == ["1", "2", "3", "4"] and float(rows[-1]["lr"]) < float(rows[2]["lr"])
     assert json.loads((run / "settings.json").read_text())["max_epochs"] == 4
     assert read_torch_file(run / "last.pt")["settings"]["max_epochs"] == 4
+
+
+def test_validation_says_where_it_is_when_its_output_is_not_a_terminal(tmp_path, monkeypatch, capsys):
+    """After the last epoch, validation with test-time augmentation and the rule's grid takes minutes: a line at
+    least every LINE_EVERY seconds (here every batch), where a bar would not show (capsys: not a terminal)."""
+    items = []
+    for number in range(4):
+        image, mask = tmp_path / f"{number}.png", tmp_path / f"{number}_mask.png"
+        Image.fromarray(np.full((40, 60), 30 * number, np.uint8)).save(image)
+        Image.fromarray(np.zeros((40, 60), np.uint8)).save(mask)
+        items.append({"image": str(image), "label": str(mask)})
+    dataset = monai.data.Dataset(items, load_transforms((32, 48), with_label=True, keep_full_label=True))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate_keep_sizes)
+    config = model_config((4, 8), (2,), 0, 0.0)
+    monkeypatch.setattr(progress, "LINE_EVERY", 0.0)
+    evaluate(build_model(config), loader, SegmentationLoss(0.5), Process(0, 1, torch.device("cpu")), amp=False,
+             tune=True, quiet=False)
+    lines = capsys.readouterr().err.splitlines()
+    assert [re.sub(r", \d+ s$", "", line) for line in lines] == ["validation: batch 1 of 2", "validation: batch 2 of 2"]
+    evaluate(build_model(config), loader, SegmentationLoss(0.5), Process(0, 1, torch.device("cpu")), amp=False,
+             quiet=True)
+    assert capsys.readouterr().err == ""  # --quiet

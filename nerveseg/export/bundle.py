@@ -3,6 +3,8 @@
     <bundle>/configs/metadata.json   the bundle specification's metadata, and this project's record of the model
     <bundle>/configs/inference.json  reading, preprocessing, the TorchScript model, the presence rule and the
                                      post-processing, writing one mask per image: MONAI components only
+    <bundle>/scripts/images.py       the images to segment, found as predict.py finds them (its code, copied), and
+                                     the dataset that skips an unreadable one (nerveseg/export/bundle_script.py)
     <bundle>/models/model.ts         the network (the fold ensemble, test-time augmentation) traced to TorchScript
     <bundle>/models/model.pt         its state dict
     <bundle>/docs/README.md          what it segments, how it was trained and validated, how to run it, its limits
@@ -32,13 +34,15 @@ from nerveseg.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from nerveseg.ensemble import TestTimeAugmentation
 from nerveseg.errors import UserError
 from nerveseg.export.bundle_docs import bundle_readme, license_text
+from nerveseg.export.bundle_script import bundle_script
 from nerveseg.files import building_folder, discard_building, swap_into_place
-from nerveseg.images import IMAGE_SUFFIXES, WIDE_MODES
+from nerveseg.images import WIDE_MODES
 from nerveseg.onnx_model import CHECKPOINT_FIELDS, Probabilities
 from nerveseg.postprocess import PostProcessing
 
 BUNDLE_FORMAT = "nerveseg-bundle"  # metadata["nerveseg"]["format"]: a bundle export.py wrote
-BUNDLE_FILES = ("configs/metadata.json", "configs/inference.json", "models/model.ts", "models/model.pt",
+BUNDLE_FILES = ("configs/metadata.json", "configs/inference.json", "scripts/images.py", "models/model.ts",
+                "models/model.pt",
                 "docs/README.md", "LICENSE")
 # The bundle specification's metadata schema, as the model zoo's bundles name it (a copy: tests/data/).
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -92,19 +96,13 @@ def inference_config(image_size: tuple[int, int], post: PostProcessing, *, mask_
     (nerveseg/postprocess.py to_mask): empty below the presence threshold, else resized back (bilinear) to the
     image's size, thresholded, its largest component kept where the rule says so, and emptied below the minimum
     area; written as a PNG of 0 and 255 at <output_dir>/<its path below dataset_dir>.png. The images are taken in
-    predict.py's order and batches (the CPU's convolutions may round differently for another batch size).
+    predict.py's order and batches (the CPU's convolutions may round differently for another batch size), from
+    scripts/images.py: predict.py's finder, and a dataset that skips an unreadable image with a one-line message.
     """
     stretch = ("$lambda pixels: numpy.round((pixels - pixels.min()) * (255.0 / (pixels.max() - pixels.min())) "
                "if pixels.max() > pixels.min() else numpy.zeros_like(pixels)).astype(numpy.uint8)")
     grayscale = ("$lambda image: image if image.mode == 'L' else image.convert('L') if image.mode not in "
                  "@wide_modes else Image.fromarray(@stretch(numpy.asarray(image, dtype=numpy.float64)))")
-    datalist = ("$sorted((path for path in glob.glob(os.path.join(glob.escape(@dataset_dir), '**', '*'), "
-                "recursive=True) if path.lower().endswith(tuple(@image_suffixes)) and not re.fullmatch('.+' + "
-                "re.escape(@mask_suffix) + '(_[0-9]+)?', os.path.splitext(os.path.basename(path))[0])), "
-                "key=@natural_order)")
-    # predict.py's order (nerveseg/inputs.py natural_key: "2_10" after "2_9"), so that the batches are the same
-    natural_order = (r"$lambda path: tuple(int(part) if part.isdigit() else part for part in re.split(r'(\d+)', "
-                     "os.path.splitext(os.path.relpath(path, @dataset_dir))[0].replace(os.sep, '/')))")
     bundle_root = ("$next((os.path.dirname(os.path.abspath(str(frame.frame.f_locals['self'].config_root_path))) "
                    "for frame in inspect.stack(0) if isinstance(frame.frame.f_locals.get('self'), "
                    "monai.bundle.ConfigWorkflow)), '.')")
@@ -142,7 +140,7 @@ def inference_config(image_size: tuple[int, int], post: PostProcessing, *, mask_
          "separate_folder": False, "data_root_dir": "@dataset_dir", "print_log": False},
     ]
     return {
-        "imports": ["$import glob", "$import inspect", "$import os", "$import re", "$from PIL import Image"],
+        "imports": ["$import inspect", "$import os", "$import runpy", "$from PIL import Image"],
         "bundle_root": bundle_root,
         "dataset_dir": "images",
         "output_dir": "masks",
@@ -153,18 +151,17 @@ def inference_config(image_size: tuple[int, int], post: PostProcessing, *, mask_
         "keep_largest": post.keep_largest,
         "min_area_fraction": post.min_area_fraction,
         "batch_size": 64,
-        "image_suffixes": list(IMAGE_SUFFIXES),
         "mask_suffix": mask_suffix,
         "wide_modes": list(WIDE_MODES),
         "stretch": stretch,
         "grayscale": grayscale,
-        "natural_order": natural_order,
-        "datalist": datalist,
+        "images": "$runpy.run_path(os.path.join(@bundle_root, 'scripts', 'images.py'))",
+        "datalist": "$@images['datalist'](@dataset_dir, @mask_suffix)",
         "network_def": "$torch.jit.load(os.path.join(@bundle_root, 'models', 'model.ts'), map_location='cpu')",
         "network": "$@network_def.to(@device).eval()",
         "preprocessing": {"_target_": "Compose", "transforms": preprocessing},
-        "dataset": {"_target_": "Dataset", "data": "$[{'image': path} for path in @datalist]",
-                    "transform": "@preprocessing"},
+        "dataset": "$@images['SkippingDataset']([{'image': path} for path in @datalist], @preprocessing, "
+                   "@image_size)",
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": "@batch_size",
                        "shuffle": False, "num_workers": 0},
         "inferer": {"_target_": "SimpleInferer"},
@@ -172,8 +169,8 @@ def inference_config(image_size: tuple[int, int], post: PostProcessing, *, mask_
         "postprocessing": {"_target_": "Compose", "transforms": postprocessing},
         "run": [
             "$print('segmenting', len(@datalist), 'images of', @dataset_dir, 'into', @output_dir)",
-            "$[@postprocessing({**item, 'pred': pred}) for batch in @dataloader "
-            "for item, pred in zip(monai.data.decollate_batch(batch), @predict(batch['image']))]",
+            "$[print(item['error']) if item['error'] else @postprocessing({**item, 'pred': pred}) for batch in "
+            "@dataloader for item, pred in zip(monai.data.decollate_batch(batch), @predict(batch['image']))]",
         ],
     }
 
@@ -305,7 +302,12 @@ def check_target(target: Path, *, overwrite: bool) -> None:
     """Refuse to write over anything but a bundle of ours, and over that without --overwrite."""
     if not target.exists() and not target.is_symlink():
         return
-    if not target.is_dir() or target.is_symlink():
+    if target.is_symlink():
+        resolved = target.resolve()
+        pointed = f"; pass --output {resolved} itself" if resolved.is_dir() else ""
+        raise UserError(f"{target} is a symbolic link to {resolved}{pointed}, or choose another --output (a link is "
+                        "not replaced by a folder)")
+    if not target.is_dir():
         raise UserError(f"{target} exists and is not a folder; choose another --output")
     if not any(target.iterdir()):
         return
@@ -336,8 +338,9 @@ def write_bundle(target: Path, *, model: nn.Module, checkpoint: dict, source: st
     except OSError as error:
         raise UserError(f"cannot write into {target.parent}: {error.strerror}; choose another --output") from None
     try:
-        for folder in ("configs", "models", "docs"):
+        for folder in ("configs", "scripts", "models", "docs"):
             (building / folder).mkdir()
+        (building / "scripts" / "images.py").write_text(bundle_script())
         (building / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
         (building / "configs" / "inference.json").write_text(json.dumps(config, indent=2) + "\n")
         stream = io.BytesIO()

@@ -3,7 +3,6 @@
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from nerveseg.device import autocast
 from nerveseg.distributed import Process, all_reduce_sum
@@ -20,6 +19,7 @@ from nerveseg.postprocess import (
     tuning_scores,
     upsample,
 )
+from nerveseg.progress import progress
 from nerveseg.transforms import network_input, unpack_mask
 
 
@@ -47,7 +47,7 @@ def evaluate(
     if tune:
         shape = (len(TUNING_PLANES), len(PRESENCE_THRESHOLDS), 2, len(THRESHOLDS), len(MIN_AREA_FRACTIONS))
         scores = torch.zeros(shape, dtype=torch.float64)
-    for batch in tqdm(loader, desc="validation", leave=False, disable=quiet or None):
+    for batch in progress(loader, desc="validation", quiet=quiet):
         images = network_input(batch["image"].to(process.device))
         labels = batch["label"].to(process.device).float()
         with autocast(process.device, amp):
