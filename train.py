@@ -86,7 +86,7 @@ DEVICE = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N
 NUM_WORKERS: Bounds(at_least=0) = 0  # data-loading worker processes (0: in the main process, best for cached data)
 AMP = True  # mixed precision on CUDA (ignored on CPU)
 COMPILE = False  # torch.compile the model (first epoch slower, then faster on GPU)
-QUIET = False  # no progress bars (they are off anyway when the output is not a terminal)
+QUIET = False  # no progress: a bar in a terminal, else a line every 30 s of an epoch or a validation
 # -----------------------------------------------------------------------------
 exit_on_user_error("train.py")
 run = runs.open_run(parse_settings(globals()))  # a new run, or with --resume the stopped run with its own settings

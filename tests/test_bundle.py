@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from nerveseg.checkpoint import ensemble_checkpoint, make_checkpoint, save_torch
 from nerveseg.errors import UserError
 from nerveseg.export.bundle import BundleNetwork, check_target, trace_network
 from nerveseg.export.bundle_docs import license_text
+from nerveseg.export.bundle_script import bundle_script
 from nerveseg.inputs import images_to_segment
 from nerveseg.model import build_model, model_config
 from nerveseg.postprocess import PostProcessing
@@ -258,6 +260,23 @@ def test_an_unreadable_image_is_skipped_with_one_line_and_the_others_get_predict
     assert result.returncode == 0, result.stderr
     masks = assert_same_masks(tmp_path / "predicted" / "masks", tmp_path / "bundled")
     assert len(masks) == 12 and "n2.png" not in masks
+
+
+def test_the_bundles_finder_is_predict_pys_and_runs_alone(tmp_path):
+    script = tmp_path / "images.py"
+    script.write_text(bundle_script())
+    assert "from nerveseg" not in script.read_text() and "import nerveseg" not in script.read_text()
+    folder = tmp_path / "data"
+    for name in ("images/2.png", "images/10.png", "images/².png", "masks/2.png", "a.png", "a_mask.png", ".h/b.png",
+                 "scan.dcm"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")
+    (folder / "images" / "loop").symlink_to("..")
+    bundled = runpy.run_path(str(script))["datalist"](str(folder), "_mask")
+    found = [item["image"] for item in images_to_segment(folder, "_mask")]
+    assert bundled == [path for path in found if not path.endswith(".dcm")]  # DICOM and videos: predict.py's
+    assert [Path(path).relative_to(folder).as_posix() for path in bundled] == [
+        "a.png", "images/2.png", "images/10.png", "images/².png"]
 
 
 # %% What the bundle holds

@@ -35,7 +35,7 @@ from nerveseg.ensemble import TestTimeAugmentation
 from nerveseg.errors import UserError
 from nerveseg.export.bundle_docs import bundle_readme, license_text
 from nerveseg.export.bundle_script import bundle_script
-from nerveseg.files import building_folder, discard_building, swap_into_place
+from nerveseg.files import building_folder, check_not_current_folder, discard_building, swap_into_place
 from nerveseg.images import WIDE_MODES
 from nerveseg.onnx_model import CHECKPOINT_FIELDS, Probabilities
 from nerveseg.postprocess import PostProcessing
@@ -300,6 +300,7 @@ def is_our_bundle(folder: Path) -> bool:
 
 def check_target(target: Path, *, overwrite: bool) -> None:
     """Refuse to write over anything but a bundle of ours, and over that without --overwrite."""
+    check_not_current_folder(target, script="export.py")
     if not target.exists() and not target.is_symlink():
         return
     if target.is_symlink():

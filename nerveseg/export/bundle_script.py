@@ -2,8 +2,9 @@
 
 Stock MONAI runs the bundle with nothing of this project, so the bundle carries predict.py's finder
 (nerveseg/inputs.py images_to_segment, and natural_key's order), copied from that module's source when the bundle
-is written: the bundle segments the images predict.py segments (a truth mask, a masks/ folder beside images/, a
-folder reached twice through a link are not), in its order. configs/inference.json loads the file from the
+is written: the bundle segments the image files predict.py segments (a truth mask, a masks/ folder beside
+images/, a folder reached twice through a link are not), in its order; DICOM files and videos, which stock MONAI's
+PIL reader cannot read, are left to predict.py. configs/inference.json loads the file from the
 bundle's own folder (runpy) and takes `datalist` and `SkippingDataset` from it.
 """
 
@@ -18,8 +19,9 @@ from monai.data import Dataset
 from PIL import Image
 
 from nerveseg import inputs
-from nerveseg.images import IMAGE_SUFFIXES
+from nerveseg.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS
 from nerveseg.inputs import images_to_segment
+from nerveseg.video import MAX_VIDEO_FRAMES
 
 HEADER = '''"""The images this bundle segments: those predict.py segments, in its order (its finder, copied from
 nerveseg/inputs.py by export.py), read by a dataset that skips an unreadable image with a one-line message."""
@@ -39,8 +41,24 @@ class UserError(Exception):
     """A folder that holds no image to segment, or two images of one name; the message says what to do."""
 
 
+def is_media_file(path: Path) -> bool:
+    """DICOM files and videos are predict.py's alone: this bundle reads image files (with PIL), and leaves them."""
+    return False
+
+
+def media_fields() -> dict:
+    """An image file's item holds its file and its name, nothing more, here."""
+    return {}
+
+
+def frame_items(path: Path, identifier: str, **limits: int) -> list[dict]:
+    """Never called here (is_media_file is False): the frames of DICOM files and videos are predict.py's."""
+    raise UserError(f"{path}: DICOM files and videos are segmented by predict.py, not by this bundle")
+
+
 '''
-CONSTANTS = {"IMAGE_SUFFIXES": IMAGE_SUFFIXES, "IMAGE_FOLDERS": inputs.IMAGE_FOLDERS,
+CONSTANTS = {"IMAGE_SUFFIXES": IMAGE_SUFFIXES, "MAX_IMAGE_PIXELS": MAX_IMAGE_PIXELS,
+             "MAX_VIDEO_FRAMES": MAX_VIDEO_FRAMES, "IMAGE_FOLDERS": inputs.IMAGE_FOLDERS,
              "MASK_FOLDERS": inputs.MASK_FOLDERS, "PIPELINE_MARKERS": inputs.PIPELINE_MARKERS}
 FINDER = (inputs.skipped_folder, inputs.image_files, inputs.mask_name_pattern, inputs.relative_id, inputs.join_id,
           inputs.id_of, inputs.folder_pairs, inputs.images_to_segment, inputs.natural_key)
