@@ -258,7 +258,8 @@ ASKING_TOO_MUCH = {  # an edit of the small checkpoint, and the refusal
     "residual units past the bound": (lambda c: c["model_config"].update(num_res_units=10**6),
                                       "num_res_units from 0 to 16, not 1, 1, 1000000"),
     "a text channel count": (lambda c: c["model_config"].update(channels=[4, "8"]), "not [4, '8']"),
-    "settings of another kind": (lambda c: c.update(model_config=[4, 8]), "its model_config is list, not a mapping"),
+    "settings of another kind": (lambda c: c.update(model_config=[4, 8]),
+                                 "its model_config is a list, not a record of names and values"),
 }
 
 
