@@ -19,6 +19,7 @@ from nerveseg.checkpoint import (
     VERSION,
     check_postprocessing,
     check_records,
+    check_request,
     describe_model,
     load_checkpoint,
     upgrade,
@@ -106,6 +107,7 @@ def load_onnx(path: Path) -> tuple[OnnxPredictor, dict]:
     if metadata.get("version", 0) > VERSION:
         raise UserError(f"{path} was written by a newer version of this project; update it to read the file")
     check_records(metadata, path)
+    check_request(metadata, path)  # the bound a checkpoint is held to, before any image is resized to its size
     check_postprocessing(metadata["postprocessing"], path)
     check_graph_against_metadata(predictor, metadata, path)
     return predictor, upgrade(metadata)

@@ -200,6 +200,8 @@ def test_an_onnx_model_whose_metadata_was_copied_from_another_is_refused_on_load
                        "copied from another model. Export the model again with python export.py"),
         "no presence": ({"model_config": config | {"presence": False}}, "describes images 1x32x48, without a presence"),
         "nan threshold": ({"postprocessing": {"threshold": float("nan")}}, "unusable post-processing rule (threshold"),
+        "a huge image size": ({"preprocessing": {"image_size": [16000, 16000]}}, "asks for a network beyond what it "
+                              "may (an input of 16000x16000 with channels [4, 8] holds 2,048 million feature values"),
     }
     for name, (changed, message) in cases.items():
         path = tmp_path / f"{name}.onnx"
