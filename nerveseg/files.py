@@ -42,7 +42,7 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned(path.parent, re.escape(f".{hidden_stem(path)}.") + RANDOM_PART + r"\.tmp")
         handle, temporary = tempfile.mkstemp(prefix=f".{hidden_stem(path)}.", suffix=".tmp", dir=path.parent)
-        lock = take_lock(temporary)  # tells a later run that this file is being written, until this process ends
+        lock = lock_work(temporary)  # tells a later run that this file is being written, until this process ends
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror}; choose a writable folder") from None
     try:
@@ -123,7 +123,7 @@ def building_folder(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned(target.parent, re.escape(f".{hidden_stem(target)}.") + rf"(building-{RANDOM_PART}|old-\d+)")
     building = Path(tempfile.mkdtemp(prefix=f".{hidden_stem(target)}.building-", dir=target.parent))
-    building_locks[building] = take_lock(building)
+    building_locks[building] = lock_work(building)
     building.chmod(0o777 & ~current_umask())
     return building
 
@@ -171,6 +171,15 @@ def take_lock(path: str | Path) -> int | None:
         raise
     held_locks.add(descriptor)
     return descriptor
+
+
+def lock_work(path: str | Path) -> int | None:
+    """take_lock on a work file or folder this process has just made; None on a file system without locks (some
+    network mounts), where the work is written all the same, but what a kill leaves there is not tidied."""
+    try:
+        return take_lock(path)
+    except OSError:
+        return None
 
 
 def drop_lock(descriptor: int | None) -> None:

@@ -99,6 +99,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_a_lock_ends_with_its_taker_even_where_a_forked_worker_lives_on(tmp_path):
     target = tmp_path / "out"
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -141,6 +142,7 @@ def work_name(name: str) -> str:
     return re.sub(r"[a-z0-9_]{8}(\.tmp)?$", r"*\1", name)
 
 
+@pytest.mark.slow
 def test_what_a_killed_writer_left_is_removed_by_the_next_write_there_and_live_work_is_not(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "ABANDONED_AFTER_S", 0.0, raising=False)
     target = tmp_path / "out"
