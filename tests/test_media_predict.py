@@ -146,3 +146,26 @@ def test_presence_over_time_is_the_median_of_the_window_across_batches():
     assert median_presence(raw, 5)[2] == 0.9 and median_presence(raw, 1) == raw  # the lone 0.1 is outvoted
     assert PresenceOverTime(1, dataset, predictor)({"image_path": ["v.mp4"], "frame": [3], "id": ["v#3"]}, [0],
                                                    [0.1]) == [0.1]
+
+
+@pytest.mark.slow
+def test_data_cleaning_reads_own_dicom(tmp_path):
+    frames = media.nerve_frames(3, subject=3)
+    source = tmp_path / "exams"
+    media.write_dicom(source / "cine.dcm", [image for image, _ in frames])
+    media.write_dicom(source / "cine_mask.dcm", [mask.astype(np.uint8) * 255 for _, mask in frames])
+    media.write_dicom(source / "one.dcm", [frames[0][0]])
+    Image.fromarray(frames[0][1].astype(np.uint8) * 255).save(source / "one_mask.png")
+    media.write_structured_report(source / "notes_mask.dcm")  # a mask file that is not an image
+    media.write_dicom(source / "notes.dcm", [frames[1][0]])
+    result = run_script("data_cleaning.py", "--source", str(source), "--output", str(tmp_path / "clean"), "--quiet",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "clean" / "manifest.csv", newline="") as file:
+        manifest = {row["id"]: row for row in csv.DictReader(file)}
+    for number, (image, mask) in enumerate(frames, start=1):
+        name = f"cine#{number}"
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "clean" / manifest[name]["image"])), image)
+        assert np.array_equal(read_png(tmp_path / "clean" / manifest[name]["mask"]), mask)
+    assert read_png(tmp_path / "clean" / manifest["one"]["mask"]).sum() == frames[0][1].sum()
+    assert "without pixel data" in manifest["notes"]["reason"] and not manifest["notes"]["image"]

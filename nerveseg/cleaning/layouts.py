@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nerveseg.cleaning.sources import KAGGLE_ZIP, check_source
+from nerveseg.dicom import inspect_dicom, is_dicom_file
 from nerveseg.errors import UserError
+from nerveseg.images import UnreadableImage
 from nerveseg.inputs import (
     IMAGE_FOLDERS,
     MASK_FOLDERS,
@@ -35,6 +37,7 @@ from nerveseg.inputs import (
     natural_key,
     relative_id,
 )
+from nerveseg.video import is_video_file
 
 LAYOUTS = ("auto", "kaggle", "images-masks", "suffix")
 KAGGLE_TRAIN_NAME = re.compile(r"^\d+_\d+(_mask)?\.tiff?$", re.IGNORECASE)
@@ -73,12 +76,12 @@ def suffix_pairs(source: Path, suffix: str, *, skip: set[Path]) -> dict[str, Own
     """The pairs of the suffix layout below `source` (folders in `skip` left out), by id."""
     pattern = mask_name_pattern(suffix)
     pairs: dict[str, OwnPair] = {}
-    for path in image_files(source):
+    for path in own_files(source):
         if not any(folder in path.parents for folder in skip):
             identifier, is_mask = id_of(path, source, pattern)
             pair = pairs.setdefault(identifier, OwnPair(identifier))
             (pair.masks if is_mask else pair.images).append(path)
-    return pairs
+    return with_dicom_frames(pairs)
 
 
 def images_masks_pairs(source: Path, suffix: str) -> dict[str, OwnPair]:
@@ -87,18 +90,45 @@ def images_masks_pairs(source: Path, suffix: str) -> dict[str, OwnPair]:
     pairs: dict[str, OwnPair] = {}
     for images, masks in folder_pairs(source):
         prefix = images.parent.relative_to(source).as_posix()
-        for path in image_files(images):
+        for path in own_files(images):
             identifier = join_id(prefix, relative_id(path, images))
             pairs.setdefault(identifier, OwnPair(identifier)).images.append(path)
-        for path in image_files(masks):
+        for path in own_files(masks):
             identifier = join_id(prefix, id_of(path, masks, pattern)[0])
             pairs.setdefault(identifier, OwnPair(identifier)).masks.append(path)
+    return with_dicom_frames(pairs)
+
+
+def own_files(folder: Path) -> list[Path]:
+    """The image files and DICOM files below `folder` (videos are not read as own data: export their frames)."""
+    return [path for path in image_files(folder, media=True) if not is_video_file(path)]
+
+
+def with_dicom_frames(pairs: dict[str, OwnPair]) -> dict[str, OwnPair]:
+    """Each pair whose image is a multi-frame DICOM file `<id>.dcm` as a pair a frame, `<id>#<n>`, its image
+    `<file>#<n>` (read by nerveseg.frames.read_image), its mask frame n of a multi-frame DICOM mask or the mask
+    file of that frame (`<id>#<n>_mask.png`). A DICOM file whose header cannot be read stays one pair: reading
+    it gives the reason."""
+    for identifier, pair in list(pairs.items()):
+        if len(pair.images) != 1 or not is_dicom_file(pair.images[0]):
+            continue
+        try:
+            frames = inspect_dicom(pair.images[0]).frames
+        except UnreadableImage:
+            continue
+        if frames == 1:
+            continue
+        del pairs[identifier]
+        for number in range(1, frames + 1):
+            frame = pairs.setdefault(f"{identifier}#{number}", OwnPair(f"{identifier}#{number}"))
+            frame.images.append(Path(f"{pair.images[0]}#{number}"))
+            frame.masks += [Path(f"{mask}#{number}") for mask in pair.masks if is_dicom_file(mask)]
     return pairs
 
 
 def describe_folder(source: Path) -> str:
     """What a folder holds, in a line: its image files by folder and suffix, or that it has none."""
-    counts = Counter((path.parent.relative_to(source).as_posix(), path.suffix.lower()) for path in image_files(source))
+    counts = Counter((path.parent.relative_to(source).as_posix(), path.suffix.lower()) for path in own_files(source))
     if not counts:
         entries = sorted(child.name + ("/" if child.is_dir() else "") for child in source.iterdir())[:8]
         return f"no image files ({', '.join(entries) or 'it is empty'})"
@@ -110,11 +140,11 @@ def suffix_hint(source: Path, suffix: str) -> str:
     """mask_suffix_hint for the files below `source`: each name against the names in its own folder, and the names
     in masks/ folders against those in the images/ folder beside them."""
     by_folder: dict[Path, list[str]] = {}
-    for path in image_files(source):
+    for path in own_files(source):
         by_folder.setdefault(path.parent, []).append(path.stem)
     groups = [(stems, set(stems)) for stems in by_folder.values()]
     for images, masks in folder_pairs(source):
-        groups.append(([path.stem for path in image_files(masks)], {path.stem for path in image_files(images)}))
+        groups.append(([path.stem for path in own_files(masks)], {path.stem for path in own_files(images)}))
     return mask_suffix_hint(groups, suffix)
 
 

@@ -12,17 +12,18 @@ from nerveseg.cleaning.layouts import OwnData
 from nerveseg.cleaning.pairs import PairJob, PairResult, PairStatus
 from nerveseg.cleaning.parallel import run_parallel
 from nerveseg.cleaning.sources import Locator
+from nerveseg.dicom import is_dicom_file, read_dicom_labels
+from nerveseg.frames import read_image, split_frame
 from nerveseg.images import (
     UnreadableImage,
     describe_label,
     frame_count,
     mask_labels,
     opened_image,
-    read_gray,
     target_pixels,
 )
 
-EXPECTED = "expected pairs of images and masks of the same size (PNG, JPEG, TIFF or BMP)"  # when none is usable
+EXPECTED = "expected pairs of images and masks of the same size (PNG, JPEG, TIFF, BMP or DICOM)"  # when none is usable
 
 
 def verify_own_data(
@@ -54,12 +55,22 @@ def read_own_image(path: str, max_pixels: int) -> tuple[np.ndarray, str, str, st
     """(8-bit grayscale pixels, the mode it was converted from or "", notes (see read_gray), the reason it is
     unusable or "")."""
     try:
-        image = read_gray(path, max_pixels=max_pixels)
+        image = read_image(path, max_pixels=max_pixels)  # an image file, or a DICOM file's frame (<file>#<n>)
     except UnreadableImage as error:
         return np.zeros(0), "", "", str(error)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         return np.zeros(0), "", "", f"{path} cannot be decoded (truncated or not an image: {error})"
     return image.pixels, image.converted_from, image.notes, ""
+
+
+def read_mask_labels(path: str, max_pixels: int) -> tuple[np.ndarray, int]:
+    """A mask's labels (nerveseg.images.mask_labels; a DICOM mask's stored values, of its frame n for
+    `<file>#<n>`) and the number of frames of its file (only the first of a multi-frame image file is used)."""
+    file, frame = split_frame(path)
+    if is_dicom_file(file):
+        return read_dicom_labels(file, frame or 1, max_pixels=max_pixels), 1
+    with opened_image(path, max_pixels=max_pixels) as mask_image:
+        return mask_labels(mask_image), frame_count(mask_image)
 
 
 def verify_own_pair(job: PairJob) -> PairResult:
@@ -81,9 +92,7 @@ def verify_own_pair(job: PairJob) -> PairResult:
     target, mask_notes = np.zeros(image.shape, dtype=bool), []
     for path in masks if not problem else []:
         try:
-            with opened_image(path, max_pixels=job.max_pixels) as mask_image:
-                labels = mask_labels(mask_image)
-                frames = frame_count(mask_image)
+            labels, frames = read_mask_labels(path, job.max_pixels)
         except UnreadableImage as error:
             problem = str(error)
             break

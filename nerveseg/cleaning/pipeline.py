@@ -21,6 +21,7 @@ from nerveseg.cleaning.clean_copy import (
 )
 from nerveseg.cleaning.layouts import OwnData, suggest_subject_pattern
 from nerveseg.cleaning.sources import Download
+from nerveseg.frames import split_frame
 
 
 def clean_download(download: Download, output: Path, options: CleaningOptions, *, overwrite: bool = False) -> dict:
@@ -47,7 +48,7 @@ def clean_own_data(
     `subjects` gives each id its subject (None: each image is its own subject, and near-duplicates are then
     looked for among all images). Returns the summary (or {"unchanged": True, ...}).
     """
-    paths = {str(path) for pair in own.pairs for path in pair.images + pair.masks}
+    paths = {split_frame(str(path))[0] for pair in own.pairs for path in pair.images + pair.masks}  # frames: files
     fingerprint = source_fingerprint(paths, {**options.affecting_the_result(), "layout": own.layout,
                                              "subjects": subjects is not None})
     suggestion = "" if subjects is not None else suggest_subject_pattern([pair.id for pair in own.pairs])
