@@ -34,16 +34,17 @@ from nerveseg.files import check_can_be_folder, write_csv
 from nerveseg.frames import read_image
 from nerveseg.images import parse_mask_values
 from nerveseg.inference.dicom_seg import require_highdicom
-from nerveseg.inference.media_outputs import Videos, area_mm2, frame_columns, write_media_outputs
+from nerveseg.inference.media_outputs import Videos, area_mm2, write_media_outputs
 from nerveseg.inference.outputs import OutputFolder, find_truth, pick_examples, truth_of
 from nerveseg.inference.presence_over_time import PresenceOverTime
+from nerveseg.inference.records import IMAGE_COLUMNS, ImageResult, Summary
 from nerveseg.inference.report import Report, describe_prediction
-from nerveseg.inference.uncertainty import MemberOutputs, describe_check, uncertainty_check
+from nerveseg.inference.uncertainty import MemberOutputs, describe_check
 from nerveseg.inputs import ReadableDataset, images_to_segment
 from nerveseg.memory import keep_freed_memory
-from nerveseg.metrics import DiceTally, describe_scores, kaggle_dice
+from nerveseg.metrics import describe_scores, kaggle_dice
 from nerveseg.pictures import plot_predictions
-from nerveseg.postprocess import PostProcessing, to_mask, upsample
+from nerveseg.postprocess import PostProcessing, full_size_masks
 from nerveseg.predictors import ENGINES, load_predictor
 from nerveseg.rle import rle_encode
 from nerveseg.settings import AUTO_TRUE_FALSE, Bounds, OneOf, parse_settings
@@ -108,87 +109,95 @@ loader = torch.utils.data.DataLoader(  # its reader processes end with this one,
     worker_init_fn=functools.partial(die_with_parent, os.getpid()),
 )
 output = OutputFolder(Path(OUTPUT), reads=[INPUT, *filter(None, [MASKS]), *{item["image_path"] for item in items}])
-report = (Report(output.building, images=len(items), has_truths=bool(truths), max_pixels=MAX_IMAGE_PIXELS)
-          if REPORT else None)  # report.html: each image's pictures are drawn as its mask is written
+report = Report(output.building, images=len(items), max_pixels=MAX_IMAGE_PIXELS) if REPORT else None
 over_time = PresenceOverTime(PRESENCE_WINDOW, dataset, predictor)  # video frames decided on their neighbours
 members = MemberOutputs(predictor, post)  # the ensemble's members and test-time augmentation's views, for uncertainty
+videos = Videos()  # each video as one report entry
 predicting_with = checkpoint.get("predicting_with") or f"epoch {checkpoint['epoch']}"  # an older export: one model
 print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} ({predicting_with}) on {device} "
       f"({'ONNX Runtime' if engine == 'onnxruntime' else 'PyTorch'})")
 
-# %% Segment: network at its own size, then each mask back at its image's size
-IMAGE_COLUMNS = ["img", "file", "time_s", "presence", "mask_area", "mask_area_mm2", "dice", "uncertainty",
-                 "skipped_because", "note"]
-rows, image_rows, tally, examples, videos = [], [], DiceTally(), [], Videos()  # videos: each as one report entry
-with torch.no_grad():
-    for batch in tqdm(loader, desc="predicting", unit="batch", disable=QUIET or None):
-        readable = [index for index, error in enumerate(batch["error"]) if not error]
-        for index in sorted(set(range(len(batch["id"]))) - set(readable)):
-            if STRICT:
-                raise UserError(f"{batch['error'][index]} (--strict); remove or replace it")
-            image_rows.append({"img": batch["id"][index], "file": batch["image_path"][index],
-                               "skipped_because": batch["error"][index].split(": ", 1)[1]})
-            skip = {"name": batch["id"][index], "file": batch["image_path"][index],
-                    "reason": image_rows[-1]["skipped_because"]}
-            if videos.holds(skip["file"]):
-                videos.add_skipped(**skip)
-            elif report:
-                report.add_skipped(**skip)
-        if not readable:
-            continue
-        probabilities, presences = predictor(batch["image"][readable])
-        uncertainties = members.uncertainty(probabilities, presences)
-        presences = over_time(batch, readable, presences)
-        sizes = [tuple(batch["original_size"][index].tolist()) for index in readable]
-        probabilities = upsample(probabilities, sizes)
-        for index, probability, presence, uncertainty in zip(readable, probabilities, presences, uncertainties,
-                                                             strict=True):
-            name = batch["id"][index]
-            mask = to_mask(probability, presence, post)
-            output.write_mask(name, mask)
-            rows.append({"img": name, "pixels": rle_encode(mask)})
-            image_row = {"img": name, "file": batch["image_path"][index], "presence": f"{presence:.4f}",
-                         "mask_area": int(np.count_nonzero(mask)), "uncertainty": f"{uncertainty:.4f}",
-                         "note": batch["notes"][index]}
-            image_row |= frame_columns(batch["seconds"][index], batch["pixel_area_mm2"][index], image_row["mask_area"])
-            truth, truth_problem = truth_of(truths, name)
-            image_row["note"] = "; ".join(filter(None, [image_row["note"], truth_problem]))
-            if truth is not None:
-                truth = torch.as_tensor(truth).bool()[None, None]
-                if truth.shape[-2:] != mask.shape:
-                    raise UserError(f"the truth mask of {batch['image_path'][index]} is {truth.shape[-1]}x"
-                                    f"{truth.shape[-2]}, the image {mask.shape[1]}x{mask.shape[0]}; check --masks")
-                dice = kaggle_dice(torch.as_tensor(mask)[None, None], truth)
-                tally.add(dice, ~truth.flatten(1).any(1), torch.tensor([not mask.any()]))
-                image_row["dice"] = f"{float(dice[0]):.4f}"
-            image_rows.append(image_row)
-            if videos.holds(batch["image_path"][index]):
-                videos.add(name=name, file=batch["image_path"][index], seconds=batch["seconds"][index],
-                           presence=presence, area=image_row["mask_area"], uncertainty=uncertainty)
-            elif report:
-                report.add(name=name, file=batch["image_path"][index], network_image=batch["image"][index, 0].numpy(),
-                           mask=mask, truth=None if truth is None else truth[0, 0].numpy(), presence=presence,
-                           dice=float(dice[0]) if truth is not None else None, uncertainty=uncertainty,
-                           area_mm2=area_mm2(batch["pixel_area_mm2"][index], image_row["mask_area"]),
-                           frame=batch["frame"][index])
 
-# %% Submission, pictures and the Dice
-if not rows:
-    raise UserError(f"no image of {INPUT} could be read; the first: {image_rows[0]['file']}: "
-                    f"{image_rows[0]['skipped_because']}")
+# %% Segment: network at its own size, then each mask back at its image's size
+@torch.no_grad()
+def segment(batch: dict) -> list[ImageResult]:
+    """The records of one batch: its unreadable files first (or stop, with --strict), then each image with its
+    mask written and its pictures drawn."""
+    results = [skipped(batch, index) for index, error in enumerate(batch["error"]) if error]
+    readable = [index for index, error in enumerate(batch["error"]) if not error]
+    if not readable:
+        return results
+    probabilities, presences = predictor(batch["image"][readable])
+    uncertainties = members.uncertainty(probabilities, presences)
+    presences = over_time(batch, readable, presences)
+    sizes = [tuple(batch["original_size"][index].tolist()) for index in readable]
+    masks = full_size_masks(probabilities, presences, sizes, post)
+    for index, (_, mask), presence, uncertainty in zip(readable, masks, presences, uncertainties, strict=True):
+        results.append(predicted(batch, index, mask, presence, uncertainty))
+    return results
+
+
+def skipped(batch: dict, index: int) -> ImageResult:
+    """The record of a file that could not be read (a video's frame goes to its video's report entry)."""
+    if STRICT:
+        raise UserError(f"{batch['image_path'][index]}: {batch['error'][index]} (--strict); remove or replace it")
+    result = ImageResult(id=batch["id"][index], file=batch["image_path"][index], skipped_because=batch["error"][index])
+    if videos.holds(result.file):
+        videos.add_skipped(name=result.id, file=result.file, reason=result.skipped_because)
+    elif report:
+        report.add_skipped(name=result.id, file=result.file, reason=result.skipped_because)
+    return result
+
+
+def predicted(batch: dict, index: int, mask: np.ndarray, presence: float, uncertainty: float) -> ImageResult:
+    """Write one image's mask and pictures; its record, with the Dice where it has a readable truth."""
+    name, file = batch["id"][index], batch["image_path"][index]
+    output.write_mask(name, mask)
+    area = int(np.count_nonzero(mask))
+    truth, truth_problem = truth_of(truths, name)
+    result = ImageResult(id=name, file=file, presence=presence, area=area, pixels=rle_encode(mask),
+                         uncertainty=uncertainty, note="; ".join(filter(None, [batch["notes"][index], truth_problem])),
+                         seconds=batch["seconds"][index], area_mm2=area_mm2(batch["pixel_area_mm2"][index], area))
+    if truth is not None:
+        truth = torch.as_tensor(truth).bool()[None, None]
+        if truth.shape[-2:] != mask.shape:
+            raise UserError(f"the truth mask of {file} is {truth.shape[-1]}x{truth.shape[-2]}, the image "
+                            f"{mask.shape[1]}x{mask.shape[0]}; check --masks")
+        result.dice = float(kaggle_dice(torch.as_tensor(mask)[None, None], truth)[0])
+        truth = truth[0, 0].numpy()
+        result.truth_empty = not truth.any()
+    if videos.holds(file):
+        videos.add(name=name, file=file, seconds=result.seconds, presence=presence, area=area, uncertainty=uncertainty)
+    elif report:
+        report.add(result, network_image=batch["image"][index, 0].numpy(), mask=mask, truth=truth,
+                   frame=batch["frame"][index])
+    return result
+
+
+results: list[ImageResult] = []
+for batch in tqdm(loader, desc="predicting", unit="batch", disable=QUIET or None):
+    results += segment(batch)
+summary = Summary()
+for result in results:
+    summary.add(result)
+
+# %% Submission, report, pictures and the Dice
+if not summary.predicted:
+    raise UserError(f"no image of {INPUT} could be read; the first: {summary.skipped[0].file}: "
+                    f"{summary.skipped[0].skipped_because}")
 if write_submission:
-    write_csv(output.building / "submission.csv", rows, ["img", "pixels"])
-write_csv(output.building / "images.csv", image_rows, IMAGE_COLUMNS)
-scores = tally.summary()
-scores["all_empty_baseline"] = tally.count_empty / max(scores["images"], 1)
+    write_csv(output.building / "submission.csv", [{"img": result.id, "pixels": result.pixels}
+                                                   for result in results if not result.skipped], ["img", "pixels"])
+write_csv(output.building / "images.csv", [result.csv_row() for result in results], IMAGE_COLUMNS)
 media = write_media_outputs(output, items, videos, report, post, dicom_seg=DICOM_SEG, overlay_videos=OVERLAY_VIDEOS,
                             max_pixels=MAX_IMAGE_PIXELS)  # overlay videos, DICOM SEGs, each video's report entry
 if report:
     about = describe_prediction(CHECKPOINT, checkpoint, engine=engine, input_folder=INPUT, masks_folder=MASKS)
-    report.write(output.building / "report.html", about=about, scores=scores if scores["images"] else None)
+    report.write(output.building / "report.html", about=about, summary=summary, has_truths=bool(truths))
 output.finish()
-predicted = {row["img"]: row["pixels"] for row in rows}
-for item in pick_examples([item for item in items if item["id"] in predicted], predicted, NUM_PICTURES):
+has_mask = {result.id: result.area > 0 for result in results if not result.skipped}
+examples = []
+for item in pick_examples([item for item in items if item["id"] in has_mask], has_mask, NUM_PICTURES):
     name = item["id"]
     image = read_image(item["image"], max_pixels=MAX_IMAGE_PIXELS).pixels
     mask = np.asarray(Image.open(Path(OUTPUT, "masks", f"{name}.png"))) > 0
@@ -209,23 +218,20 @@ pictured = f" and {picture}{replaced}" if examples else ""
 submission += f", {OUTPUT}/report.html" if REPORT else ""
 submission += "".join(f", {OUTPUT}/{name}" for name in media[:4]) + (f" and {len(media) - 4} more" if media[4:] else "")
 print(
-    f"wrote {len(rows)} masks to {OUTPUT}/masks, {OUTPUT}/images.csv{submission}{pictured} in {seconds:.1f} s "
-    f"({len(rows) / seconds:.1f} images/s)"
+    f"wrote {summary.predicted} masks to {OUTPUT}/masks, {OUTPUT}/images.csv{submission}{pictured} in {seconds:.1f} s "
+    f"({summary.predicted / seconds:.1f} images/s)"
 )
-skipped = [row for row in image_rows if row.get("skipped_because")]
-if skipped:
-    print(f"skipped {len(skipped)} unreadable file(s), listed in {OUTPUT}/images.csv and left out of the "
+if summary.skipped:
+    print(f"skipped {summary.skipped_count} unreadable file(s), listed in {OUTPUT}/images.csv and left out of the "
           "submission:", file=sys.stderr)
-    for row in skipped[:20]:
-        print(f"  {row['file']}: {row['skipped_because']}", file=sys.stderr)
-noted = [row for row in image_rows if row.get("note")]
-if noted:
-    print(f"{len(noted)} image(s) to look at (also in {OUTPUT}/images.csv):", file=sys.stderr)
-    for row in noted[:20]:
-        print(f"  {row['file']}: {row['note']}", file=sys.stderr)
-if scores["images"]:
+    for result in summary.skipped:
+        print(f"  {result.file}: {result.skipped_because}", file=sys.stderr)
+if summary.noted:
+    print(f"{summary.noted_count} image(s) to look at (also in {OUTPUT}/images.csv):", file=sys.stderr)
+    for result in summary.noted:
+        print(f"  {result.file}: {result.note}", file=sys.stderr)
+if scores := summary.scores():
     print(f"Kaggle {describe_scores(scores)} on {scores['images']} images with truth masks; all-empty baseline "
           f"{scores['all_empty_baseline']:.4f}")
-    judged = [(float(row["uncertainty"]), float(row["dice"])) for row in image_rows if row.get("dice")]
-    if check := uncertainty_check([u for u, _ in judged], [d for _, d in judged]):
+    if check := summary.uncertainty_check():
         print(f"uncertainty: {describe_check(check)}")

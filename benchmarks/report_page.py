@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nerveseg.inference.records import ImageResult, Summary
 from nerveseg.inference.report import Report
 from nerveseg.inference.uncertainty import single_model_uncertainty
 from nerveseg.postprocess import PostProcessing
@@ -35,12 +36,16 @@ def main() -> None:
     masks[1][150:250, 200:330] = 1  # every other image with a nerve-sized mask
     with tempfile.TemporaryDirectory() as folder:
         started, cpu_started = time.perf_counter(), time.process_time()
-        report = Report(Path(folder), images=count, has_truths=False)
+        report, summary = Report(Path(folder), images=count), Summary()
         for number in range(count):
             uncertainty = single_model_uncertainty(probability, 0.7, post)
-            report.add(name=str(number + 1), file=f"data/clean/test/{number + 1}.tif", network_image=network_image,
-                       mask=masks[number % 2], truth=None, presence=0.7, dice=None, uncertainty=uncertainty)
-        report.write(Path(folder, "report.html"), about=[("model", "2D_Nerve_Segmentation.pt")], scores=None)
+            mask = masks[number % 2]
+            result = ImageResult(str(number + 1), f"data/clean/test/{number + 1}.tif", presence=0.7,
+                                 area=int(mask.sum()), uncertainty=uncertainty)
+            report.add(result, network_image=network_image, mask=mask, truth=None)
+            summary.add(result)
+        report.write(Path(folder, "report.html"), about=[("model", "2D_Nerve_Segmentation.pt")], summary=summary,
+                     has_truths=False)
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         page = Path(folder, "report.html").stat().st_size
         pictures = sum(path.stat().st_size for path in Path(folder, "report").iterdir())

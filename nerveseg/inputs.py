@@ -165,9 +165,9 @@ IMAGE_SIGNATURES = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"\x89PNG": "PNG", b
 class ReadableDataset(Dataset):
     """A MONAI Dataset that reports an unreadable image by name and reason instead of failing inside a worker.
 
-    Each item carries "error" ("" when it was read) and "notes" (see nerveseg.images.read_gray); a failed item
-    holds a blank image of the network's size so the batch can still be assembled, and the main process skips
-    it (or stops, with --strict).
+    Each item carries "error" (why it could not be read, "" when it was) and "notes" (see
+    nerveseg.images.read_gray); a failed item holds a blank image of the network's size so the batch can still be
+    assembled, and the main process skips it (or stops, with --strict).
     The library's own warnings about a damaged file (PIL's "Corrupt EXIF data", ...) are silenced: the
     summary says what happened to every file.
     """
@@ -188,7 +188,7 @@ class ReadableDataset(Dataset):
                 "image": torch.zeros(1, *self.image_size, dtype=torch.uint8),
                 "original_size": torch.tensor([1, 1]),
                 "notes": "",
-                "error": f"{item['image']}: {read_error_reason(item['image'], error)}",
+                "error": read_error_reason(item["image"], error),
             }
 
 
@@ -229,7 +229,7 @@ def read_some(dataset: ReadableDataset, count: int) -> tuple[list[dict], list[st
             break
         item = dataset[index]
         if item["error"]:
-            skipped.append(item["error"])
+            skipped.append(f"{item['image']}: {item['error']}")
         else:
             readable.append(item)
     return readable, skipped

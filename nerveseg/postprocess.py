@@ -94,6 +94,14 @@ def to_mask(probability: torch.Tensor, presence: float, post: PostProcessing) ->
     return mask.astype(np.uint8)
 
 
+def full_size_masks(probabilities: torch.Tensor, presences: list[float], sizes: list[tuple[int, int]],
+                    rule: PostProcessing) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """Each image of a batch at its own size, in the batch's order: its (1, H, W) probability map (on the batch's
+    device) and its final mask by `rule`, from the batch's (N, 1, h, w) probabilities at the network's size."""
+    for probability, presence in zip(upsample(probabilities, sizes), presences, strict=True):
+        yield probability, to_mask(probability, presence, rule)
+
+
 def tuning_scores(full: torch.Tensor, presence: float, truth: torch.Tensor, *, has_presence: bool) -> torch.Tensor:
     """One image's tuning scores for every (presence_threshold, keep_largest, threshold, min_area) choice: shape
     (5, P, 2, T, A), with TUNING_PLANES: its Dice, the square of its gain over the default rule, its Dice if its

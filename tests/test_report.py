@@ -19,7 +19,8 @@ from PIL import Image
 
 from nerveseg.ensemble import Ensemble, TestTimeAugmentation
 from nerveseg.errors import UserError
-from nerveseg.inference.report import FULL_SIZE_LIMIT, Report, describe_prediction, kind_of_case, page
+from nerveseg.inference.records import ImageResult, Summary
+from nerveseg.inference.report import FULL_SIZE_LIMIT, Report, describe_prediction, page
 from nerveseg.inference.uncertainty import MemberOutputs, roc_auc, single_model_uncertainty, uncertainty_check
 from nerveseg.model import build_model, model_config
 from nerveseg.postprocess import PostProcessing
@@ -139,7 +140,8 @@ def test_the_browser_shows_a_card_per_image_sorted_and_filtered(predicted):
 
     def expected_kind(name: str) -> str:
         row = rows[name]
-        return kind_of_case(int(row["mask_area"]) == 0, truth_is_empty[name], float(row["dice"]))
+        return ImageResult(name, "", area=int(row["mask_area"]), truth_empty=truth_is_empty[name],
+                           dice=float(row["dice"])).kind()
 
     errors, _ = shown_cards(predicted["page"], "#sort=name&filter=errors")
     wrong = sorted(name for name in truth_is_empty if expected_kind(name) in ERRORS)
@@ -224,17 +226,20 @@ def root_subset(predicted: dict) -> Path:
 
 
 def test_a_page_of_5508_images_stays_under_2_mb_and_its_json_cannot_end_the_script(tmp_path):
-    report = Report(tmp_path, images=5508, has_truths=True)
+    report, summary = Report(tmp_path, images=5508), Summary()
     assert not report.full_size and 5508 > FULL_SIZE_LIMIT
     image, mask = np.zeros((8, 12), np.uint8), np.zeros((420, 580), np.uint8)
     started = time.perf_counter()
     for number in range(5508):
         mask[100:200, 200:300] = number % 3 == 0
-        report.add(name=f"{number + 1}", file=f"data/clean/test/{number + 1}.tif", network_image=image, mask=mask,
-                   truth=mask.astype(bool) if number % 5 else None, presence=0.73, dice=0.5 if number % 5 else None,
-                   uncertainty=0.1234)
+        result = ImageResult(f"{number + 1}", f"data/clean/test/{number + 1}.tif", presence=0.73,
+                             area=int(mask.sum()), uncertainty=0.1234)
+        if number % 5:
+            result.dice, result.truth_empty = 0.5, not mask.any()
+        report.add(result, network_image=image, mask=mask, truth=mask.astype(bool) if number % 5 else None)
+        summary.add(result)
     report.add_skipped(name="</script><script>alert(1)</script>", file="x.tif", reason="not an image")
-    report.write(tmp_path / "report.html", about=[("model", "m.pt")], scores=None)
+    report.write(tmp_path / "report.html", about=[("model", "m.pt")], summary=summary, has_truths=True)
     text = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert len(text.encode("utf-8")) < 2_000_000, len(text)
     assert text.count("</script>") == 2 and "alert(1)" in text  # the template's two; the name's stays inside JSON
@@ -252,7 +257,8 @@ def test_a_page_of_5508_images_stays_under_2_mb_and_its_json_cannot_end_the_scri
     (False, None, None, "mask"),
 ])
 def test_kind_of_case(mask_is_empty, truth_is_empty, dice, kind):
-    assert kind_of_case(mask_is_empty, truth_is_empty, dice) == kind
+    result = ImageResult("a", "a.png", area=0 if mask_is_empty else 5, truth_empty=truth_is_empty, dice=dice)
+    assert result.kind() == kind
 
 
 def test_roc_auc_and_the_uncertainty_check():
@@ -335,7 +341,7 @@ def test_a_page_with_nan_or_infinite_figures_is_still_json_its_script_can_read()
 
 
 def test_a_full_disk_while_writing_a_thumbnail_is_a_clear_error(tmp_path, monkeypatch):
-    report = Report(tmp_path, images=5000, has_truths=False)
+    report = Report(tmp_path, images=5000)
 
     def full_disk(picture, path, **options):
         Path(path).write_bytes(b"part")
@@ -343,20 +349,20 @@ def test_a_full_disk_while_writing_a_thumbnail_is_a_clear_error(tmp_path, monkey
 
     monkeypatch.setattr(Image.Image, "save", full_disk)
     with pytest.raises(UserError, match="cannot write .*0.jpg: No space left on device"):
-        report.add(name="a", file="a.png", network_image=np.zeros((8, 8), np.uint8), mask=np.zeros((8, 8), np.uint8),
-                   truth=None, presence=0.5, dice=None, uncertainty=0.0)
+        report.add(ImageResult("a", "a.png", presence=0.5, uncertainty=0.0), network_image=np.zeros((8, 8), np.uint8),
+                   mask=np.zeros((8, 8), np.uint8), truth=None)
     assert not (tmp_path / "report" / "0.jpg").exists()  # no partial picture left
 
 
 def report_of(folder: Path, names: list[str]) -> dict:
     """A report of thumbnails only (no file is read again) for images called `names`, in that order; its data."""
-    report = Report(folder, images=5000, has_truths=False)
+    report = Report(folder, images=5000)
     for name in names:
-        report.add(name=name, file=f"in/{name}.png", network_image=np.zeros((8, 8), np.uint8),
-                   mask=np.zeros((8, 8), np.uint8), truth=None, presence=0.5, dice=None, uncertainty=0.1)
+        report.add(ImageResult(name, f"in/{name}.png", presence=0.5, uncertainty=0.1),
+                   network_image=np.zeros((8, 8), np.uint8), mask=np.zeros((8, 8), np.uint8), truth=None)
     report.add_skipped(name="3", file="in/3.png", reason="not an image")
     about = describe_prediction("m.pt", {"epoch": 1}, engine="torch", input_folder="in", masks_folder="")
-    report.write(folder / "report.html", about=about, scores=None)
+    report.write(folder / "report.html", about=about, summary=Summary(), has_truths=False)
     text = (folder / "report.html").read_text(encoding="utf-8")
     return json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1))
 

@@ -31,12 +31,6 @@ DOUBT_BAND = 0.1  # a frame whose presence lies this close to the presence thres
 LISTED = 20  # doubtful and skipped frames named in a video's report entry
 
 
-def frame_columns(seconds: float | None, pixel_area_mm2: float | None, area: int) -> dict:
-    """images.csv's columns of a frame: its time in seconds, the mask's area in mm² ("" where unknown)."""
-    return {"time_s": "" if seconds is None else f"{seconds:.3f}",
-            "mask_area_mm2": "" if pixel_area_mm2 is None else f"{area * pixel_area_mm2:.2f}"}
-
-
 def area_mm2(pixel_area_mm2: float | None, area: int) -> float | None:
     """A mask's area in mm², where the size of a pixel is known."""
     return None if pixel_area_mm2 is None else area * pixel_area_mm2

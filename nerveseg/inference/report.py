@@ -9,7 +9,7 @@ Each image's picture is a small JPEG in report/ beside the page, loaded when it 
 drawn from the image as the network saw it (no second read of the file) with the outlines of the mask (red)
 and of the truth (green); for up to FULL_SIZE_LIMIT images also a view at the image's own size, read again.
 The page and its pictures are written into predict.py's output folder while it is built, so a new report
-replaces an older one at once, with the rest of the folder (predict_io.OutputFolder).
+replaces an older one at once, with the rest of the folder (outputs.OutputFolder).
 """
 
 import base64
@@ -28,7 +28,8 @@ from nerveseg.errors import UserError
 from nerveseg.files import atomic_write, name_text
 from nerveseg.frames import frame_name, read_image
 from nerveseg.images import MAX_IMAGE_PIXELS
-from nerveseg.inference.uncertainty import WRONG_BELOW, describe_check, uncertainty_check
+from nerveseg.inference.records import ImageResult, Summary
+from nerveseg.inference.uncertainty import describe_check
 from nerveseg.inputs import natural_key
 from nerveseg.metrics import describe_scores
 
@@ -40,18 +41,6 @@ PREDICTED, TRUTH = (255, 40, 40), (40, 255, 80)  # outline colours
 # these names): a list of lists keeps a page of 5,508 images small
 COLUMNS = ["name", "file", "kind", "presence", "area", "dice", "uncertainty", "truth_empty", "thumb", "width",
            "height", "full", "reason", "area_mm2"]
-
-
-def kind_of_case(mask_is_empty: bool, truth_is_empty: bool | None, dice: float | None) -> str:
-    """What kind of case an image is: true empty, false empty, hit, miss, stray mask (a mask on an empty truth);
-    without a truth: empty or mask."""
-    if truth_is_empty is None:
-        return "empty" if mask_is_empty else "mask"
-    if truth_is_empty:
-        return "true empty" if mask_is_empty else "stray mask"
-    if mask_is_empty:
-        return "false empty"
-    return "hit" if dice is not None and dice >= WRONG_BELOW else "miss"
 
 
 def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
@@ -80,40 +69,38 @@ def resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 class Report:
     """Collects the images of a prediction, writing each one's pictures at once, then writes the page."""
 
-    def __init__(self, folder: Path, *, images: int, has_truths: bool, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-        self.folder, self.has_truths, self.max_pixels = folder, has_truths, max_pixels
+    def __init__(self, folder: Path, *, images: int, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+        self.folder, self.max_pixels = folder, max_pixels
         self.full_size = images <= FULL_SIZE_LIMIT
         (folder / PICTURES).mkdir()
         self.rows: list[dict] = []  # one per file, with the keys of COLUMNS
 
-    def add(self, *, name: str, file: str, network_image: np.ndarray, mask: np.ndarray, truth: np.ndarray | None,
-            presence: float, dice: float | None, uncertainty: float, area_mm2: float | None = None,
+    def add(self, result: ImageResult, *, network_image: np.ndarray, mask: np.ndarray, truth: np.ndarray | None,
             frame: int = 0) -> None:
-        """One predicted image: `network_image` the (h, w) 8-bit image the network saw, `mask` and `truth` (bool,
-        or None) at the image's own (H, W) size; `area_mm2` the mask's area where the size of a pixel is known;
-        `frame` its frame in a DICOM file (0: an image file)."""
+        """One predicted image, its figures from its record: `network_image` the (h, w) 8-bit image the network
+        saw, `mask` and `truth` (bool, or None) at the image's own (H, W) size; `frame` its frame in a DICOM file
+        (0: an image file). The record is given the names of its pictures."""
         number = len(self.rows)
         height, width = mask.shape
         scale = THUMBNAIL_SIDE / max(height, width)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         small = np.asarray(Image.fromarray(network_image).resize(size, Image.Resampling.BILINEAR))
         small_truth = None if truth is None else resized_mask(truth, size)
-        thumb = f"{PICTURES}/{number}.jpg"
-        self.save(draw_outlines(small, resized_mask(mask, size), small_truth, 1), thumb, quality=85)
-        full = ""
+        result.thumb = f"{PICTURES}/{number}.jpg"
+        self.save(draw_outlines(small, resized_mask(mask, size), small_truth, 1), result.thumb, quality=85)
+        result.width, result.height = size
         if self.full_size:
-            image = read_image(frame_name(file, frame), max_pixels=self.max_pixels).pixels  # as predict.py read it
-            full = f"{PICTURES}/{number}-full.jpg"
+            image = read_image(frame_name(result.file, frame), max_pixels=self.max_pixels).pixels  # as predict read it
+            result.full = f"{PICTURES}/{number}-full.jpg"
             line = max(1, round(max(height, width) / 300))
-            self.save(draw_outlines(image, mask.astype(bool), truth, line), full, quality=90)
-        truth_is_empty = None if truth is None else not truth.any()
+            self.save(draw_outlines(image, mask.astype(bool), truth, line), result.full, quality=90)
         self.rows.append({
-            "name": name_text(name), "file": name_text(file),
-            "kind": kind_of_case(not mask.any(), truth_is_empty, dice),
-            "presence": round(presence, 4), "area": int(np.count_nonzero(mask)),
-            "dice": None if dice is None else round(dice, 4), "uncertainty": round(uncertainty, 4),
-            "truth_empty": truth_is_empty, "thumb": thumb, "width": size[0], "height": size[1], "full": full,
-            "reason": "", "area_mm2": None if area_mm2 is None else round(area_mm2, 2),
+            "name": name_text(result.id), "file": name_text(result.file), "kind": result.kind(),
+            "presence": round(result.presence, 4), "area": result.area,
+            "dice": None if result.dice is None else round(result.dice, 4),
+            "uncertainty": round(result.uncertainty, 4), "truth_empty": result.truth_empty, "thumb": result.thumb,
+            "width": result.width, "height": result.height, "full": result.full, "reason": "",
+            "area_mm2": None if result.area_mm2 is None else round(result.area_mm2, 2),
         })
 
     def add_skipped(self, *, name: str, file: str, reason: str) -> None:
@@ -141,29 +128,27 @@ class Report:
             raise UserError(f"cannot write {path}: {error.strerror}; free some space, choose another --output, or "
                             "pass --report false") from None
 
-    def write(self, path: Path, *, about: list[tuple[str, str]], scores: dict | None) -> None:
-        """The page, atomically: `about` the lines of what predicted with what, `scores` DiceTally.summary() with
-        its all-empty baseline where truths were given."""
+    def write(self, path: Path, *, about: list[tuple[str, str]], summary: Summary, has_truths: bool) -> None:
+        """The page, atomically: `about` the lines of what predicted with what; the Dice and the uncertainty check
+        from `summary`, gathered from the same records."""
         kinds = [row["kind"] for row in self.rows]
         self.rows.sort(key=lambda row: natural_key(row["name"]))  # as images.csv: "2" before "10"
         predicted = [row for row in self.rows if row["kind"] not in ("skipped", "video")]
         skipped = [row for row in self.rows if row["kind"] == "skipped"]
-        summary = [*about, ("images", f"{len(predicted)} predicted, {len(skipped)} skipped; "
-                                      f"{sum(row['area'] == 0 for row in predicted)} empty masks")]
-        summary += [(f"skipped {row['file']}", row["reason"]) for row in skipped[:20]]
-        summary += [(f"video {row['file']}", row["reason"]) for row in self.rows if row["kind"] == "video"][:20]
-        if scores:
-            summary.append(("Kaggle Dice", f"{describe_scores(scores)}; all-empty baseline "
-                                           f"{scores['all_empty_baseline']:.4f}"))
+        lines = [*about, ("images", f"{len(predicted)} predicted, {len(skipped)} skipped; "
+                                    f"{sum(row['area'] == 0 for row in predicted)} empty masks")]
+        lines += [(f"skipped {row['file']}", row["reason"]) for row in skipped[:20]]
+        lines += [(f"video {row['file']}", row["reason"]) for row in self.rows if row["kind"] == "video"][:20]
+        if scores := summary.scores():
+            lines.append(("Kaggle Dice", f"{describe_scores(scores)}; all-empty baseline "
+                                         f"{scores['all_empty_baseline']:.4f}"))
             counts = ", ".join(f"{kinds.count(kind)} {kind}" for kind in
                                ("hit", "miss", "true empty", "false empty", "stray mask"))
-            summary.append(("cases", counts))
-            judged = [row for row in predicted if row["dice"] is not None]
-            check = uncertainty_check([row["uncertainty"] for row in judged], [row["dice"] for row in judged])
-            if check:
-                summary.append(("uncertainty", describe_check(check)))
+            lines.append(("cases", counts))
+            if check := summary.uncertainty_check():
+                lines.append(("uncertainty", describe_check(check)))
         data = {"columns": COLUMNS, "rows": [[row[column] for column in COLUMNS] for row in self.rows],
-                "summary": summary, "has_truths": self.has_truths, "full_size_limit": FULL_SIZE_LIMIT}
+                "summary": lines, "has_truths": has_truths, "full_size_limit": FULL_SIZE_LIMIT}
         with atomic_write(path) as file:
             file.write(page(data))
 

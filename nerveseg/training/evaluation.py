@@ -15,9 +15,8 @@ from nerveseg.postprocess import (
     TUNING_PLANES,
     PostProcessing,
     default_postprocessing,
-    to_mask,
+    full_size_masks,
     tuning_scores,
-    upsample,
 )
 from nerveseg.progress import progress
 from nerveseg.transforms import network_input, unpack_mask
@@ -58,10 +57,11 @@ def evaluate(
         presences = presence_probabilities(presence_logits, len(images))
         rule = rule or default_postprocessing(has_presence=presence_logits is not None)
         sizes = [tuple(size.tolist()) for size in batch["original_size"]]
-        full_size = upsample(torch.sigmoid(mask_logits.float()), sizes)
-        for probability, presence, bits, size in zip(full_size, presences, batch["full_label"], sizes, strict=True):
+        full_size = full_size_masks(torch.sigmoid(mask_logits.float()), presences, sizes, rule)
+        for (probability, mask), presence, bits, size in zip(full_size, presences, batch["full_label"], sizes,
+                                                             strict=True):
             probability, truth = probability.cpu(), unpack_mask(bits, size)
-            mask = torch.from_numpy(to_mask(probability, presence, rule)).bool()[None]  # any() of uint8 is uint8
+            mask = torch.from_numpy(mask).bool()[None]  # any() of uint8 is uint8
             tally.add(kaggle_dice(mask[None], truth[None]), ~truth.any().reshape(1), ~mask.any().reshape(1))
             if tune:
                 scores += tuning_scores(probability, presence, truth, has_presence=presence_logits is not None)
