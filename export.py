@@ -34,6 +34,7 @@ from nerveseg.export.bundle import write_bundle
 from nerveseg.export.bundle_docs import LICENSES
 from nerveseg.files import FolderLock, atomic_write
 from nerveseg.inputs import ReadableDataset, images_to_segment, read_some
+from nerveseg.model import describe_network
 from nerveseg.onnx_model import CHECKPOINT_FIELDS, add_metadata, is_our_onnx, onnx_graph
 from nerveseg.predictors import OnnxPredictor, TorchPredictor, check_onnx_matches_torch, prediction_model
 from nerveseg.settings import AUTO_TRUE_FALSE, Bounds, OneOf, parse_settings
@@ -109,6 +110,7 @@ if FORMAT == "bundle":
 # %% Export, check against PyTorch, write
 fields = (*CHECKPOINT_FIELDS, "tta", "predicting_with")
 metadata = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "network": describe_network(checkpoint["model_config"]),
             **{field: checkpoint.get(field) for field in fields}}
 graph = add_metadata(onnx_graph(model, image_size, has_presence=has_presence), metadata)
 torch_predictor = TorchPredictor(model, torch.device("cpu"), amp=False)

@@ -26,7 +26,15 @@ from nerveseg.checkpoint import save_torch
 from nerveseg.data import describe_split, partition, read_manifest, split_into_folds
 from nerveseg.ensemble import augmentation_for_training
 from nerveseg.errors import exit_on_user_error
-from nerveseg.model import MODELS, PRESENCE_SIGNALS, build_model, model_config, set_output_prior
+from nerveseg.model import (
+    MODELS,
+    PRESENCE_SIGNALS,
+    build_model,
+    encoder_start,
+    model_config,
+    set_output_prior,
+    start_encoder,
+)
 from nerveseg.postprocess import default_postprocessing
 from nerveseg.progress import progress
 from nerveseg.settings import Bounds, OneOf, parse_settings, settings_to_json
@@ -54,7 +62,8 @@ FLIP_PROB: Bounds(at_least=0, at_most=1) = 0.0  # chance of a left-right flip (o
 INTENSITY_PROB: Bounds(at_least=0, at_most=1) = 0.3  # chance of each gamma, gain and noise change
 AUGMENTATION: OneOf(AUGMENTATIONS) = "light"  # light (the above) or nnunet (adds zoom 0.7-1.4, blur, low resolution...)
 # Model
-MODEL: OneOf(MODELS) = "unet"  # the network (see nerveseg/model.py)
+MODEL: OneOf(MODELS) = "unet"  # the network (nerveseg/model.py); efficientnet-*: a U-Net on an ImageNet encoder
+ENCODER_WEIGHTS = "imagenet"  # an efficientnet-* encoder starts from: imagenet (its ImageNet weights), random, a file
 CHANNELS: Bounds(at_least=1) = (16, 32, 64, 128, 256)  # UNet feature channels per level
 STRIDES: Bounds(at_least=1) = (2, 2, 2, 2)  # UNet down-sampling per level (image sides: multiples of their product)
 NUM_RES_UNITS: Bounds(at_least=0) = 2  # residual units per UNet block
@@ -112,7 +121,7 @@ run_dir = distributed.from_main(run_dir, process)  # its name, made by rank 0, i
 image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)
 has_presence = PRESENCE_WEIGHT > 0  # the model's image-level output (see nerveseg/model.py)
 config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT, presence=has_presence, model=MODEL,
-                      presence_signal=PRESENCE_SIGNAL)
+                      presence_signal=PRESENCE_SIGNAL, encoder_weights=encoder_start(MODEL, ENCODER_WEIGHTS))
 default_rule = default_postprocessing(has_presence=has_presence)
 preprocessing = {"image_size": list(image_size), "intensity": "0..255 scaled to 0..1", "reader": "PIL, grayscale"}
 record = {"model_config": config, "preprocessing": preprocessing, "postprocessing": default_rule.as_dict(),
@@ -128,7 +137,9 @@ def make_model(config: dict, train_items: list[dict], *, seed: int, settings: Si
     """The network of `config` with its presence output (nerveseg/model.py), starting at the training set's shares
     of target pixels and of images with a target: the plain model, and what trains (compiled with COMPILE, DDP)."""
     monai.utils.set_determinism(seed)
-    raw_model = build_model(config).to(process.device)  # the plain model: its weights are saved and loaded
+    raw_model = build_model(config)  # the plain model: its weights are saved and loaded
+    start_encoder(raw_model, config, settings.ENCODER_WEIGHTS)  # an ImageNet encoder starts from what it learnt there
+    raw_model = raw_model.to(process.device)
     present = 0.5 if settings.PRESENCE_BALANCE else sum(not i["empty"] for i in train_items) / len(train_items)
     set_output_prior(raw_model, foreground_fraction=sum(i["mask_fraction"] for i in train_items) / len(train_items),
                      present_fraction=present)

@@ -38,6 +38,7 @@ from nerveseg.training.steps import (
     SegmentationLoss,
     automatic_batch_size,
     backward_in_micro_batches,
+    make_optimizer,
     micro_batch_size,
 )
 
@@ -249,11 +250,12 @@ def training_step(device: torch.device, amp: bool, batch_size: int, compiled: bo
     torch.manual_seed(0)
     presence = TRAIN["PRESENCE_WEIGHT"] > 0
     levels = (TRAIN["CHANNELS"], TRAIN["STRIDES"], TRAIN["NUM_RES_UNITS"], TRAIN["DROPOUT"])
-    config = model_config(*levels, presence=presence)
-    model = build_model(config).to(device)
+    config = model_config(*levels, presence=presence, model=TRAIN["MODEL"], presence_signal=TRAIN["PRESENCE_SIGNAL"])
+    model = build_model(config).to(device)  # the weights it starts from do not change the time
     network = torch.compile(model, dynamic=False) if compiled else model
-    loss_function = SegmentationLoss(TRAIN["PRESENCE_WEIGHT"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=TRAIN["LEARNING_RATE"], weight_decay=TRAIN["WEIGHT_DECAY"])
+    loss_function = SegmentationLoss(TRAIN["PRESENCE_WEIGHT"], balance_presence=TRAIN["PRESENCE_BALANCE"])
+    optimizer, _, _ = make_optimizer(model, learning_rate=TRAIN["LEARNING_RATE"], weight_decay=TRAIN["WEIGHT_DECAY"],
+                                     warmup_steps=1, total_steps=2, device=device, amp=amp)
 
     micro_batch = micro_batch_size(TRAIN["MICRO_BATCH_SIZE"], batch_size, device)
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # no loss scaling: fp32 and bfloat16 need none

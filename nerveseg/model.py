@@ -1,21 +1,28 @@
-"""The one definition of the segmentation network, used by training, prediction and the benchmarks.
+"""The one definition of the segmentation network, used by training, prediction, the exports and the benchmarks.
 
-MODEL chooses among MONAI's own 2-D networks; each gets the same image-level presence output (a head on its
-deepest features) and is called the same way, `mask_logits, presence_logits = model(images)`, so validation,
-prediction, the ensemble, test-time augmentation and the exports run any of them alike:
+NETWORKS is the table of the networks MODEL chooses among: each entry says how to build it, what its settings
+must be, which outputs give mask logits (deep supervision) and how to read them. Every network gets the same
+image-level presence output (a head on its deepest features) and is called the same way,
+`mask_logits, presence_logits = model(images)`, so validation, prediction, the ensemble, test-time augmentation
+and the exports run any of them alike:
 
-    unet            MONAI's UNet (residual units): the default, and every checkpoint made before MODEL existed
-    unetplusplus    BasicUNetPlusPlus (Zhou et al., 2018: nested dense skip paths), deep supervision on its 4 outputs
-    attentionunet   AttentionUnet (Oktay et al., 2018: attention gates on the skip connections)
-    segresnet       SegResNet (Myronenko, 2018: residual encoder, light decoder)
-    dynunet         DynUNet (MONAI's nnU-Net-style network), deep supervision on its 2 coarser decoder levels
+    unet                MONAI's UNet (residual units): the default, and every checkpoint made before MODEL existed
+    unetplusplus        BasicUNetPlusPlus (Zhou et al., 2018: nested dense skip paths), deep supervision on 4 outputs
+    attentionunet       AttentionUnet (Oktay et al., 2018: attention gates on the skip connections)
+    segresnet           SegResNet (Myronenko, 2018: residual encoder, light decoder)
+    dynunet             DynUNet (MONAI's nnU-Net-style network), deep supervision on its 2 coarser decoder levels
+    efficientnet-lite0  MONAI's FlexibleUNet decoder on EfficientNet-Lite0, which starts from ImageNet weights
+    efficientnet-b0..b7 the same on MONAI's EfficientNet-B0..B7 (their ImageNet weights are downloaded)
 
-All take the levels' feature channels (CHANNELS) and down-sampling (STRIDES); unetplusplus and segresnet halve the
-image at each level (strides of 2), unetplusplus has exactly 5 levels, and segresnet doubles its channels at each
-level from CHANNELS[0].
+The networks of MONAI take the levels' feature channels (CHANNELS) and down-sampling (STRIDES); the ImageNet
+encoders (nerveseg/encoders.py) have their own levels and take CHANNELS, coarsest last, as their decoder's.
+Adding a network is one entry (docs/extending.md).
 """
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,11 +30,116 @@ from monai.networks.layers import SkipConnection
 from monai.networks.nets import AttentionUnet, BasicUNetPlusPlus, DynUNet, SegResNet, UNet
 from torch import nn
 
+from nerveseg import encoders
 from nerveseg.errors import UserError
 
-MODELS = ("unet", "unetplusplus", "attentionunet", "segresnet", "dynunet")
 PRESENCE_SIGNALS = ("head", "head+mask")  # the presence head alone, or averaged with the mask's largest probability
 DEEP_SUPERVISION_LEVELS = 2  # DynUNet's coarser decoder levels with an output of their own (nnU-Net uses all but two)
+ENCODER_WEIGHTS = ("imagenet", "random")  # where an ImageNet encoder starts (or a weights file: encoders.py)
+
+@dataclass(frozen=True)
+class Network:
+    """One network of NETWORKS.
+
+    summary: what it is, in words (for -h, the checkpoint's readers, the ONNX metadata and the bundle's README).
+    build: its MONAI network for a model_config, the module whose output is its deepest features, and their
+        channels (PresenceNetwork adds the presence head there).
+    output_blocks: the blocks of the built network whose last convolution gives mask logits, the final one first
+        (the others are deep supervision's).
+    model_class: the whole model's own class, instead of PresenceNetwork and `build` (the UNet's: the weights'
+        names of its checkpoints).
+    read_output: what the network returns, as the final mask logits and deep supervision's coarser ones.
+    problem: why CHANNELS and STRIDES do not suit it ("" when they do).
+    size_multiple: each input side must be a multiple of this, for a model_config.
+    encoder: the ImageNet encoder it starts from (nerveseg/encoders.py), "" for a network trained from scratch.
+    shaped_by: the model_config keys that shape it (named with the network wherever it is described).
+    level_channels: the feature channels of its levels, from CHANNELS (for the bound on its memory).
+    weights: the names of its weights in a state dict, in words (the bundle's README).
+    """
+
+    summary: str
+    build: Callable[[dict], tuple[nn.Module, nn.Module, int]] | None = None
+    output_blocks: Callable[[nn.Module], list[nn.Module]] = lambda network: []
+    model_class: type[nn.Module] | None = None
+    read_output: Callable[[Any], tuple[torch.Tensor, list[torch.Tensor]]] = lambda output: (output, [])
+    problem: Callable[[list[int], list[int]], str] = lambda channels, strides: ""
+    size_multiple: Callable[[dict], int] = lambda config: math.prod(config["strides"])
+    encoder: str = ""
+    shaped_by: tuple[str, ...] = ("channels", "strides")
+    level_channels: Callable[[list[int]], list[int]] = lambda channels: channels
+    weights: str = "`network.*`, with `presence_head.linear.*`"
+
+
+def halving(name: str, levels: int = 0) -> Callable[[list[int], list[int]], str]:
+    """The problem of a network that halves the image at each level (and has exactly `levels` levels)."""
+
+    def problem(channels: list[int], strides: list[int]) -> str:
+        if levels and len(channels) != levels:
+            return f"MODEL {name} has exactly {levels} levels: --channels needs {levels} values, not {len(channels)}"
+        if any(stride != 2 for stride in strides):
+            return f"MODEL {name} halves the image at each level: --strides must be all 2, not {list(strides)}"
+        return ""
+
+    return problem
+
+
+def unet_plus_plus(config: dict) -> tuple[nn.Module, nn.Module, int]:
+    channels = config["channels"]
+    network = BasicUNetPlusPlus(**common_arguments(config), features=(*channels, channels[0]),
+                                dropout=config["dropout"], deep_supervision=True)
+    return network, network.conv_4_0, channels[4]
+
+
+def attention_unet(config: dict) -> tuple[nn.Module, nn.Module, int]:
+    network = AttentionUnet(**common_arguments(config), channels=config["channels"], strides=config["strides"],
+                            dropout=config["dropout"])
+    layer = network.model[1]
+    while isinstance(layer.submodule, nn.Sequential):  # each level: Sequential(down block, next level)
+        layer = layer.submodule[1]
+    return network, layer.submodule, config["channels"][-1]
+
+
+def seg_res_net(config: dict) -> tuple[nn.Module, nn.Module, int]:
+    channels, levels = config["channels"], len(config["channels"])
+    network = SegResNet(**common_arguments(config), init_filters=channels[0], dropout_prob=config["dropout"] or None,
+                        blocks_down=(1, *[2] * (levels - 2), 4), blocks_up=(1,) * (levels - 1))
+    return network, network.down_layers[-1], channels[0] * 2 ** (levels - 1)
+
+
+def dyn_unet(config: dict) -> tuple[nn.Module, nn.Module, int]:
+    channels, strides = config["channels"], config["strides"]
+    supervised = min(DEEP_SUPERVISION_LEVELS, len(strides) - 1)
+    network = DynUNet(**common_arguments(config), kernel_size=[3] * len(channels), strides=[1, *strides],
+                      upsample_kernel_size=strides, filters=channels, dropout=config["dropout"] or None,
+                      res_block=config["num_res_units"] > 0, deep_supervision=supervised > 0,
+                      deep_supr_num=max(supervised, 1))
+    return network, network.bottleneck, channels[-1]
+
+
+def encoder_unet(config: dict) -> tuple[nn.Module, nn.Module, int]:
+    network = encoders.EncoderUNet(config["model"], decoder_channels=tuple(reversed(config["channels"])),
+                                   dropout=config["dropout"])
+    return network, network.deepest, network.deepest_channels
+
+
+def common_arguments(config: dict) -> dict:
+    return {"spatial_dims": 2, "in_channels": config["in_channels"], "out_channels": config["out_channels"]}
+
+
+def dynunet_output(output: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    if output.dim() == 5:  # training: (B, 1 + levels, C, H, W), the final output first
+        return output[:, 0], list(output[:, 1:].unbind(1))
+    return output, []
+
+
+def encoder_entry(encoder: str) -> Network:
+    """The FlexibleUNet of an ImageNet encoder (encoders.ENCODERS): 5 levels, each halving the image."""
+    return Network(
+        summary=f"MONAI FlexibleUNet, a U-Net decoder (CHANNELS, coarsest last) on the {encoder} encoder",
+        build=encoder_unet, output_blocks=lambda network: [network.unet.segmentation_head],
+        problem=halving(encoder, levels=5), size_multiple=lambda config: 16, encoder=encoder, shaped_by=("channels",),
+        weights=f"`network.unet.encoder.*` ({encoder}), `network.unet.decoder.*`, `network.unet.segmentation_head.*`, "
+                "with `presence_head.linear.*`")
 
 
 def model_config(
@@ -39,18 +151,18 @@ def model_config(
     presence: bool = True,
     model: str = "unet",
     presence_signal: str = "head",
+    encoder_weights: str = "",
 ) -> dict[str, Any]:
-    """The constructor arguments of the network, as stored in a checkpoint."""
-    if model not in MODELS:
+    """The constructor arguments of the network, as stored in a checkpoint; `encoder_weights` says where an
+    ImageNet encoder started from (start_encoder's answer), for the record."""
+    if model not in NETWORKS:
         raise UserError(f"MODEL {model!r} is not one of {', '.join(MODELS)}")
     if presence_signal not in PRESENCE_SIGNALS:
         raise UserError(f"PRESENCE_SIGNAL {presence_signal!r} is not one of {', '.join(PRESENCE_SIGNALS)}")
     if len(strides) != len(channels) - 1:
         raise UserError(f"--strides needs one value fewer than --channels ({len(channels)} levels), not {len(strides)}")
-    if model in ("unetplusplus", "segresnet") and any(stride != 2 for stride in strides):
-        raise UserError(f"MODEL {model} halves the image at each level: --strides must be all 2, not {list(strides)}")
-    if model == "unetplusplus" and len(channels) != 5:
-        raise UserError(f"MODEL unetplusplus has exactly 5 levels: --channels needs 5 values, not {len(channels)}")
+    if problem := NETWORKS[model].problem(list(channels), list(strides)):
+        raise UserError(problem)
     config = {
         "model": model,  # which network (a checkpoint without it holds the UNet)
         "spatial_dims": 2,
@@ -64,6 +176,8 @@ def model_config(
     }
     if presence_signal != "head":  # a checkpoint without it uses the head alone
         config["presence_signal"] = presence_signal
+    if NETWORKS[model].encoder:
+        config["encoder_weights"] = encoder_weights or "random"
     return config
 
 
@@ -94,7 +208,7 @@ class PresenceUNet(UNet):
 
     The presence head reads the UNet's bottleneck, its coarsest and most global features: their average
     and their maximum over the image, then one linear layer. It is trained beside the mask (see
-    training.SegmentationLoss), and an image it judges empty gets an empty mask (postprocess.to_mask): a
+    training.steps.SegmentationLoss), and an image it judges empty gets an empty mask (postprocess.to_mask): a
     whole-image decision that a per-pixel threshold or a minimum area cannot make well.
 
     forward returns (mask logits (B, 1, H, W), presence logits (B,)), or (mask logits, None) with
@@ -125,6 +239,13 @@ class PresenceUNet(UNet):
             presence_logits = presence_from_mask(mask_logits, presence_logits)
         return mask_logits, presence_logits
 
+    def output_convolutions(self) -> list[nn.Module]:
+        """The convolution that gives mask logits."""
+        return [[module for module in self.modules() if isinstance(module, nn.Conv2d | nn.ConvTranspose2d)][-1]]
+
+    def presence_linear(self) -> nn.Linear | None:
+        return self.presence_head
+
 
 def bottleneck_block(unet: UNet) -> nn.Module:
     """The innermost block of a MONAI UNet: each level is Sequential(down, SkipConnection(next level), up)."""
@@ -135,17 +256,17 @@ def bottleneck_block(unet: UNet) -> nn.Module:
 
 
 class PresenceNetwork(nn.Module):
-    """Another MONAI network (unetplusplus, attentionunet, segresnet, dynunet) with the presence output.
+    """Any other network of NETWORKS with the presence output.
 
     Called like PresenceUNet. In training mode a network with deep supervision also returns the mask logits of
-    its coarser outputs, at full size, as a third element (training.SegmentationLoss weighs them); in eval mode
-    (validation, prediction, export) it returns only the final mask and the presence.
+    its coarser outputs, at full size, as a third element (training.steps.SegmentationLoss weighs them); in eval
+    mode (validation, prediction, export) it returns only the final mask and the presence.
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
-        self.name = config["model"]
-        self.network, deepest, deepest_channels = monai_network(config)
+        self.entry = network_of(config)
+        self.network, deepest, deepest_channels = self.entry.build(config)
         self.presence_head = PresenceHead(deepest_channels) if config["presence"] else None
         self.presence_signal = config.get("presence_signal", "head")
         self._deepest: torch.Tensor | None = None
@@ -156,14 +277,7 @@ class PresenceNetwork(nn.Module):
         self._deepest = output
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        output = self.network(images)
-        deep: list[torch.Tensor] = []
-        if self.name == "unetplusplus":  # a list, coarsest first; the last is the full network's
-            mask_logits, deep = output[-1], output[-2::-1]
-        elif self.name == "dynunet" and output.dim() == 5:  # training: (B, 1 + levels, C, H, W), final first
-            mask_logits, deep = output[:, 0], list(output[:, 1:].unbind(1))
-        else:
-            mask_logits = output
+        mask_logits, deep = self.entry.read_output(self.network(images))
         presence_logits = None
         if self.presence_head is not None:
             features, self._deepest = self._deepest, None
@@ -176,53 +290,88 @@ class PresenceNetwork(nn.Module):
 
     def output_convolutions(self) -> list[nn.Module]:
         """The convolutions that give mask logits: the final one and those of deep supervision."""
-        network = self.network
-        if self.name == "unetplusplus":
-            blocks = [network.final_conv_0_1, network.final_conv_0_2, network.final_conv_0_3, network.final_conv_0_4]
-        elif self.name == "dynunet":
-            blocks = [network.output_block, *(network.deep_supervision_heads if network.deep_supervision else [])]
-        elif self.name == "segresnet":
-            blocks = [network.conv_final]
-        else:
-            blocks = [network.model[-1]]  # attentionunet: its 1x1 reduce_channels convolution
-        return [[module for module in block.modules() if isinstance(module, nn.Conv2d)][-1] for block in blocks]
+        return [[module for module in block.modules() if isinstance(module, nn.Conv2d)][-1]
+                for block in self.entry.output_blocks(self.network)]
+
+    def presence_linear(self) -> nn.Linear | None:
+        return self.presence_head.linear if self.presence_head is not None else None
 
 
-def monai_network(config: dict[str, Any]) -> tuple[nn.Module, nn.Module, int]:
-    """The MONAI network of a config, its module with the deepest features, and their channel count."""
-    name, channels, strides, dropout = config["model"], config["channels"], config["strides"], config["dropout"]
-    common = {"spatial_dims": 2, "in_channels": config["in_channels"], "out_channels": config["out_channels"]}
-    if name == "unetplusplus":
-        network = BasicUNetPlusPlus(**common, features=(*channels, channels[0]), dropout=dropout,
-                                    deep_supervision=True)
-        return network, network.conv_4_0, channels[4]
-    if name == "attentionunet":
-        network = AttentionUnet(**common, channels=channels, strides=strides, dropout=dropout)
-        layer = network.model[1]
-        while isinstance(layer.submodule, nn.Sequential):  # each level: Sequential(down block, next level)
-            layer = layer.submodule[1]
-        return network, layer.submodule, channels[-1]
-    if name == "segresnet":
-        levels = len(channels)
-        network = SegResNet(**common, init_filters=channels[0], dropout_prob=dropout or None,
-                            blocks_down=(1, *[2] * (levels - 2), 4), blocks_up=(1,) * (levels - 1))
-        return network, network.down_layers[-1], channels[0] * 2 ** (levels - 1)
-    supervised = min(DEEP_SUPERVISION_LEVELS, len(strides) - 1)
-    network = DynUNet(**common, kernel_size=[3] * len(channels), strides=[1, *strides], upsample_kernel_size=strides,
-                      filters=channels, dropout=dropout or None, res_block=config["num_res_units"] > 0,
-                      deep_supervision=supervised > 0, deep_supr_num=max(supervised, 1))
-    return network, network.bottleneck, channels[-1]
+NETWORKS = {
+    "unet": Network(
+        summary="MONAI UNet with residual units", model_class=PresenceUNet,
+        shaped_by=("channels", "strides", "num_res_units"), weights="MONAI UNet's `model.*`, with `presence_head.*`"),
+    "unetplusplus": Network(
+        summary="MONAI BasicUNetPlusPlus (nested skip paths, deep supervision)", build=unet_plus_plus,
+        output_blocks=lambda network: [network.final_conv_0_4, network.final_conv_0_3, network.final_conv_0_2,
+                                       network.final_conv_0_1],
+        read_output=lambda output: (output[-1], output[-2::-1]),  # a list, coarsest first; the full network's last
+        problem=halving("unetplusplus", levels=5), shaped_by=("channels",)),
+    "attentionunet": Network(
+        summary="MONAI AttentionUnet (attention gates on the skips)", build=attention_unet,
+        output_blocks=lambda network: [network.model[-1]]),  # its 1x1 reduce_channels convolution
+    "segresnet": Network(
+        summary="MONAI SegResNet (residual encoder, light decoder)", build=seg_res_net,
+        output_blocks=lambda network: [network.conv_final], problem=halving("segresnet"), shaped_by=("channels",),
+        level_channels=lambda channels: [channels[0] * 2**level for level in range(len(channels))]),
+    "dynunet": Network(
+        summary="MONAI DynUNet (nnU-Net-style, deep supervision)", build=dyn_unet,
+        output_blocks=lambda network: [network.output_block,
+                                       *(network.deep_supervision_heads if network.deep_supervision else [])],
+        read_output=dynunet_output, shaped_by=("channels", "strides", "num_res_units")),
+    **{encoder: encoder_entry(encoder) for encoder in encoders.ENCODERS},
+}
+MODELS = tuple(NETWORKS)
+
+
+def network_of(config: dict[str, Any]) -> Network:
+    """The entry of a model_config (one without "model", from before MODEL existed, is the UNet)."""
+    name = config.get("model", "unet")
+    if not isinstance(name, str) or name not in NETWORKS:
+        raise ValueError(f"unknown network {name!r} (this version knows {', '.join(MODELS)})")
+    return NETWORKS[name]
+
+
+def describe_network(config: dict[str, Any]) -> str:
+    """The network of a model_config in words: for the checkpoint's readers, the ONNX metadata and the bundle."""
+    entry = network_of(config)
+    shape = ", ".join(f"{key.replace('num_res_units', 'residual units')} {config[key]}" for key in entry.shaped_by)
+    weights = config.get("encoder_weights", "random")
+    source = f"ImageNet weights ({weights.removeprefix('ImageNet: ')})" if weights != "random" else "random weights"
+    start = f"; its encoder started from {source}" if entry.encoder else ""
+    presence = "; with an image-level presence output" if config.get("presence") else ""
+    return f"{entry.summary}; {shape}{start}{presence}"
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """The network of a model_config dict (one without "model", from an older checkpoint, is the UNet; one without
-    "presence" has no presence output)."""
-    arguments = {key: value for key, value in config.items() if key != "model"}
-    if config.get("model", "unet") == "unet":
-        return PresenceUNet(**arguments)
-    if config["model"] not in MODELS:
-        raise ValueError(f"unknown network {config['model']!r} (this version knows {', '.join(MODELS)})")
+    """The network of a model_config dict, with random weights (one without "model", from an older checkpoint,
+    is the UNet; one without "presence" has no presence output)."""
+    entry = network_of(config)
+    if entry.model_class is not None:
+        return entry.model_class(**{key: value for key, value in config.items() if key != "model"})
     return PresenceNetwork({"presence": False, **config})
+
+
+def encoder_start(model: str, weights: str) -> str:
+    """Where the ImageNet encoder of a network starts, in words for its checkpoints ("" for a network without one):
+    "random", or "ImageNet: " and the weights' source. `weights` is imagenet (its own: the package, or downloaded),
+    random, or a weights file; they are read here, so that a missing package or file fails before training."""
+    encoder = NETWORKS[model].encoder
+    if not encoder or weights == "random":
+        return "random" if encoder else ""
+    return "ImageNet: " + encoders.read_imagenet_weights(encoder, weights_file(weights))[1]
+
+
+def start_encoder(model: nn.Module, config: dict[str, Any], weights: str) -> None:
+    """Start the ImageNet encoder of a model built by build_model (if it has one) from `weights` (encoder_start)."""
+    encoder = network_of(config).encoder
+    if encoder and weights != "random":
+        encoders.load_imagenet_weights(model.network.unet.encoder, encoder, weights_file(weights))
+
+
+def weights_file(weights: str) -> Path | None:
+    """The file of ENCODER_WEIGHTS, None for an encoder's own ImageNet weights."""
+    return None if weights == "imagenet" else Path(weights)
 
 
 # What a configuration may ask for: the bounds that a checkpoint (data from anywhere) and train.py's settings share
@@ -266,9 +415,7 @@ def feature_values(config: dict[str, Any], image_size: tuple[int, int]) -> int:
     """How many values the network's feature maps hold for one image: the input and output at full size, and each
     level's channels at its size (each level smaller than the one above by its stride, in both directions)."""
     height, width = image_size
-    channels = config["channels"]
-    if config.get("model") == "segresnet":  # doubles its channels at each level from the first
-        channels = [channels[0] * 2**level for level in range(len(channels))]
+    channels = network_of(config).level_channels(config["channels"])
     total, scale = (config.get("in_channels", 1) + config.get("out_channels", 1)) * height * width, 1
     for level_channels, stride in zip(channels, [1, *config["strides"]], strict=False):
         scale *= stride
@@ -277,11 +424,8 @@ def feature_values(config: dict[str, Any], image_size: tuple[int, int]) -> int:
 
 
 def size_multiple(config: dict[str, Any]) -> int:
-    """Each input side must be a multiple of this: the product of the strides (2^4 = 16 by default)."""
-    multiple = 1
-    for stride in config["strides"]:
-        multiple *= stride
-    return multiple
+    """Each input side must be a multiple of this (for the UNet, the product of the strides: 2^4 = 16 by default)."""
+    return network_of(config).size_multiple(config)
 
 
 def log_odds(p: float) -> float:
@@ -300,14 +444,9 @@ def set_output_prior(model: nn.Module, foreground_fraction: float, present_fract
     hundreds of steps just to learn that nerve pixels are rare; with this start it learns the nerve from the first
     steps. With a class-balanced presence loss, pass present_fraction 0.5.
     """
-    if isinstance(model, PresenceNetwork):
-        outputs = model.output_convolutions()
-        head = model.presence_head.linear if model.presence_head is not None else None
-    else:
-        outputs = [[module for module in model.modules() if isinstance(module, nn.Conv2d | nn.ConvTranspose2d)][-1]]
-        head = model.presence_head
+    head = model.presence_linear()
     with torch.no_grad():
-        for convolution in outputs:
+        for convolution in model.output_convolutions():
             convolution.bias.fill_(log_odds(min(foreground_fraction, 0.5)))
         if head is not None:
             head.bias.fill_(log_odds(present_fraction))
@@ -318,4 +457,3 @@ def presence_probabilities(presence_logits: torch.Tensor | None, count: int) -> 
     if presence_logits is None:
         return [1.0] * count
     return torch.sigmoid(presence_logits.float()).cpu().tolist()
-

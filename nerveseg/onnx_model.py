@@ -69,7 +69,7 @@ def is_our_onnx(path: Path) -> bool:
     import onnx
     from google.protobuf.message import DecodeError
 
-    from nerveseg.checkpoint import FORMAT
+    from nerveseg.checkpoint import FORMATS
 
     try:
         if not path.is_file() or path.stat().st_size >= 2**31:  # protobuf's bound: no graph of ours is larger
@@ -82,4 +82,4 @@ def is_our_onnx(path: Path) -> bool:
         metadata = json.loads(texts[0]) if texts else None
     except ValueError:
         return False
-    return isinstance(metadata, dict) and metadata.get("format") == FORMAT
+    return isinstance(metadata, dict) and metadata.get("format") in FORMATS

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from nerveseg.checkpoint import (
-    FORMAT,
+    FORMATS,
     VERSION,
     check_postprocessing,
     check_records,
@@ -99,7 +99,7 @@ def load_onnx(path: Path) -> tuple[OnnxPredictor, dict]:
         metadata = json.loads(text) if text else None
     except json.JSONDecodeError:
         metadata = None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or not set(CHECKPOINT_FIELDS) <= set(
+    if not isinstance(metadata, dict) or metadata.get("format") not in FORMATS or not set(CHECKPOINT_FIELDS) <= set(
         metadata
     ):
         raise UserError(f"{path} was not written by export.py (its metadata lacks the image size and the "

@@ -37,6 +37,7 @@ from nerveseg.export.bundle_docs import bundle_readme, license_text
 from nerveseg.export.bundle_script import bundle_script
 from nerveseg.files import building_folder, check_not_current_folder, discard_building, swap_into_place
 from nerveseg.images import WIDE_MODES
+from nerveseg.model import describe_network
 from nerveseg.onnx_model import CHECKPOINT_FIELDS, Probabilities
 from nerveseg.postprocess import PostProcessing
 
@@ -227,8 +228,7 @@ def bundle_metadata(checkpoint: dict, *, target: str, authors: str, checked: str
                 if post.min_area_fraction > 0 else "")
     postprocessing = (f"the probabilities resized back to the image's size (bilinear), the target where they are "
                       f"above {post.threshold}{largest}{smallest}")
-    network = (f"MONAI UNet (channels {config['channels']}, strides {config['strides']}, {config['num_res_units']} "
-               "residual units)" + (", with an image-level presence output" if has_presence else ""))
+    network = describe_network(config)
     return {
         "schema": SCHEMA_URL,
         "version": "0.1.0",

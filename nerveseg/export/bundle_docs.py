@@ -5,6 +5,7 @@ import datetime
 from pathlib import Path
 
 from nerveseg.errors import UserError
+from nerveseg.model import network_of
 
 LICENSES = ("", "MIT", "Apache-2.0", "BSD-2-Clause", "BSD-3-Clause", "CC0-1.0", "CC-BY-4.0", "CC-BY-SA-4.0",
             "CC-BY-NC-4.0", "CC-BY-NC-SA-4.0", "CC-BY-NC-ND-4.0", "GPL-3.0-only", "GPL-3.0-or-later",
@@ -76,7 +77,7 @@ Check the network against the metadata: `python -m monai.bundle verify_net_in_ou
   (configuration, preprocessing, post-processing, test-time augmentation, settings, validation figures).
 - `models/model.ts`: the network traced to TorchScript: images (N, 1, {height}, {width}) in [0, 1] to (N, 2,
   {height}, {width}): the {target}'s probability per pixel, and the image's presence probability at every pixel.
-- `models/model.pt`: its weights (a state dict: a MONAI UNet's `model.*` weights, with `presence_head.*`;
+- `models/model.pt`: its weights (a state dict: {network_of(record['model_config']).weights};
   an ensemble's are `members.<k>.*`).
 
 ## Limits
