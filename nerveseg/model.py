@@ -16,7 +16,7 @@ and the exports run any of them alike:
 
 The networks of MONAI take the levels' feature channels (CHANNELS) and down-sampling (STRIDES); the ImageNet
 encoders (nerveseg/encoders.py) have their own levels and take CHANNELS, coarsest last, as their decoder's.
-Adding a network is one entry (docs/extending.md).
+Adding a network is one entry of NETWORKS (and, for an ImageNet encoder, one of encoders.ENCODERS).
 """
 
 import math

@@ -78,8 +78,9 @@ def median_presence(path: Path, folder: Path) -> float:
 
 @pytest.fixture(scope="module")
 def checkpoints(images, tmp_path_factory) -> dict[str, Path]:
-    """Untrained tiny checkpoints: one model (largest component, minimum area) and a 2-fold ensemble with test-time
-    augmentation; both with a presence threshold at their images' median presence."""
+    """Untrained tiny checkpoints: one model (largest component, minimum area), a 2-fold ensemble with test-time
+    augmentation and a network on an ImageNet encoder (efficientnet-lite0); each with a presence threshold at
+    their images' median presence."""
     folder = tmp_path_factory.mktemp("bundle-checkpoints")
     torch.manual_seed(0)
     config = model_config((4, 8), (2,), 0, 0.0)
@@ -94,12 +95,16 @@ def checkpoints(images, tmp_path_factory) -> dict[str, Path]:
     members = [checkpoint(single_rule) for _ in range(2)]
     summary = {"folds": [{}, {}], "mean": {"postprocessed": {"dice": 0.7}}, "sd": {"postprocessed": {"dice": 0.05}},
                "pooled": {"postprocessed": {"dice": 0.69, "all_empty_baseline": 0.55, "images": 12, "images_empty": 7}}}
-    paths = {"single": folder / "single.pt", "ensemble": folder / "ensemble.pt"}
+    paths = {"single": folder / "single.pt", "ensemble": folder / "ensemble.pt", "encoder": folder / "encoder.pt"}
     save_torch(paths["single"], members[0])
+    encoder_config = model_config((8, 16, 32, 64, 128), (2, 2, 2, 2), 0, 0.0, model="efficientnet-lite0")
+    save_torch(paths["encoder"], make_checkpoint(  # an ImageNet encoder's network (random weights: the same code)
+        build_model(encoder_config), model_config=encoder_config, preprocessing={"image_size": IMAGE_SIZE},
+        postprocessing=single_rule.as_dict(), settings={"max_epochs": 1}, epoch=1, metrics={}))
     save_torch(paths["ensemble"], ensemble_checkpoint(
         members, postprocessing=PostProcessing(threshold=0.45).as_dict(),
         tta={"use": True, "zoom": 0.05, "shift": 0.025, "flip": True}, metrics={"cross_validation": summary}))
-    for name, rule in (("single", single_rule), ("ensemble", PostProcessing(threshold=0.45))):
+    for name, rule in (("single", single_rule), ("ensemble", PostProcessing(threshold=0.45)), ("encoder", single_rule)):
         saved = torch.load(paths[name], weights_only=True)
         saved["postprocessing"] = (rule.as_dict() | {"presence_threshold": median_presence(paths[name], images)})
         save_torch(paths[name], saved)
@@ -169,7 +174,7 @@ def assert_same_masks(predicted: Path, bundled: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["single", "ensemble"])
+@pytest.mark.parametrize("kind", ["single", "ensemble", "encoder"])
 def test_stock_monai_runs_the_bundle_to_predict_pys_masks_pixel_for_pixel(kind, bundles, checkpoints, images,
                                                                            fresh_environment, tmp_path):
     stdout = run_bundle(bundles[kind], images, tmp_path / "bundled", fresh_environment)
@@ -328,6 +333,12 @@ def test_the_metadata_records_the_data_the_figures_and_the_rule(bundles):
     assert "nerveseg" not in config and "KeepLargestConnectedComponentd" in config
     weights = torch.load(bundles["ensemble"] / "models" / "model.pt", weights_only=True)
     assert any(name.startswith("members.1.") for name in weights)
+    assert single["description"].startswith("MONAI UNet with residual units; channels [4, 8], strides [2]")
+    encoder = json.loads((bundles["encoder"] / "configs" / "metadata.json").read_text())
+    assert "FlexibleUNet" in encoder["description"] and "efficientnet-lite0 encoder" in encoder["description"]
+    assert "random weights" in encoder["description"]  # where its encoder started: the network's entry says it
+    assert "`network.unet.encoder.*`" in (bundles["encoder"] / "docs" / "README.md").read_text()
+    assert "MONAI UNet's `model.*`" in readme
 
 
 def test_the_traced_network_has_a_free_batch_size_and_a_presence_of_one_without_a_presence_output():
