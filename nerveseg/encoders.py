@@ -169,6 +169,21 @@ def same_padding(convolution: nn.Conv2d) -> nn.Module:
     return nn.ZeroPad2d(padding) if any(padding) else nn.Identity()
 
 
+def describe_start(encoder: str, weights: str) -> str:
+    """Where an encoder starts, in words for its checkpoints: "random", or "ImageNet: " and where its weights come
+    from. `weights` is imagenet (its own: the package, or downloaded), random, or a weights file; read here, so that
+    a missing package or file fails before training."""
+    if weights == "random":
+        return "random"
+    return "ImageNet: " + read_imagenet_weights(encoder, None if weights == "imagenet" else Path(weights))[1]
+
+
+def start_from(encoder_module: nn.Module, encoder: str, weights: str) -> None:
+    """Start an encoder from `weights` (describe_start): load its ImageNet weights, or leave it random."""
+    if weights != "random":
+        load_imagenet_weights(encoder_module, encoder, None if weights == "imagenet" else Path(weights))
+
+
 def read_imagenet_weights(encoder: str, weights_file: Path | None) -> tuple[dict[str, torch.Tensor], str]:
     """The encoder's ImageNet state dict (from `weights_file`, its package, or downloaded) and where it came from,
     in words for the checkpoint."""

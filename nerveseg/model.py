@@ -22,7 +22,6 @@ Adding a network is one entry of NETWORKS (and, for an ImageNet encoder, one of 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -353,25 +352,15 @@ def build_model(config: dict[str, Any]) -> nn.Module:
 
 
 def encoder_start(model: str, weights: str) -> str:
-    """Where the ImageNet encoder of a network starts, in words for its checkpoints ("" for a network without one):
-    "random", or "ImageNet: " and the weights' source. `weights` is imagenet (its own: the package, or downloaded),
-    random, or a weights file; they are read here, so that a missing package or file fails before training."""
+    """Where the ImageNet encoder of a network starts (encoders.describe_start), "" for a network without one."""
     encoder = NETWORKS[model].encoder
-    if not encoder or weights == "random":
-        return "random" if encoder else ""
-    return "ImageNet: " + encoders.read_imagenet_weights(encoder, weights_file(weights))[1]
+    return encoders.describe_start(encoder, weights) if encoder else ""
 
 
 def start_encoder(model: nn.Module, config: dict[str, Any], weights: str) -> None:
     """Start the ImageNet encoder of a model built by build_model (if it has one) from `weights` (encoder_start)."""
-    encoder = network_of(config).encoder
-    if encoder and weights != "random":
-        encoders.load_imagenet_weights(model.network.unet.encoder, encoder, weights_file(weights))
-
-
-def weights_file(weights: str) -> Path | None:
-    """The file of ENCODER_WEIGHTS, None for an encoder's own ImageNet weights."""
-    return None if weights == "imagenet" else Path(weights)
+    if encoder := network_of(config).encoder:
+        encoders.start_from(model.network.unet.encoder, encoder, weights)
 
 
 # What a configuration may ask for: the bounds that a checkpoint (data from anywhere) and train.py's settings share

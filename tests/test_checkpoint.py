@@ -21,10 +21,11 @@ from nerveseg.checkpoint import (
     upgrade,
 )
 from nerveseg.errors import UserError
-from nerveseg.model import MODELS, build_model, model_config
+from nerveseg.model import build_model, model_config
 from nerveseg.onnx_model import onnx_graph
 from nerveseg.postprocess import PostProcessing
 from tests.helpers import assert_user_error, run_script, tree_hashes
+from tests.test_model import NETWORKS_TESTED
 
 # %% Checkpoint readers (predict.py, train.py --resume)
 
@@ -108,7 +109,7 @@ def test_what_an_old_checkpoint_lacks_is_filled_in_once_at_load(tmp_path):
     assert upgrade({"model_config": {"presence": True}, "preprocessing": {}}) == {
         "model_config": {"model": "unet", "presence": True}, "preprocessing": {}}  # an export's metadata
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", NETWORKS_TESTED)
 def test_a_checkpoint_says_its_network_and_loads_it_alone_and_as_an_ensemble(name, tmp_path):
     config = model_config((8, 16, 32, 64, 128), (2, 2, 2, 2), 1, 0.0, model=name)
     members = []

@@ -6,6 +6,8 @@ the cat for ImageNet's classifier (Egyptian cat, p = 0.90 on 2026-12-07; without
 random weights 0.00); the loader itself refuses a file whose names or shapes do not match the encoder.
 """
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -89,7 +91,7 @@ def test_a_file_that_is_not_the_encoders_weights_is_refused_with_what_is_wrong(t
     }
     for name, (state, message) in cases.items():
         torch.save(state, tmp_path / f"{name}.pth")
-        with pytest.raises(UserError, match=message):
+        with pytest.raises(UserError, match=re.escape(message)):
             load_imagenet_weights(encoder, "efficientnet-lite0", tmp_path / f"{name}.pth")
     with pytest.raises(UserError, match="not a readable PyTorch state dict"):
         load_imagenet_weights(encoder, "efficientnet-lite0", tmp_path / "nowhere.pth")

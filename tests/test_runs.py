@@ -42,7 +42,7 @@ REFUSED = [  # (options given to train.py, the message): each setting alone, as 
     (["--weight-decay=-1e-5"], "--weight-decay must be at least 0, not -1e-05"),
     (["--dropout", "1"], "--dropout must be at least 0 and below 1, not 1.0"),
     (["--num-workers", "-1"], "--num-workers must be at least 0, not -1"),
-    (["--model", "vnet"], "--model takes one of unet, unetplusplus, attentionunet, segresnet, dynunet, not 'vnet'"),
+    (["--model", "vnet"], "--model takes one of unet, unetplusplus, attentionunet, segresnet, dynunet, efficientnet"),
     (["--presence-signal", "mask"], "--presence-signal takes one of head, head+mask, not 'mask'"),
     (["--augmentation", "heavy"], "--augmentation takes one of light, nnunet, not 'heavy'"),
     (["--target-share", "1.5"], "--target-share must be at least 0 and at most 1, not 1.5"),

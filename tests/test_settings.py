@@ -158,7 +158,7 @@ def test_help_lists_the_choices_and_the_bounds(scripts, capsys):
     with pytest.raises(SystemExit):
         parse_settings(scripts["train.py"], argv=["-h"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--model {unet,unetplusplus,attentionunet,segresnet,dynunet}" in text
+    assert "--model {unet,unetplusplus,attentionunet,segresnet,dynunet,efficientnet-lite0,efficientnet-b0," in text
     assert "(default: 1; at least 1)" in text  # --folds
 
 
