@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from nerveseg.checkpoint import make_checkpoint, save_torch
+from nerveseg.model import build_model, model_config
+from nerveseg.postprocess import PostProcessing
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 KAGGLE_SAMPLE = SHARED_DATA / "kaggle-sample"
@@ -148,3 +152,13 @@ def stop_when_building(script: str, args: list[str], where: Path, building: str,
     process.send_signal(stop)
     _, stderr = process.communicate(timeout=120)
     return stderr, sorted(p.name for p in where.iterdir() if p.name.startswith("."))
+
+
+def write_small_checkpoint(path: Path, **fields) -> Path:
+    """An untrained checkpoint of a small network (32x48 images) at `path`: the scripts run in seconds with it.
+    `fields` replace the checkpoint's records (metrics, postprocessing, ...)."""
+    config = model_config((4, 8), (2,), 0, 0.0)
+    records = {"preprocessing": {"image_size": [32, 48]}, "postprocessing": PostProcessing().as_dict(),
+               "settings": {}, "epoch": 1, "metrics": {}} | fields
+    save_torch(path, make_checkpoint(build_model(config), model_config=config, **records))
+    return path

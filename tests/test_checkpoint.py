@@ -24,7 +24,7 @@ from nerveseg.errors import UserError
 from nerveseg.model import build_model, model_config
 from nerveseg.onnx_model import onnx_graph
 from nerveseg.postprocess import PostProcessing
-from tests.helpers import assert_user_error, run_script, tree_hashes
+from tests.helpers import assert_user_error, run_script, tree_hashes, write_small_checkpoint
 from tests.test_model import NETWORKS_TESTED
 
 # %% Checkpoint readers (predict.py, train.py --resume)
@@ -33,18 +33,8 @@ from tests.test_model import NETWORKS_TESTED
 @pytest.fixture
 def small_checkpoint(tmp_path) -> Path:
     """A valid (untrained) checkpoint of a small network: enough for what is tested here."""
-    config = model_config((4, 8), (2,), 0, 0.0)
-    checkpoint = make_checkpoint(
-        build_model(config),
-        model_config=config,
-        preprocessing={"image_size": [32, 48]},
-        postprocessing=PostProcessing(presence_threshold=0.5).as_dict(),
-        settings={},
-        epoch=1,
-        metrics={"dice": 0.5},
-    )
-    path = tmp_path / "model.pt"
-    save_torch(path, checkpoint)
+    path = write_small_checkpoint(tmp_path / "model.pt", metrics={"dice": 0.5},
+                                  postprocessing=PostProcessing(presence_threshold=0.5).as_dict())
     load_checkpoint(path)
     return path
 

@@ -27,7 +27,14 @@ from nerveseg.predictors import (
     load_onnx,
 )
 from nerveseg.settings import script_defaults
-from tests.helpers import KAGGLE_SAMPLE, ROOT, assert_user_error, needs_kaggle_sample, run_script
+from tests.helpers import (
+    KAGGLE_SAMPLE,
+    ROOT,
+    assert_user_error,
+    needs_kaggle_sample,
+    run_script,
+    write_small_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -248,12 +255,7 @@ def test_unreadable_check_images_are_skipped_and_an_empty_folder_names_check_inp
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory) -> Path:
     """An untrained checkpoint of a small network: export.py runs in seconds with it."""
-    config = model_config((4, 8), (2,), 0, 0.0)
-    checkpoint = make_checkpoint(build_model(config), model_config=config, preprocessing={"image_size": [32, 48]},
-                                 postprocessing=PostProcessing().as_dict(), settings={}, epoch=1, metrics={})
-    path = tmp_path_factory.mktemp("small-model") / "model.pt"
-    save_torch(path, checkpoint)
-    return path
+    return write_small_checkpoint(tmp_path_factory.mktemp("small-model") / "model.pt")
 
 
 def left_by_a_killed_run(path: Path, *, folder: bool) -> Path:

@@ -17,12 +17,9 @@ import PIL.Image
 import pytest
 from PIL import Image
 
-from nerveseg.checkpoint import make_checkpoint, save_torch
 from nerveseg.errors import UserError
 from nerveseg.files import write_csv
 from nerveseg.inference.outputs import OutputFolder
-from nerveseg.model import build_model, model_config
-from nerveseg.postprocess import PostProcessing
 from tests.helpers import (
     NO_SPACE,
     SYS_IS_UNWRITABLE,
@@ -31,6 +28,7 @@ from tests.helpers import (
     run_script,
     stop_when_building,
     tree_hashes,
+    write_small_checkpoint,
 )
 
 
@@ -157,12 +155,7 @@ def test_a_second_run_into_the_same_output_folder_is_refused_at_once(tmp_path):
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> Path:
     """An untrained checkpoint of a small network: predict.py runs in seconds with it."""
-    config = model_config((4, 8), (2,), 0, 0.0)
-    checkpoint = make_checkpoint(build_model(config), model_config=config, preprocessing={"image_size": [32, 48]},
-                                 postprocessing=PostProcessing().as_dict(), settings={}, epoch=1, metrics={})
-    path = tmp_path_factory.mktemp("small-model") / "model.pt"
-    save_torch(path, checkpoint)
-    return path
+    return write_small_checkpoint(tmp_path_factory.mktemp("small-model") / "model.pt")
 
 
 def images_folder(folder: Path, names: list[str]) -> Path:
