@@ -228,8 +228,8 @@ def read_some(dataset: ReadableDataset, count: int) -> tuple[list[dict], list[st
         if len(readable) == count:
             break
         item = dataset[index]
-        if item["error"]:
-            skipped.append(f"{item['image']}: {item['error']}")
+        if item["error"]:  # the item's image is the blank stand-in: name the file it came from
+            skipped.append(f"{dataset.data[index]['image']}: {item['error']}")
         else:
             readable.append(item)
     return readable, skipped

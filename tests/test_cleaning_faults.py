@@ -284,6 +284,8 @@ def test_a_clean_stopped_by_a_signal_leaves_no_building_folder(stop, tmp_path):
     assert "data_cleaning.py: interrupted" in stderr and "Traceback" not in stderr, stderr
     assert hidden == [] and not (tmp_path / "clean").exists()
     assert tree_hashes(tmp_path / "mine") == before
+
+
 def children_of(pid: int) -> list[int]:
     """The processes that `pid` started and that still run."""
     return [int(child) for task in Path(f"/proc/{pid}/task").glob("*")

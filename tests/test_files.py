@@ -92,9 +92,9 @@ from nerveseg.files import FolderLock
 lock = FolderLock(Path(sys.argv[1]), script="test.py")
 worker = os.fork()
 if worker == 0:  # a worker process (data_cleaning.py's, a DataLoader's) that outlives its parent
+    print(os.getpid(), flush=True)  # the worker runs: what a fork does in it (forget_inherited_locks) is done
     time.sleep(120)
     os._exit(0)
-print(worker, flush=True)
 time.sleep(120)
 """
 

@@ -63,8 +63,8 @@ def test_help_lists_each_setting_with_default_and_comment(tmp_path):
     result = run_script("train.py", "-h", cwd=tmp_path)
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
-    assert ("training images per step and process (0: 128, fewer on small data sets, down to 16, then 8) "
-            "(default: 0)") in text
+    assert ("training images per step and process (0: 128, fewer on small data sets, down to 8) "
+            "(default: 0; at least 0)") in text
     for option in ("--max-epochs", "--val-interval", "--learning-rate", "--resume", "--device", "--compile"):
         assert option in result.stdout
 
