@@ -5,6 +5,7 @@ import errno
 import hashlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -142,8 +143,11 @@ def stop_when_building(script: str, args: list[str], where: Path, building: str,
     (where / "slow").mkdir()
     (where / "slow" / "sitecustomize.py").write_text(SLOW_READS)
     environment = {**os.environ, "PYTHONPATH": f"{where / 'slow'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    # SIGINT as a terminal's Ctrl-C reaches a script: with its default handling, whatever the test process
+    # inherited (a pytest-xdist worker may run with SIGINT ignored, and a child would inherit that)
     process = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=where, env=environment,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(where.glob(building)) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
