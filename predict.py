@@ -76,7 +76,7 @@ TTA: OneOf(AUTO_TRUE_FALSE) = "auto"  # test-time augmentation (auto: where vali
 # System
 BATCH_SIZE: Bounds(at_least=1) = 64  # images per forward pass
 DEVICE = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N
-ENGINE: OneOf(ENGINES) = "auto"  # auto: ONNX Runtime for a .onnx model, PyTorch for a .pt; onnxruntime runs on the CPU
+ENGINE: OneOf(ENGINES) = "auto"  # auto: ONNX Runtime for a .onnx and an ImageNet encoder's .pt on the CPU, else PyTorch
 NUM_WORKERS: Bounds(at_least=-1) = -1  # processes reading images while the model runs (0: none; -1: spare cores, <= 4)
 AMP = True  # mixed precision on CUDA (ignored on CPU)
 STRICT = False  # stop at the first unreadable image instead of skipping it and naming it in the summary

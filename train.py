@@ -64,6 +64,7 @@ AUGMENTATION: OneOf(AUGMENTATIONS) = "light"  # light (the above) or nnunet (add
 # Model
 MODEL: OneOf(MODELS) = "unet"  # the network (nerveseg/model.py); efficientnet-*: a U-Net on an ImageNet encoder
 ENCODER_WEIGHTS = "imagenet"  # an efficientnet-* encoder starts from: imagenet (its ImageNet weights), random, a file
+FROZEN_STAGES: Bounds(at_least=0, at_most=7) = 3  # an ImageNet encoder's stem and first stages that keep their weights
 CHANNELS: Bounds(at_least=1) = (16, 32, 64, 128, 256)  # UNet feature channels per level
 STRIDES: Bounds(at_least=1) = (2, 2, 2, 2)  # UNet down-sampling per level (image sides: multiples of their product)
 NUM_RES_UNITS: Bounds(at_least=0) = 2  # residual units per UNet block
@@ -121,7 +122,8 @@ run_dir = distributed.from_main(run_dir, process)  # its name, made by rank 0, i
 image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)
 has_presence = PRESENCE_WEIGHT > 0  # the model's image-level output (see nerveseg/model.py)
 config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT, presence=has_presence, model=MODEL,
-                      presence_signal=PRESENCE_SIGNAL, encoder_weights=encoder_start(MODEL, ENCODER_WEIGHTS))
+                      presence_signal=PRESENCE_SIGNAL, encoder_weights=encoder_start(MODEL, ENCODER_WEIGHTS),
+                      frozen_stages=FROZEN_STAGES)
 default_rule = default_postprocessing(has_presence=has_presence)
 preprocessing = {"image_size": list(image_size), "intensity": "0..255 scaled to 0..1", "reader": "PIL, grayscale"}
 record = {"model_config": config, "preprocessing": preprocessing, "postprocessing": default_rule.as_dict(),

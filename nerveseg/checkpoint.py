@@ -40,7 +40,8 @@ FORMATS = (FORMAT, "nerveseg-unet")  # every tag read: "nerveseg-unet" until 202
 VERSION = 3
 ADDED_SETTINGS = {"presence_weight": 0.0, "min_steps_per_epoch": 1, "folds": 1, "model": "unet",  # what runs made
                   "presence_balance": False, "presence_signal": "head", "target_share": 0.0,  # before them used
-                  "augmentation": "light", "scale": 0.1, "shift": 0.05, "flip_prob": 0.0, "encoder_weights": "imagenet"}
+                  "augmentation": "light", "scale": 0.1, "shift": 0.05, "flip_prob": 0.0, "encoder_weights": "imagenet",
+                  "frozen_stages": 0}
 ADDED_MODEL_CONFIG = {"model": "unet", "presence": False}  # before version 2: the UNet, without presence output
 
 

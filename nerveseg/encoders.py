@@ -131,9 +131,14 @@ def normalise_input(images: torch.Tensor, encoder: str) -> torch.Tensor:
 class EncoderUNet(nn.Module):
     """FlexibleUNet with an ImageNet encoder (ENCODERS) for grayscale images in [0, 1]: it normalises its input as
     the encoder was trained, and has no classifier layers. `deepest` is the module whose output is the encoder's
-    deepest features (1/32 of the image, `deepest_channels` of them): the presence head reads them."""
+    deepest features (1/32 of the image, `deepest_channels` of them): the presence head reads them.
 
-    def __init__(self, encoder: str, decoder_channels: tuple[int, ...], dropout: float) -> None:
+    `frozen_stages`: the encoder's stem and first stages that do not train (their weights and batch-norm statistics
+    stay ImageNet's): edges and textures, which ImageNet taught as well as ultrasound would; at full and half
+    resolution they are also where most of the encoder's arithmetic is, so training costs less."""
+
+    def __init__(self, encoder: str, decoder_channels: tuple[int, ...], dropout: float, *, frozen_stages: int = 0
+                 ) -> None:
         super().__init__()
         self.encoder_name = encoder
         self.unet = FlexibleUNet(in_channels=1, out_channels=1, backbone=encoder, pretrained=False,
@@ -151,6 +156,17 @@ class EncoderUNet(nn.Module):
                     setattr(module, f"{name}_padding", same_padding(convolution))
         self.deepest = encoder_module._blocks[-1]
         self.deepest_channels = FLEXUNET_BACKBONE.register_dict[encoder]["feature_channel"][-1]
+        self.frozen = [encoder_module._conv_stem, encoder_module._bn0, *encoder_module._blocks[:frozen_stages]
+                       ] if frozen_stages else []  # a plain list: their weights are saved once, under unet.encoder
+        for module in self.frozen:
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "EncoderUNet":
+        """Training mode, but the frozen stages keep their ImageNet batch-norm statistics (and drop no paths)."""
+        super().train(mode)
+        for module in self.frozen:
+            module.train(False)
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.unet(normalise_input(images, self.encoder_name))

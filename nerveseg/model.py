@@ -117,7 +117,7 @@ def dyn_unet(config: dict) -> tuple[nn.Module, nn.Module, int]:
 
 def encoder_unet(config: dict) -> tuple[nn.Module, nn.Module, int]:
     network = encoders.EncoderUNet(config["model"], decoder_channels=tuple(reversed(config["channels"])),
-                                   dropout=config["dropout"])
+                                   dropout=config["dropout"], frozen_stages=config.get("frozen_stages", 0))
     return network, network.deepest, network.deepest_channels
 
 
@@ -151,9 +151,11 @@ def model_config(
     model: str = "unet",
     presence_signal: str = "head",
     encoder_weights: str = "",
+    frozen_stages: int = 0,
 ) -> dict[str, Any]:
     """The constructor arguments of the network, as stored in a checkpoint; `encoder_weights` says where an
-    ImageNet encoder started from (start_encoder's answer), for the record."""
+    ImageNet encoder started from (start_encoder's answer), for the record; `frozen_stages` how many of its first
+    stages keep those weights (none when it starts from random weights)."""
     if model not in NETWORKS:
         raise UserError(f"MODEL {model!r} is not one of {', '.join(MODELS)}")
     if presence_signal not in PRESENCE_SIGNALS:
@@ -177,6 +179,7 @@ def model_config(
         config["presence_signal"] = presence_signal
     if NETWORKS[model].encoder:
         config["encoder_weights"] = encoder_weights or "random"
+        config["frozen_stages"] = frozen_stages if config["encoder_weights"] != "random" else 0
     return config
 
 
@@ -391,6 +394,9 @@ def check_network_request(config: Any, image_size: Any) -> None:
     if not whole_numbers(sides[:2], 1, MAX_CHANNELS) or not whole_numbers(sides[2:], 0, MAX_RES_UNITS):
         raise ValueError(f"in_channels and out_channels must be whole numbers from 1 to {MAX_CHANNELS} and "
                          f"num_res_units from 0 to {MAX_RES_UNITS}, not {', '.join(str(side)[:20] for side in sides)}")
+    if not whole_numbers([config.get("frozen_stages", 0)], 0, len(encoders.LITE_BLOCKS)):
+        raise ValueError(f"frozen_stages must be a whole number from 0 to {len(encoders.LITE_BLOCKS)}, not "
+                         f"{str(config.get('frozen_stages'))[:20]}")
     if not whole_numbers(image_size, 0, math.inf) or len(image_size) != 2:
         raise ValueError(f"its image size must be two whole numbers (height, width), not {str(image_size)[:80]}")
     values = feature_values(config, image_size)

@@ -4,8 +4,10 @@ Both kinds of predictor are called the same way, `probabilities, presences = pre
 8-bit images as the transforms load them, so predict.py does not care which one runs. An .onnx file
 (written by export.py, nerveseg/onnx_model.py) carries its checkpoint's fields in its metadata. On the
 2-core CPU ONNX Runtime's forward pass is 1.4 times PyTorch's, but predict.py end to end is no faster
-(reading, resizing and writing share the same cores) and needs 0.2 GB more memory, so a .pt checkpoint
-runs with PyTorch unless --engine onnxruntime is asked for (see docs/performance.md).
+(reading, resizing and writing share the same cores) and needs 0.2 GB more memory, so a .pt checkpoint of a
+network trained from scratch runs with PyTorch unless --engine onnxruntime is asked for. The ImageNet encoders'
+depthwise convolutions are another matter: ONNX Runtime runs them 3 times faster than PyTorch on the CPU, so a
+.pt of one runs with ONNX Runtime there (see docs/performance.md).
 """
 
 import json
@@ -27,11 +29,11 @@ from nerveseg.checkpoint import (
 from nerveseg.device import autocast
 from nerveseg.ensemble import TestTimeAugmentation
 from nerveseg.errors import UserError
-from nerveseg.model import presence_probabilities
+from nerveseg.model import network_of, presence_probabilities
 from nerveseg.onnx_model import CHECKPOINT_FIELDS, METADATA_KEY, onnx_graph
 from nerveseg.transforms import network_input
 
-ENGINES = ("auto", "torch", "onnxruntime")  # auto: ONNX Runtime for a .onnx model, PyTorch for a .pt
+ENGINES = ("auto", "torch", "onnxruntime")  # auto: ONNX Runtime for a .onnx, PyTorch for a .pt (but see choose_engine)
 ONNX_TOLERANCE = 1e-4  # the largest difference of probabilities allowed between ONNX Runtime and PyTorch
 
 
@@ -162,13 +164,21 @@ def prediction_model(path: str | Path, device: torch.device, *, fold: int, tta: 
     return model, checkpoint | {"tta": record | {"use": use_tta}, "predicting_with": described}
 
 
+def choose_engine(engine: str, config: dict, device: torch.device) -> str:
+    """The engine that runs a .pt checkpoint: the one asked for; for "auto", ONNX Runtime where the model has an
+    ImageNet encoder and runs on the CPU (3 times faster there, docs/performance.md), PyTorch otherwise."""
+    if engine != "auto":
+        return engine
+    return "onnxruntime" if device.type == "cpu" and network_of(config).encoder else "torch"
+
+
 def load_predictor(path: str | Path, device: torch.device, *, engine: str, amp: bool, fold: int = 0,
                    tta: str = "auto") -> tuple["OnnxPredictor | TorchPredictor", dict, str]:
     """The predictor for a .pt checkpoint (see prediction_model) or an exported .onnx file, its checkpoint fields
     (preprocessing, postprocessing, epoch, ...), and the engine chosen.
 
-    engine "auto": ONNX Runtime for a .onnx file, PyTorch for a .pt. "onnxruntime" for a .pt exports the model
-    in memory and checks it against PyTorch on a few images first.
+    engine "auto": ONNX Runtime for a .onnx file; for a .pt, choose_engine's. ONNX Runtime for a .pt exports the
+    model in memory and checks it against PyTorch on a few images first.
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
@@ -182,7 +192,7 @@ def load_predictor(path: str | Path, device: torch.device, *, engine: str, amp: 
         return predictor, metadata, "onnxruntime"
     model, checkpoint = prediction_model(path, device, fold=fold, tta=tta)
     torch_predictor = TorchPredictor(model, device, amp=amp)
-    if engine != "onnxruntime":
+    if choose_engine(engine, checkpoint["model_config"], device) != "onnxruntime":
         return torch_predictor, checkpoint, "torch"
     if device.type != "cpu":
         raise UserError("--engine onnxruntime runs on the CPU; pass --device cpu, or --engine torch for the GPU")

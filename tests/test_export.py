@@ -23,6 +23,7 @@ from nerveseg.predictors import (
     OnnxPredictor,
     TorchPredictor,
     check_onnx_matches_torch,
+    choose_engine,
     import_onnxruntime,
     load_onnx,
 )
@@ -175,6 +176,17 @@ def test_one_check_of_onnx_runtime_against_pytorch_with_one_tolerance():
     with pytest.raises(UserError, match=r"differ from PyTorch's by .* \(more than 0.0001\) on 2 images; stop"):
         check_onnx_matches_torch(onnx_predictor, TorchPredictor(other, torch.device("cpu"), amp=False), images,
                                  what="on 2 images; stop")
+
+
+def test_auto_runs_an_imagenet_encoders_checkpoint_with_onnx_runtime_on_the_cpu_only():
+    """--engine auto: ONNX Runtime for a .pt of an ImageNet encoder on the CPU (3 times PyTorch's speed there),
+    PyTorch for one trained from scratch and on a GPU; an engine asked for is the one used."""
+    lite0 = model_config((8, 16, 32, 64, 128), (2, 2, 2, 2), 2, 0.0, model="efficientnet-lite0")
+    unet = model_config((4, 8), (2,), 0, 0.0)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert choose_engine("auto", lite0, cpu) == "onnxruntime"
+    assert choose_engine("auto", lite0, gpu) == choose_engine("auto", unet, cpu) == "torch"
+    assert choose_engine("torch", lite0, cpu) == "torch" and choose_engine("onnxruntime", unet, cpu) == "onnxruntime"
 
 
 @pytest.mark.slow
