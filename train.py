@@ -41,6 +41,7 @@ from nerveseg.settings import Bounds, OneOf, parse_settings, settings_to_json
 from nerveseg.training import runs, steps
 from nerveseg.training.augment import AUGMENTATIONS, BatchAugment
 from nerveseg.training.crossval import choose_on_validation, cross_validation_summary, validate_fold
+from nerveseg.training.diskcache import CACHES, CachedPairs, DiskCache, training_cache
 from nerveseg.training.evaluation import evaluate
 from nerveseg.training.tracking import TrainingLog, tensorboard_installed
 from nerveseg.transforms import collate_keep_sizes, load_transforms, network_input
@@ -94,6 +95,8 @@ RESUME = False  # continue the run RUN_NAME (or the latest run) from its last co
 # System
 DEVICE = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N
 NUM_WORKERS: Bounds(at_least=0) = 0  # data-loading worker processes (0: in the main process, best for cached data)
+CACHE: OneOf(CACHES) = "auto"  # decoded images kept in memory or on disk (memory-mapped); auto: disk if memory is short
+CACHE_DIR = ""  # where the disk cache is kept ("": DATA_DIR/training-cache, beside the clean copy, not your originals)
 AMP = True  # mixed precision on CUDA (ignored on CPU)
 COMPILE = False  # torch.compile the model (first epoch slower, then faster on GPU)
 QUIET = False  # no progress: a bar in a terminal, else a line every 30 s of an epoch or a validation
@@ -113,10 +116,15 @@ monai.data.set_track_meta(False)  # plain tensors: faster, and the metadata is n
 saved_settings = settings_to_json(run.settings)
 
 # %% Load data: the manifest of data_cleaning.py, split by subject (into FOLDS folds, each validating on its share)
-folds = split_into_folds(read_manifest(DATA_DIR), FOLDS, VAL_FRACTION, SEED)
+pairs = read_manifest(DATA_DIR)
+folds = split_into_folds(pairs, FOLDS, VAL_FRACTION, SEED)
 if process.is_main:  # the data is readable: now the run's folder is made
     run_dir = runs.prepare_run_folder(run, settings_json=saved_settings, model_path=Path(MODEL_PATH))
 run_dir = distributed.from_main(run_dir, process)  # its name, made by rank 0, is every process's (torchrun)
+# The decoded, resized pairs: in each process's memory, or in one file on disk that every fold reads (CACHE)
+disk_cache = training_cache(CACHE, pairs, (IMAGE_HEIGHT, IMAGE_WIDTH), data_dir=Path(DATA_DIR),
+                            folder=Path(CACHE_DIR or Path(DATA_DIR) / "training-cache"), process=process,
+                            quiet=QUIET or not process.is_main)
 
 # %% The model and the loaders: each fold builds them anew (train_fold below calls these functions)
 image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)
@@ -150,17 +158,24 @@ def make_model(config: dict, train_items: list[dict], *, seed: int, settings: Si
 
 
 def make_loaders(train_items: list[dict], val_items: list[dict], *, image_size: tuple[int, int],
-                 settings: SimpleNamespace, process: distributed.Process) -> tuple[ThreadDataLoader, DataLoader]:
-    """This process's share of the images, read and resized once (MONAI transforms, cached), in epochs whose order
-    is a function of (SEED, epoch); small sets get a smaller batch and longer epochs (docs/pipeline.md)."""
+                 disk_cache: DiskCache | None, settings: SimpleNamespace, process: distributed.Process
+                 ) -> tuple[ThreadDataLoader, DataLoader]:
+    """This process's share of the images, read and resized once (MONAI transforms, cached in memory, or read a
+    batch at a time from `disk_cache`: the same bytes), in epochs whose order is a function of (SEED, epoch); small
+    sets get a smaller batch and longer epochs (docs/pipeline.md)."""
     my_train_items = partition(train_items, process.rank, process.world_size, pad=True)
+    my_val_items = partition(val_items, process.rank, process.world_size, pad=False)
     batch_size, epoch_length = steps.epoch_plan(len(my_train_items), batch_size=settings.BATCH_SIZE,
                                                 min_steps=settings.MIN_STEPS_PER_EPOCH)
     show_progress = not settings.QUIET and process.is_main and sys.stderr.isatty()
-    train_ds = CacheDataset(my_train_items, load_transforms(image_size, with_label=True), progress=show_progress,
-                            copy_cache=False)
-    val_ds = CacheDataset(partition(val_items, process.rank, process.world_size, pad=False),
-                          load_transforms(image_size, with_label=True, keep_full_label=True), progress=show_progress)
+    if disk_cache is None:
+        train_ds = CacheDataset(my_train_items, load_transforms(image_size, with_label=True), progress=show_progress,
+                                copy_cache=False)
+        val_ds = CacheDataset(my_val_items, load_transforms(image_size, with_label=True, keep_full_label=True),
+                              progress=show_progress)
+    else:
+        train_ds = CachedPairs(disk_cache, my_train_items, full_label=False)
+        val_ds = CachedPairs(disk_cache, my_val_items, full_label=True)
     present = [not item["empty"] for item in my_train_items]
     sampler = steps.EpochSampler(len(train_ds), epoch_length, settings.SEED, batch_size=batch_size,
                                  target_share=settings.TARGET_SHARE, present=present)
@@ -199,8 +214,8 @@ def train_epoch(model: nn.Module, loader: ThreadDataLoader, optimizer, scheduler
 
 
 def train_fold(fold: int, train_items: list[dict], val_items: list[dict], *, run_dir: Path, resumed: bool, record: dict,
-               loss_function: nn.Module, augment: BatchAugment, tta: dict, settings: SimpleNamespace,
-               process: distributed.Process) -> tuple[dict, dict]:
+               loss_function: nn.Module, augment: BatchAugment, tta: dict, disk_cache: DiskCache | None,
+               settings: SimpleNamespace, process: distributed.Process) -> tuple[dict, dict]:
     """Train one fold's model of `record` (from its last.pt when resumed), with what every fold shares; return its
     best checkpoint and its validation."""
     print0, quiet = process.print0, settings.QUIET or not process.is_main
@@ -212,8 +227,8 @@ def train_fold(fold: int, train_items: list[dict], val_items: list[dict], *, run
     print0(f"{name}{describe_split(train_items, val_items)}")
     raw_model, model = make_model(record["model_config"], train_items, seed=settings.SEED + fold - 1,
                                   settings=settings, process=process)
-    train_loader, val_loader = make_loaders(train_items, val_items, image_size=image_size, settings=settings,
-                                            process=process)
+    train_loader, val_loader = make_loaders(train_items, val_items, image_size=image_size, disk_cache=disk_cache,
+                                            settings=settings, process=process)
     steps_per_epoch, batch_size = len(train_loader), train_loader.batch_size
     micro_batch = steps.micro_batch_size(settings.MICRO_BATCH_SIZE, batch_size, process.device)
     optimizer, scheduler, scaler = steps.make_optimizer(
@@ -279,7 +294,7 @@ members, validations = [], []
 for fold, (train_items, val_items) in enumerate(folds, start=1):
     best, validation = train_fold(fold, train_items, val_items, run_dir=run_dir, resumed=run.state is not None,
                                   record=record, loss_function=loss_function, augment=augment, tta=tta,
-                                  settings=settings, process=process)
+                                  disk_cache=disk_cache, settings=settings, process=process)
     members.append(best)
     validations.append(validation)
 

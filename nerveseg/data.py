@@ -9,8 +9,9 @@ from nerveseg.inputs import natural_key
 
 
 def read_manifest(data_dir: str | Path) -> list[dict]:
-    """The kept training pairs of a clean folder, as MONAI data dicts (image, label, id, subject, empty); the
-    held-out subjects (data_cleaning.py --hold-out) are left out. Refused: none, or none with a target."""
+    """The kept training pairs of a clean folder, as MONAI data dicts (image, label, id, subject, empty, mask_fraction,
+    size: the image's (height, width)); the held-out subjects (data_cleaning.py --hold-out) are left out. Refused:
+    none, or none with a target."""
     data_dir = Path(data_dir)
     manifest = data_dir / "manifest.csv"
     if not manifest.is_file():
@@ -34,6 +35,7 @@ def read_manifest(data_dir: str | Path) -> list[dict]:
                 "subject": row["subject"],
                 "empty": int(row["mask_area"]) == 0,
                 "mask_fraction": int(row["mask_area"]) / (int(row["height"]) * int(row["width"])),
+                "size": (int(row["height"]), int(row["width"])),
             }
         )
     if not items:

@@ -76,6 +76,12 @@ def from_main(value: T, process: Process) -> T:
     return shared[0]
 
 
+def wait_for_all(process: Process) -> None:
+    """Return when every process has got here (a barrier; nothing to wait for in one process)."""
+    if process.world_size > 1:
+        dist.barrier()
+
+
 def stop() -> None:
     """Leave the process group."""
     if dist.is_initialized():

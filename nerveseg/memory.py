@@ -1,4 +1,5 @@
-"""Keeping freed memory for reuse, so that the CPU does not fault the same tensors in again at every batch.
+"""How much memory is left (available_memory, which train.py's CACHE = auto asks), and keeping freed memory for
+reuse, so that the CPU does not fault the same tensors in again at every batch.
 
 A batch's activations on the CPU are tensors of tens to hundreds of MB. By default glibc's malloc gives
 every allocation above 32 MB its own mmap and hands it back to the system when it is freed, so the next
@@ -11,7 +12,9 @@ do not always fit the places freed by the last batch) and then stays put; in the
 batch settle at about 1.2 GB of heap. train.py's full-set peak is 2.4 GB with it (see docs/performance.md).
 """
 
+import contextlib
 import ctypes
+from pathlib import Path
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -28,3 +31,32 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, limit)) and bool(mallopt(M_TRIM_THRESHOLD, limit))
+
+
+def available_memory(*, meminfo: Path = Path("/proc/meminfo"), cgroups: Path = Path("/sys/fs/cgroup"),
+                     own_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes this process may still take: the system's MemAvailable, or less where a memory limit of its cgroup
+    (v2: memory.max; v1: memory.limit_in_bytes) or of a cgroup above it leaves less; None where nothing says."""
+    found = []
+    with contextlib.suppress(OSError, ValueError):
+        line = next(line for line in meminfo.read_text().splitlines() if line.startswith("MemAvailable:"))
+        found.append(int(line.split()[1]) * 1024)
+    for folder in cgroup_folders(cgroups, own_cgroup):
+        for limit_file, usage_file in (("memory.max", "memory.current"),
+                                       ("memory.limit_in_bytes", "memory.usage_in_bytes")):
+            with contextlib.suppress(OSError, ValueError):  # "max" (no limit) is not a number
+                found.append(int((folder / limit_file).read_text()) - int((folder / usage_file).read_text()))
+    return max(min(found), 0) if found else None
+
+
+def cgroup_folders(cgroups: Path, own_cgroup: Path) -> list[Path]:
+    """The folders of this process's memory cgroup and of those above it (v2 and v1 hierarchies)."""
+    folders = []
+    with contextlib.suppress(OSError):
+        for line in own_cgroup.read_text().splitlines():
+            _, controllers, name = line.split(":", 2)
+            if controllers in ("", "memory") or "memory" in controllers.split(","):
+                root = cgroups if controllers == "" else cgroups / "memory"
+                folder = root / name.lstrip("/")
+                folders += [folder, *[p for p in folder.parents if p.is_relative_to(root)]]
+    return folders
