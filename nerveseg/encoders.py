@@ -135,7 +135,10 @@ class EncoderUNet(nn.Module):
 
     `frozen_stages`: the encoder's stem and first stages that do not train (their weights and batch-norm statistics
     stay ImageNet's): edges and textures, which ImageNet taught as well as ultrasound would; at full and half
-    resolution they are also where most of the encoder's arithmetic is, so training costs less."""
+    resolution they are also where most of the encoder's arithmetic is, so training costs less.
+
+    Its weights are kept channels-last (NHWC), as are then its feature maps: on the CPU the depthwise convolutions
+    run about a quarter faster so (a training step of 8 images at 128x176: 0.42 s against 0.53 s, 2026-12-07)."""
 
     def __init__(self, encoder: str, decoder_channels: tuple[int, ...], dropout: float, *, frozen_stages: int = 0
                  ) -> None:
@@ -160,6 +163,7 @@ class EncoderUNet(nn.Module):
                        ] if frozen_stages else []  # a plain list: their weights are saved once, under unet.encoder
         for module in self.frozen:
             module.requires_grad_(False)
+        self.to(memory_format=torch.channels_last)  # oneDNN's depthwise convolutions: a training step 0.53 -> 0.42 s
 
     def train(self, mode: bool = True) -> "EncoderUNet":
         """Training mode, but the frozen stages keep their ImageNet batch-norm statistics (and drop no paths)."""
