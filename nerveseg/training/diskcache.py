@@ -47,7 +47,7 @@ HEADER_BYTES = 4096
 ALIGN = 64  # each part starts at a multiple of this many bytes
 CACHES = ("auto", "memory", "disk")  # train.py's CACHE
 TRAINING_MEMORY = 3 * 2**30  # what a training process takes beside its cache (docs/performance.md: 2.4 GB peak)
-CACHED_PAIR_OVERHEAD = 2048  # a pair in the memory cache beyond its pixels: tensors, dict, item (bytes, rounded up)
+CACHED_PAIR_OVERHEAD = 32 * 1024  # a pair in the memory cache beyond its pixels (measured: docs/performance.md)
 
 
 def memory_cache_bytes(items: list[dict], image_size: tuple[int, int]) -> int:
