@@ -13,13 +13,20 @@ the end of training (presence threshold, threshold, largest component, minimum a
 A cross-validated checkpoint (train.py --folds) predicts with the mean of its fold models (--fold k: fold k alone), and
 test-time augmentation is used where validation chose it (--tta).
 An unreadable file is skipped and named, unless --strict.
+
+The work is kept in chunks in OUTPUT.parts/ until all are done: the same command run again after a crash or a
+kill does only what is missing, and `torchrun --nproc_per_node N predict.py ...` shares the chunks among N
+processes, on one machine or several (docs/distributed.md).
 """
 
 # %% Import useful libraries
 import functools
 import os
+import shutil
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import monai
@@ -28,17 +35,20 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from nerveseg.device import choose_device
+from nerveseg import distributed
+from nerveseg.data import partition
 from nerveseg.errors import UserError, die_with_parent, exit_on_user_error
 from nerveseg.files import check_can_be_folder, write_csv
 from nerveseg.frames import read_image
 from nerveseg.images import parse_mask_values
+from nerveseg.inference import chunks
+from nerveseg.inference.chunks import Chunk, ChunkPlan
 from nerveseg.inference.dicom_seg import require_highdicom
 from nerveseg.inference.media_outputs import Videos, area_mm2, write_media_outputs
-from nerveseg.inference.outputs import OutputFolder, find_truth, pick_examples, truth_of
+from nerveseg.inference.outputs import OutputFolder, find_truth, pick_examples, truth_of, write_mask
 from nerveseg.inference.presence_over_time import PresenceOverTime
 from nerveseg.inference.records import IMAGE_COLUMNS, ImageResult, Summary
-from nerveseg.inference.report import Report, describe_prediction
+from nerveseg.inference.report import PAGE_LIMIT, Report, describe_prediction
 from nerveseg.inference.uncertainty import MemberOutputs, describe_check
 from nerveseg.inputs import ReadableDataset, images_to_segment
 from nerveseg.memory import keep_freed_memory
@@ -79,6 +89,7 @@ DEVICE = "auto"  # auto (GPU if there is one), cpu, cuda, cuda:N
 ENGINE: OneOf(ENGINES) = "auto"  # auto: ONNX Runtime for a .onnx and an ImageNet encoder's .pt on the CPU, else PyTorch
 NUM_WORKERS: Bounds(at_least=-1) = -1  # processes reading images while the model runs (0: none; -1: spare cores, <= 4)
 AMP = True  # mixed precision on CUDA (ignored on CPU)
+CHUNK_BATCHES: Bounds(at_least=1) = 16  # batches a chunk (whole files): the work kept at once; a rerun redoes none kept
 STRICT = False  # stop at the first unreadable image instead of skipping it and naming it in the summary
 QUIET = False  # no progress bar
 # -----------------------------------------------------------------------------
@@ -88,42 +99,69 @@ if DICOM_SEG:
     require_highdicom()  # now, not after the masks are written
 check_can_be_folder(Path(PICTURES), "--pictures")  # now, not after all the masks are written
 mask_values = parse_mask_values(MASK_VALUES)
-workers = NUM_WORKERS if NUM_WORKERS >= 0 else min(4, (os.cpu_count() or 1) - 1)  # the model keeps one core
 monai.data.set_track_meta(False)
 keep_freed_memory()  # big CPU tensors are reused, not handed back and faulted in again (see nerveseg/memory.py)
 
-# %% Load the model and the images
+# %% Load the model and the images; find the chunks still to do, and this process's share of them
 started = time.perf_counter()
-device = choose_device(DEVICE, 0)
-predictor, checkpoint, engine = load_predictor(CHECKPOINT, device, engine=ENGINE, amp=AMP, fold=FOLD, tta=TTA)
+process = distributed.start(DEVICE, gpus_shared=True)  # torchrun: a process per GPU or more; else one process
+cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this process's share of the machine
+workers = NUM_WORKERS if NUM_WORKERS >= 0 else max(0, min(4, cores - 1))  # the model keeps one core
+predictor, checkpoint, engine = load_predictor(CHECKPOINT, process.device, engine=ENGINE, amp=AMP, fold=FOLD,
+                                               tta=TTA)
 post = PostProcessing(**checkpoint["postprocessing"])
 image_size = tuple(checkpoint["preprocessing"]["image_size"])
 items = images_to_segment(Path(INPUT), MASK_SUFFIX, max_pixels=MAX_IMAGE_PIXELS, max_video_frames=MAX_VIDEO_FRAMES)
 truths = find_truth(items, MASKS, MASK_SUFFIX, mask_values, max_pixels=MAX_IMAGE_PIXELS) if MASKS else {}
 kaggle_test_set = all(item["id"].isdigit() and item["image"].lower().endswith((".tif", ".tiff")) for item in items)
 write_submission = SUBMISSION == "true" or (SUBMISSION == "auto" and kaggle_test_set)
+plans = chunks.plan_chunks(items, BATCH_SIZE * CHUNK_BATCHES)  # whole files, at least this many images each
+parts = chunks.parts_folder(Path(OUTPUT))
+output, to_do = None, None
+if process.is_main:  # the output folder is locked and checked now, not after the work
+    output = OutputFolder(Path(OUTPUT), reads=[INPUT, *filter(None, [MASKS]), *{item["image_path"] for item in items}])
+    made_with = {  # what a chunk holds depends on these: a rerun with others is refused
+        "model file (sha256)": chunks.file_digest(CHECKPOINT), "images (sha256 of the list)": chunks.list_digest(items),
+        "--masks": str(Path(MASKS).resolve()) if MASKS else "", "--mask-suffix": MASK_SUFFIX,
+        "--mask-values": MASK_VALUES, "--max-image-pixels": MAX_IMAGE_PIXELS, "--max-video-frames": MAX_VIDEO_FRAMES,
+        "--fold": FOLD, "--tta": TTA, "--engine": engine, "--amp": AMP, "device": process.device.type,
+        "--batch-size": BATCH_SIZE, "--chunk-batches": CHUNK_BATCHES, "--presence-window": PRESENCE_WINDOW,
+        "--report": REPORT, "--overlay-videos": OVERLAY_VIDEOS, "--dicom-seg": DICOM_SEG,
+    }
+    to_do = chunks.open_parts(parts, made_with, len(plans))
+to_do = distributed.from_main(to_do, process)
+share = [plans[index] for index in partition(to_do, process.rank, process.world_size, pad=False)]
 reading = load_transforms(image_size, with_label=False, max_pixels=MAX_IMAGE_PIXELS, max_video_frames=MAX_VIDEO_FRAMES)
-dataset = ReadableDataset(items, reading, image_size)
-loader = torch.utils.data.DataLoader(  # its reader processes end with this one, however it ends
-    dataset, batch_size=BATCH_SIZE, num_workers=workers, collate_fn=collate_keep_sizes,
+dataset = ReadableDataset([item for plan in share for item in items[plan.start:plan.stop]], reading, image_size)
+loader = torch.utils.data.DataLoader(  # one for the whole share; its reader processes end with this one
+    dataset, batch_sampler=chunks.batches_of(share, BATCH_SIZE), num_workers=workers, collate_fn=collate_keep_sizes,
     worker_init_fn=functools.partial(die_with_parent, os.getpid()),
 )
-output = OutputFolder(Path(OUTPUT), reads=[INPUT, *filter(None, [MASKS]), *{item["image_path"] for item in items}])
-report = Report(output.building, images=len(items), max_pixels=MAX_IMAGE_PIXELS) if REPORT else None
 over_time = PresenceOverTime(PRESENCE_WINDOW, dataset, predictor)  # video frames decided on their neighbours
 members = MemberOutputs(predictor, post)  # the ensemble's members and test-time augmentation's views, for uncertainty
-videos = Videos()  # each video as one report entry
 predicting_with = checkpoint.get("predicting_with") or f"epoch {checkpoint['epoch']}"  # an older export: one model
-print(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} ({predicting_with}) on {device} "
-      f"({'ONNX Runtime' if engine == 'onnxruntime' else 'PyTorch'})")
+on = f"{process.world_size} processes on {process.device.type}" if process.world_size > 1 else str(process.device)
+done_before = f", {len(plans) - len(to_do)} done by an earlier run" if len(to_do) < len(plans) else ""
+process.print0(f"segmenting {len(items)} images from {INPUT} with {CHECKPOINT} ({predicting_with}) on {on} "
+               f"({'ONNX Runtime' if engine == 'onnxruntime' else 'PyTorch'})"
+               + (f": {len(plans)} chunks{done_before}" if len(plans) > 1 or done_before else ""))
 
 
-# %% Segment: network at its own size, then each mask back at its image's size
+# %% Segment, a chunk at a time: network at its own size, then each mask back at its image's size
+@dataclass
+class Kept:
+    """Where a chunk's work goes: its folder (masks, pictures), its report entries, its videos' frames."""
+
+    folder: Path
+    report: Report | None
+    videos: Videos
+
+
 @torch.no_grad()
-def segment(batch: dict) -> list[ImageResult]:
+def segment(batch: dict, kept: Kept) -> list[ImageResult]:
     """The records of one batch: its unreadable files first (or stop, with --strict), then each image with its
     mask written and its pictures drawn."""
-    results = [skipped(batch, index) for index, error in enumerate(batch["error"]) if error]
+    results = [skipped(batch, index, kept) for index, error in enumerate(batch["error"]) if error]
     readable = [index for index, error in enumerate(batch["error"]) if not error]
     if not readable:
         return results
@@ -133,26 +171,27 @@ def segment(batch: dict) -> list[ImageResult]:
     sizes = [tuple(batch["original_size"][index].tolist()) for index in readable]
     masks = full_size_masks(probabilities, presences, sizes, post)
     for index, (_, mask), presence, uncertainty in zip(readable, masks, presences, uncertainties, strict=True):
-        results.append(predicted(batch, index, mask, presence, uncertainty))
+        results.append(predicted(batch, index, mask, presence, uncertainty, kept))
     return results
 
 
-def skipped(batch: dict, index: int) -> ImageResult:
+def skipped(batch: dict, index: int, kept: Kept) -> ImageResult:
     """The record of a file that could not be read (a video's frame goes to its video's report entry)."""
     if STRICT:
         raise UserError(f"{batch['image_path'][index]}: {batch['error'][index]} (--strict); remove or replace it")
     result = ImageResult(id=batch["id"][index], file=batch["image_path"][index], skipped_because=batch["error"][index])
-    if videos.holds(result.file):
-        videos.add_skipped(name=result.id, file=result.file, reason=result.skipped_because)
-    elif report:
-        report.add_skipped(name=result.id, file=result.file, reason=result.skipped_because)
+    if kept.videos.holds(result.file):
+        kept.videos.add_skipped(name=result.id, file=result.file, reason=result.skipped_because)
+    elif kept.report:
+        kept.report.add_skipped(name=result.id, file=result.file, reason=result.skipped_because)
     return result
 
 
-def predicted(batch: dict, index: int, mask: np.ndarray, presence: float, uncertainty: float) -> ImageResult:
+def predicted(batch: dict, index: int, mask: np.ndarray, presence: float, uncertainty: float,
+              kept: Kept) -> ImageResult:
     """Write one image's mask and pictures; its record, with the Dice where it has a readable truth."""
     name, file = batch["id"][index], batch["image_path"][index]
-    output.write_mask(name, mask)
+    write_mask(kept.folder, name, mask, then="the chunks done so far are kept: free some space and run again")
     area = int(np.count_nonzero(mask))
     truth, truth_problem = truth_of(truths, name)
     result = ImageResult(id=name, file=file, presence=presence, area=area, pixels=rle_encode(mask),
@@ -166,36 +205,83 @@ def predicted(batch: dict, index: int, mask: np.ndarray, presence: float, uncert
         result.dice = float(kaggle_dice(torch.as_tensor(mask)[None, None], truth)[0])
         truth = truth[0, 0].numpy()
         result.truth_empty = not truth.any()
-    if videos.holds(file):
-        videos.add(name=name, file=file, seconds=result.seconds, presence=presence, area=area, uncertainty=uncertainty)
-    elif report:
-        report.add(result, network_image=batch["image"][index, 0].numpy(), mask=mask, truth=truth,
+    if kept.videos.holds(file):
+        kept.videos.add(name=name, file=file, seconds=result.seconds, presence=presence, area=area,
+                        uncertainty=uncertainty)
+    elif kept.report:
+        kept.report.add(result, network_image=batch["image"][index, 0].numpy(), mask=mask, truth=truth,
                    frame=batch["frame"][index])
     return result
 
 
-results: list[ImageResult] = []
-for batch in tqdm(loader, desc="predicting", unit="batch", disable=QUIET or None):
-    results += segment(batch)
-summary = Summary()
-for result in results:
-    summary.add(result)
+def segment_share(share: list[ChunkPlan]) -> None:
+    """This process's chunks, read by one loader (a batch never spans two chunks), each kept as soon as all its
+    images, videos and DICOM SEGs are written."""
+    quiet = QUIET or not process.is_main
+    batches = iter(tqdm(loader, desc="predicting", unit="batch", disable=True if quiet else None))
+    for plan in share:
+        chunk = Chunk(parts, plan)
+        report = Report(chunk.folder, images=len(items), max_pixels=MAX_IMAGE_PIXELS, first=plan.first_row) if REPORT \
+            else None
+        kept = Kept(chunk.folder, report, Videos())  # each video of the chunk as one report entry
+        while len(chunk.results) < plan.stop - plan.start:
+            chunk.results += segment(next(batches), kept)
+        media = write_media_outputs(chunk.folder, items[plan.start:plan.stop], kept.videos, report, post,
+                                    dicom_seg=DICOM_SEG, overlay_videos=OVERLAY_VIDEOS, max_pixels=MAX_IMAGE_PIXELS)
+        chunk.commit(report.rows if report else [], media)
 
-# %% Submission, report, pictures and the Dice
-if not summary.predicted:
-    raise UserError(f"no image of {INPUT} could be read; the first: {summary.skipped[0].file}: "
-                    f"{summary.skipped[0].skipped_because}")
-if write_submission:
-    write_csv(output.building / "submission.csv", [{"img": result.id, "pixels": result.pixels}
-                                                   for result in results if not result.skipped], ["img", "pixels"])
-write_csv(output.building / "images.csv", [result.csv_row() for result in results], IMAGE_COLUMNS)
-media = write_media_outputs(output, items, videos, report, post, dicom_seg=DICOM_SEG, overlay_videos=OVERLAY_VIDEOS,
-                            max_pixels=MAX_IMAGE_PIXELS)  # overlay videos, DICOM SEGs, each video's report entry
-if report:
-    about = describe_prediction(CHECKPOINT, checkpoint, engine=engine, input_folder=INPUT, masks_folder=MASKS)
-    report.write(output.building / "report.html", about=about, summary=summary, has_truths=bool(truths))
-output.finish()
-has_mask = {result.id: result.area > 0 for result in results if not result.skipped}
+
+segment_share(share)
+if not process.is_main:
+    distributed.stop()
+    sys.exit(0)
+
+
+# %% Merge the chunks, in input order: images.csv, submission.csv, the report, masks, videos, DICOM SEGs
+def merge() -> tuple[Summary, dict[str, bool], list[str]]:
+    """Write the output folder from every chunk (made by all processes, waited for) and swap it in; what the
+    chunks hold in all, whether each predicted image has a mask, and the videos and DICOM SEGs written."""
+    count = len(plans)
+    chunks.wait_for_chunks(parts, count, process.print0)
+    summary, has_mask = Summary(), {}
+
+    def image_rows() -> Iterator[dict]:
+        for result in chunks.records(parts, count):
+            summary.add(result)
+            if not result.skipped:
+                has_mask[result.id] = result.area > 0
+            yield result.csv_row()
+
+    write_csv(output.building / "images.csv", image_rows(), IMAGE_COLUMNS)
+    if not summary.predicted:
+        raise UserError(f"no image of {INPUT} could be read; the first: {summary.skipped[0].file}: "
+                        f"{summary.skipped[0].skipped_because}")
+    if write_submission:
+        write_csv(output.building / "submission.csv", ({"img": result.id, "pixels": result.pixels} for result in
+                                                       chunks.records(parts, count) if not result.skipped),
+                  ["img", "pixels"])
+    shown = chunks.shown_rows(parts, count, PAGE_LIMIT) if REPORT else None
+    report = Report(output.building, images=len(items), max_pixels=MAX_IMAGE_PIXELS) if REPORT else None
+    pictures = None if shown is None else {name for row in shown for name in (row["thumb"], row["full"]) if name}
+    chunks.link_outputs(parts, count, output.building, pictures=pictures)
+    if report:
+        about = describe_prediction(CHECKPOINT, checkpoint, engine=engine, input_folder=INPUT, masks_folder=MASKS)
+        if shown is not None:
+            about.append(("shown here", f"{len(shown)} of the entries, the worst and least certain; images.csv "
+                                        "lists every image"))
+        report.rows = list(chunks.rows(parts, count)) if shown is None else shown
+        report.write(output.building / "report.html", about=about, summary=summary, has_truths=bool(truths),
+                     every_row=None if shown is None else chunks.rows(parts, count))
+    media = chunks.media(parts, count)
+    output.finish()
+    shutil.rmtree(parts, ignore_errors=True)
+    return summary, has_mask, media
+
+
+summary, has_mask, media = merge()
+distributed.stop()
+
+# %% Pictures and the Dice
 examples = []
 for item in pick_examples([item for item in items if item["id"] in has_mask], has_mask, NUM_PICTURES):
     name = item["id"]

@@ -33,17 +33,20 @@ class Process:
             print(*args, **kwargs)
 
 
-def start(device_name: str) -> Process:
-    """Join the process group when launched by torchrun; pick this process's device."""
+def start(device_name: str, *, gpus_shared: bool = False) -> Process:
+    """Join the process group when launched by torchrun; pick this process's device. `gpus_shared`: there may be
+    more processes than GPUs (process k takes GPU k modulo their number), which exchange only a few small objects,
+    over gloo (prediction); else each process has a GPU of its own, and NCCL joins them (training)."""
     if "RANK" not in os.environ:
         return Process(0, 1, choose_device(device_name, 0))
     local_rank = int(os.environ["LOCAL_RANK"])
+    if gpus_shared and torch.cuda.is_available():
+        local_rank %= torch.cuda.device_count()
     device = choose_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
-    )
+    nccl = device.type == "cuda" and not gpus_shared
+    dist.init_process_group(backend="nccl" if nccl else "gloo", device_id=device if nccl else None)
     return Process(dist.get_rank(), dist.get_world_size(), device)
 
 

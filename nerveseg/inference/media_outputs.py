@@ -20,7 +20,6 @@ from PIL import Image  # noqa: E402
 from nerveseg.dicom import is_dicom_file  # noqa: E402
 from nerveseg.frames import split_frame  # noqa: E402
 from nerveseg.inference.dicom_seg import write_dicom_segs  # noqa: E402
-from nerveseg.inference.outputs import OutputFolder  # noqa: E402
 from nerveseg.inference.overlay_video import OverlayVideo, draw_frame  # noqa: E402
 from nerveseg.inference.report import PICTURES, Report  # noqa: E402
 from nerveseg.pictures import save_figure  # noqa: E402
@@ -89,7 +88,7 @@ class Videos:
                 reasons = "; ".join(reason for _, reason in series.skipped[:1])
                 report.add_skipped(name=series.name, file=series.file, reason=reasons)
                 continue
-            number = len(report.rows)
+            number = report.next_number
             thumb = f"{PICTURES}/{number}-video.png"
             plot_series(series, report.folder / thumb, presence_threshold=presence_threshold)
             with Image.open(report.folder / thumb) as picture:
@@ -182,13 +181,14 @@ def dicom_inputs(items: list[dict]) -> list[tuple[str, str, int]]:
     return list(found.values())
 
 
-def write_media_outputs(output: OutputFolder, items: list[dict], videos: Videos, report: Report | None,
+def write_media_outputs(folder: Path, items: list[dict], videos: Videos, report: Report | None,
                         post: PostProcessing, *, dicom_seg: bool, overlay_videos: bool, max_pixels: int) -> list[str]:
-    """After the masks are written: each video's report entry, overlay videos (`overlay_videos`) and DICOM SEGs
-    (`dicom_seg`) in the output folder being built. Returns the names of the videos and segmentations written."""
+    """After the masks of `items` are written in `folder` (a chunk being built, see chunks.py): each video's report
+    entry, overlay videos (`overlay_videos`) and DICOM SEGs (`dicom_seg`) in `folder`. Returns the names of the
+    videos and segmentations written."""
 
     def read_mask(name: str) -> np.ndarray | None:
-        path = output.building / "masks" / f"{name}.png"
+        path = folder / "masks" / f"{name}.png"
         if not path.exists():
             return None  # a skipped frame
         with Image.open(path) as picture:
@@ -196,9 +196,9 @@ def write_media_outputs(output: OutputFolder, items: list[dict], videos: Videos,
 
     if report:
         videos.report(report, presence_threshold=post.presence_threshold)
-    written = write_overlay_videos(output.building, videos, read_mask, max_pixels=max_pixels) if overlay_videos else []
+    written = write_overlay_videos(folder, videos, read_mask, max_pixels=max_pixels) if overlay_videos else []
     if dicom_seg:
-        segs = write_dicom_segs(output.building / "dicom-seg", dicom_inputs(items), read_mask, software=software())
+        segs = write_dicom_segs(folder / "dicom-seg", dicom_inputs(items), read_mask, software=software())
         written += [f"dicom-seg/{name}" for name in segs]
     return written
 

@@ -49,14 +49,8 @@ class OutputFolder:
         weakref.finalize(self, discard_building, self.building)  # an unfinished run leaves nothing
 
     def write_mask(self, name: str, mask: np.ndarray) -> None:
-        """One mask as an 8-bit PNG of 0 and 255, at masks/<name>.png (a name may hold subfolders)."""
-        path = self.building / "masks" / f"{name}.png"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((mask * 255).astype(np.uint8)).save(path, compress_level=1)
-        except OSError as error:
-            path.unlink(missing_ok=True)  # PIL leaves a partial file when closing it fails too (a full disk)
-            raise UserError(f"cannot write {path}: {error.strerror}; nothing was changed in {self.target}") from None
+        """One mask at masks/<name>.png (see write_mask)."""
+        write_mask(self.building, name, mask, then=f"nothing was changed in {self.target}")
 
     def finish(self) -> None:
         """List what this run wrote in the marker, carry the files of others over, and swap the results in."""
@@ -85,6 +79,18 @@ class OutputFolder:
                                 ) from None
         swap_into_place(self.building, self.target)
         self.lock.release()
+
+
+def write_mask(folder: Path, name: str, mask: np.ndarray, *, then: str) -> None:
+    """One mask as an 8-bit PNG of 0 and 255, at folder/masks/<name>.png (a name may hold subfolders); a failure
+    is a UserError that names the file and ends with `then` (what was kept)."""
+    path = folder / "masks" / f"{name}.png"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((mask * 255).astype(np.uint8)).save(path, compress_level=1)
+    except OSError as error:
+        path.unlink(missing_ok=True)  # PIL leaves a partial file when closing it fails too (a full disk)
+        raise UserError(f"cannot write {path}: {error.strerror}; {then}") from None
 
 
 def files_below(folder: Path) -> list[Path]:

@@ -17,6 +17,8 @@ import hashlib
 import json
 import math
 import re
+from collections import Counter
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from nerveseg.metrics import describe_scores
 PICTURES = "report"  # the folder of the pictures, beside report.html
 THUMBNAIL_SIDE = 192  # a thumbnail's longer side, in pixels
 FULL_SIZE_LIMIT = 1000  # full-size views are written for up to this many images (each is read again)
+PAGE_LIMIT = 10_000  # the page shows every entry up to this many; beyond, the worst and least certain (images.csv all)
 PREDICTED, TRUTH = (255, 40, 40), (40, 255, 80)  # outline colours
 # What the page knows of each file, written as one list per file in this order (the page's script reads them by
 # these names): a list of lists keeps a page of 5,508 images small
@@ -67,20 +70,26 @@ def resized_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class Report:
-    """Collects the images of a prediction, writing each one's pictures at once, then writes the page."""
+    """Collects the images of a prediction, writing each one's pictures at once, then writes the page. `first` is
+    the number of the entries before these (a chunk's, see chunks.py): the pictures are named by their number."""
 
-    def __init__(self, folder: Path, *, images: int, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-        self.folder, self.max_pixels = folder, max_pixels
+    def __init__(self, folder: Path, *, images: int, max_pixels: int = MAX_IMAGE_PIXELS, first: int = 0) -> None:
+        self.folder, self.max_pixels, self.first = folder, max_pixels, first
         self.full_size = images <= FULL_SIZE_LIMIT
         (folder / PICTURES).mkdir()
         self.rows: list[dict] = []  # one per file, with the keys of COLUMNS
+
+    @property
+    def next_number(self) -> int:
+        """The number of the next entry: what its pictures are named by."""
+        return self.first + len(self.rows)
 
     def add(self, result: ImageResult, *, network_image: np.ndarray, mask: np.ndarray, truth: np.ndarray | None,
             frame: int = 0) -> None:
         """One predicted image, its figures from its record: `network_image` the (h, w) 8-bit image the network
         saw, `mask` and `truth` (bool, or None) at the image's own (H, W) size; `frame` its frame in a DICOM file
         (0: an image file). The record is given the names of its pictures."""
-        number = len(self.rows)
+        number = self.next_number
         height, width = mask.shape
         scale = THUMBNAIL_SIDE / max(height, width)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -128,21 +137,28 @@ class Report:
             raise UserError(f"cannot write {path}: {error.strerror}; free some space, choose another --output, or "
                             "pass --report false") from None
 
-    def write(self, path: Path, *, about: list[tuple[str, str]], summary: Summary, has_truths: bool) -> None:
+    def write(self, path: Path, *, about: list[tuple[str, str]], summary: Summary, has_truths: bool,
+              every_row: Iterable[dict] | None = None) -> None:
         """The page, atomically: `about` the lines of what predicted with what; the Dice and the uncertainty check
-        from `summary`, gathered from the same records."""
-        kinds = [row["kind"] for row in self.rows]
-        self.rows.sort(key=lambda row: natural_key(row["name"]))  # as images.csv: "2" before "10"
-        predicted = [row for row in self.rows if row["kind"] not in ("skipped", "video")]
-        skipped = [row for row in self.rows if row["kind"] == "skipped"]
-        lines = [*about, ("images", f"{len(predicted)} predicted, {len(skipped)} skipped; "
-                                    f"{sum(row['area'] == 0 for row in predicted)} empty masks")]
-        lines += [(f"skipped {row['file']}", row["reason"]) for row in skipped[:20]]
-        lines += [(f"video {row['file']}", row["reason"]) for row in self.rows if row["kind"] == "video"][:20]
+        from `summary`, gathered from the same records. The counts are of `every_row` (one at a time, in input
+        order) where the page shows only some (the rows given to this Report); of the page's rows otherwise."""
+        self.rows.sort(key=row_order)  # as images.csv: "2" before "10"
+        kinds: Counter = Counter()
+        empty, skipped, videos = 0, [], []
+        for row in self.rows if every_row is None else every_row:
+            kinds[row["kind"]] += 1
+            empty += row["kind"] not in ("skipped", "video") and row["area"] == 0
+            listed = {"skipped": skipped, "video": videos}.get(row["kind"])
+            if listed is not None and len(listed) < 20:
+                listed.append(row)
+        predicted = sum(kinds.values()) - kinds["skipped"] - kinds["video"]
+        lines = [*about, ("images", f"{predicted} predicted, {kinds['skipped']} skipped; {empty} empty masks")]
+        lines += [(f"skipped {row['file']}", row["reason"]) for row in sorted(skipped, key=row_order)]
+        lines += [(f"video {row['file']}", row["reason"]) for row in sorted(videos, key=row_order)]
         if scores := summary.scores():
             lines.append(("Kaggle Dice", f"{describe_scores(scores)}; all-empty baseline "
                                          f"{scores['all_empty_baseline']:.4f}"))
-            counts = ", ".join(f"{kinds.count(kind)} {kind}" for kind in
+            counts = ", ".join(f"{kinds[kind]} {kind}" for kind in
                                ("hit", "miss", "true empty", "false empty", "stray mask"))
             lines.append(("cases", counts))
             if check := summary.uncertainty_check():
@@ -151,6 +167,11 @@ class Report:
                 "summary": lines, "has_truths": has_truths, "full_size_limit": FULL_SIZE_LIMIT}
         with atomic_write(path) as file:
             file.write(page(data))
+
+
+def row_order(row: dict) -> tuple:
+    """The page's order of its rows: by name, "2" before "10" (as images.csv)."""
+    return natural_key(row["name"])
 
 
 def page(data: dict) -> str:
