@@ -1,6 +1,7 @@
-"""predict.py on 1 and 2 processes (torchrun, gloo), against another version's one process: time, CPU time, peak
-memory, and whether every run wrote the same files; a run killed after two chunks and resumed; --repeat N to see
-the memory of N times the images (the same files, hard-linked N times). See docs/performance.md.
+"""predict.py on 1 process and on 2 (torchrun, gloo, a thread each), against another version's one process: time,
+CPU time, peak memory, and whether every run wrote the same files; a run killed as it keeps its third chunk, then
+resumed on 2 processes; --repeat N to see the memory of N times the images (the same files, hard-linked N times).
+See docs/performance.md.
 
     python benchmarks/predict_processes.py --checkpoint M.pt --input TEST --work DIR [--baseline OLD_CHECKOUT]
 """
@@ -100,10 +101,9 @@ def main() -> None:
     common = ["--checkpoint", str(options.checkpoint.resolve()), "--input", str(images), "--quiet",
               "--device", "cpu"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    plans = {
+    plans = {  # name: command, code, threads (None: PyTorch's default, a thread a core)
         "baseline": ([sys.executable, str((options.baseline or ROOT) / "predict.py")], options.baseline, None),
-        "one": ([sys.executable, str(ROOT / "predict.py")], ROOT, 1),
-        "one, default threads": ([sys.executable, str(ROOT / "predict.py")], ROOT, None),
+        "one": ([sys.executable, str(ROOT / "predict.py")], ROOT, None),
         "two": ([*torchrun, str(ROOT / "predict.py")], ROOT, 1),
     }
     wanted = set(filter(None, options.only.split(","))) or {*plans, "killed"}
