@@ -142,8 +142,8 @@ class Chunk:
     def commit(self, report_rows: list[dict], media: list[str]) -> None:
         """Write the records, the report's rows and the names of the videos and DICOM SEGs written, then rename the
         folder into place: the chunk is done."""
-        with atomic_write(self.folder / RECORDS) as file:
-            file.writelines(json.dumps(asdict(result), ensure_ascii=False) + "\n" for result in self.results)
+        with atomic_write(self.folder / RECORDS) as file:  # JSON in ASCII: a name that is not UTF-8 comes back whole
+            file.writelines(json.dumps(asdict(result)) + "\n" for result in self.results)
         write_json(self.folder / CONTENTS, {"rows": report_rows, "media": media})
         self.discard.detach()
         swap_into_place(self.folder, self.target)
