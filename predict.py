@@ -253,7 +253,8 @@ def merge() -> tuple[Summary, dict[str, bool], list[str]]:
             yield result.csv_row()
 
     write_csv(output.building / "images.csv", image_rows(), IMAGE_COLUMNS)
-    if not summary.predicted:
+    if not summary.predicted:  # the chunks are not kept: a rerun reads the files again (a reader installed since)
+        shutil.rmtree(parts, ignore_errors=True)
         raise UserError(f"no image of {INPUT} could be read; the first: {summary.skipped[0].file}: "
                         f"{summary.skipped[0].skipped_because}")
     if write_submission:
