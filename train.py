@@ -32,6 +32,7 @@ from nerveseg.model import (
     build_model,
     encoder_start,
     model_config,
+    network_channels,
     set_output_prior,
     start_encoder,
 )
@@ -63,10 +64,11 @@ FLIP_PROB: Bounds(at_least=0, at_most=1) = 0.0  # chance of a left-right flip (o
 INTENSITY_PROB: Bounds(at_least=0, at_most=1) = 0.3  # chance of each gamma, gain and noise change
 AUGMENTATION: OneOf(AUGMENTATIONS) = "light"  # light (the above) or nnunet (adds zoom 0.7-1.4, blur, low resolution...)
 # Model
-MODEL: OneOf(MODELS) = "unet"  # the network (nerveseg/model.py); efficientnet-*: a U-Net on an ImageNet encoder
+MODEL: OneOf(MODELS) = "efficientnet-lite0"  # the network (nerveseg/model.py); efficientnet-*: an ImageNet encoder
 ENCODER_WEIGHTS = "imagenet"  # an efficientnet-* encoder starts from: imagenet (its ImageNet weights), random, a file
 FROZEN_STAGES: Bounds(at_least=0, at_most=7) = 3  # an ImageNet encoder's stem and first stages that keep their weights
-CHANNELS: Bounds(at_least=1) = (16, 32, 64, 128, 256)  # UNet feature channels per level
+DECODER_CHANNELS: Bounds(at_least=1) = (8, 16, 32, 64, 128)  # an ImageNet encoder's U-Net decoder: channels per level
+CHANNELS: Bounds(at_least=1) = (16, 32, 64, 128, 256)  # a network from scratch (unet...): feature channels per level
 STRIDES: Bounds(at_least=1) = (2, 2, 2, 2)  # UNet down-sampling per level (image sides: multiples of their product)
 NUM_RES_UNITS: Bounds(at_least=0) = 2  # residual units per UNet block
 DROPOUT: Bounds(at_least=0, below=1) = 0.0  # dropout in the UNet blocks
@@ -129,7 +131,8 @@ disk_cache = training_cache(CACHE, pairs, (IMAGE_HEIGHT, IMAGE_WIDTH), data_dir=
 # %% The model and the loaders: each fold builds them anew (train_fold below calls these functions)
 image_size = (IMAGE_HEIGHT, IMAGE_WIDTH)
 has_presence = PRESENCE_WEIGHT > 0  # the model's image-level output (see nerveseg/model.py)
-config = model_config(CHANNELS, STRIDES, NUM_RES_UNITS, DROPOUT, presence=has_presence, model=MODEL,
+channels = network_channels(MODEL, CHANNELS, DECODER_CHANNELS)  # the levels' (from scratch) or the decoder's
+config = model_config(channels, STRIDES, NUM_RES_UNITS, DROPOUT, presence=has_presence, model=MODEL,
                       presence_signal=PRESENCE_SIGNAL, encoder_weights=encoder_start(MODEL, ENCODER_WEIGHTS),
                       frozen_stages=FROZEN_STAGES)
 default_rule = default_postprocessing(has_presence=has_presence)

@@ -29,7 +29,7 @@ from nerveseg.checkpoint import load_checkpoint, read_torch_file, save_torch
 from nerveseg.cleaning import synthetic
 from nerveseg.data import read_manifest, split_by_subject
 from nerveseg.ensemble import Ensemble, TestTimeAugmentation, augmentation_for
-from nerveseg.model import build_model, model_config
+from nerveseg.model import build_model, model_config, network_channels
 from nerveseg.onnx_model import onnx_graph
 from nerveseg.postprocess import PostProcessing
 from nerveseg.predictors import OnnxPredictor, TorchPredictor, max_difference
@@ -249,7 +249,8 @@ def training_step(device: torch.device, amp: bool, batch_size: int, compiled: bo
     """One optimisation step as train.py takes it: its model, loss, optimiser, precision and micro-batches."""
     torch.manual_seed(0)
     presence = TRAIN["PRESENCE_WEIGHT"] > 0
-    levels = (TRAIN["CHANNELS"], TRAIN["STRIDES"], TRAIN["NUM_RES_UNITS"], TRAIN["DROPOUT"])
+    channels = network_channels(TRAIN["MODEL"], TRAIN["CHANNELS"], TRAIN["DECODER_CHANNELS"])
+    levels = (channels, TRAIN["STRIDES"], TRAIN["NUM_RES_UNITS"], TRAIN["DROPOUT"])
     config = model_config(*levels, presence=presence, model=TRAIN["MODEL"], presence_signal=TRAIN["PRESENCE_SIGNAL"])
     model = build_model(config).to(device)  # the weights it starts from do not change the time
     network = torch.compile(model, dynamic=False) if compiled else model

@@ -32,7 +32,8 @@ from torch import nn
 from nerveseg.ensemble import Ensemble, augmentation_for
 from nerveseg.errors import UserError
 from nerveseg.files import atomic_write
-from nerveseg.model import build_model, check_network_request, size_multiple
+from nerveseg.model import build_model, size_multiple
+from nerveseg.network_bounds import check_network_request
 from nerveseg.postprocess import PostProcessing
 
 FORMAT = "nerveseg-checkpoint"  # the format tag; model_config["model"] says which network (model.NETWORKS)
@@ -185,7 +186,7 @@ def check_postprocessing(values: object, path: str | Path) -> None:
 
 def check_request(checkpoint: dict, path: str | Path) -> None:
     """Refuse, before any network is built, a checkpoint whose configuration and image size ask for more memory than
-    any model here needs (model.check_network_request) or whose image size does not suit its network."""
+    any model here needs (network_bounds.check_network_request) or whose image size does not suit its network."""
     preprocessing = checkpoint["preprocessing"]
     size = preprocessing.get("image_size") if isinstance(preprocessing, dict) else None
     try:

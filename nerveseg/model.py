@@ -6,16 +6,19 @@ image-level presence output (a head on its deepest features) and is called the s
 `mask_logits, presence_logits = model(images)`, so validation, prediction, the ensemble, test-time augmentation
 and the exports run any of them alike:
 
-    unet                MONAI's UNet (residual units): the default, and every checkpoint made before MODEL existed
+    unet                MONAI's UNet (residual units): the default until 2026-12-07, and every checkpoint made before
+                        MODEL existed
     unetplusplus        BasicUNetPlusPlus (Zhou et al., 2018: nested dense skip paths), deep supervision on 4 outputs
     attentionunet       AttentionUnet (Oktay et al., 2018: attention gates on the skip connections)
     segresnet           SegResNet (Myronenko, 2018: residual encoder, light decoder)
     dynunet             DynUNet (MONAI's nnU-Net-style network), deep supervision on its 2 coarser decoder levels
-    efficientnet-lite0  MONAI's FlexibleUNet decoder on EfficientNet-Lite0, which starts from ImageNet weights
+    efficientnet-lite0  MONAI's FlexibleUNet decoder on EfficientNet-Lite0, which starts from ImageNet weights: the
+                        default (it won on both real sets by cross-validation, docs/results.md)
     efficientnet-b0..b7 the same on MONAI's EfficientNet-B0..B7 (their ImageNet weights are downloaded)
 
 The networks of MONAI take the levels' feature channels (CHANNELS) and down-sampling (STRIDES); the ImageNet
-encoders (nerveseg/encoders.py) have their own levels and take CHANNELS, coarsest last, as their decoder's.
+encoders (nerveseg/encoders.py) have their own levels and take DECODER_CHANNELS, coarsest last, as their
+decoder's (network_channels: a model_config's "channels" are whichever the network takes).
 Adding a network is one entry of NETWORKS (and, for an ImageNet encoder, one of encoders.ENCODERS).
 """
 
@@ -139,6 +142,12 @@ def encoder_entry(encoder: str) -> Network:
         problem=halving(encoder, levels=5), size_multiple=lambda config: 16, encoder=encoder, shaped_by=("channels",),
         weights=f"`network.unet.encoder.*` ({encoder}), `network.unet.decoder.*`, `network.unet.segmentation_head.*`, "
                 "with `presence_head.linear.*`")
+
+
+def network_channels(model: str, channels: tuple[int, ...], decoder_channels: tuple[int, ...]) -> tuple[int, ...]:
+    """The channels a model_config of `model` takes: CHANNELS, its levels', for a network trained from scratch;
+    DECODER_CHANNELS, its decoder's, for an ImageNet encoder (whose own levels are fixed)."""
+    return decoder_channels if NETWORKS[model].encoder else channels
 
 
 def model_config(
@@ -364,58 +373,6 @@ def start_encoder(model: nn.Module, config: dict[str, Any], weights: str) -> Non
     """Start the ImageNet encoder of a model built by build_model (if it has one) from `weights` (encoder_start)."""
     if encoder := network_of(config).encoder:
         encoders.start_from(model.network.unet.encoder, encoder, weights)
-
-
-# What a configuration may ask for: the bounds that a checkpoint (data from anywhere) and train.py's settings share
-MAX_CHANNELS = 4096  # the feature channels of one level (the default network's largest: 256)
-MAX_LEVELS = 10  # levels of the network (the default: 5)
-MAX_STRIDE = 8  # the down-sampling of one level (the default: 2)
-MAX_RES_UNITS = 16  # residual units per level (the default: 2)
-MAX_FEATURE_VALUES = 2**26  # the feature maps of one image, all levels: 67 million values, 256 MiB as float32
-# (the default network at its default input, 160x224, holds 1.1 million; at 1024x1024, 33 million)
-
-
-def check_network_request(config: Any, image_size: Any) -> None:
-    """Refuse (ValueError, saying what is out of bounds) a configuration and input size (height, width) that ask for
-    more than the bounds above: what a network of them would take in memory, checked before it is built."""
-    def whole_numbers(values: Any, low: int, high: float) -> bool:
-        return isinstance(values, list | tuple) and all(type(value) is int and low <= value <= high
-                                                        for value in values)
-
-    if not isinstance(config, dict):
-        raise ValueError(f"its model_config is {type(config).__name__}, not a mapping")
-    channels, strides = config.get("channels"), config.get("strides")
-    if not whole_numbers(channels, 1, MAX_CHANNELS) or not 2 <= len(channels) <= MAX_LEVELS:
-        raise ValueError(f"channels must be 2 to {MAX_LEVELS} whole numbers from 1 to {MAX_CHANNELS}, not "
-                         f"{str(channels)[:80]}")
-    if not whole_numbers(strides, 1, MAX_STRIDE):
-        raise ValueError(f"strides must be whole numbers from 1 to {MAX_STRIDE}, not {str(strides)[:80]}")
-    sides = [config.get("in_channels", 1), config.get("out_channels", 1), config.get("num_res_units", 0)]
-    if not whole_numbers(sides[:2], 1, MAX_CHANNELS) or not whole_numbers(sides[2:], 0, MAX_RES_UNITS):
-        raise ValueError(f"in_channels and out_channels must be whole numbers from 1 to {MAX_CHANNELS} and "
-                         f"num_res_units from 0 to {MAX_RES_UNITS}, not {', '.join(str(side)[:20] for side in sides)}")
-    if not whole_numbers([config.get("frozen_stages", 0)], 0, len(encoders.LITE_BLOCKS)):
-        raise ValueError(f"frozen_stages must be a whole number from 0 to {len(encoders.LITE_BLOCKS)}, not "
-                         f"{str(config.get('frozen_stages'))[:20]}")
-    if not whole_numbers(image_size, 0, math.inf) or len(image_size) != 2:
-        raise ValueError(f"its image size must be two whole numbers (height, width), not {str(image_size)[:80]}")
-    values = feature_values(config, image_size)
-    if values > MAX_FEATURE_VALUES:
-        raise ValueError(f"an input of {image_size[0]}x{image_size[1]} with channels {list(channels)} holds "
-                         f"{values / 1e6:,.0f} million feature values per image, above the bound of "
-                         f"{MAX_FEATURE_VALUES / 1e6:.0f} million (smaller images or fewer channels)")
-
-
-def feature_values(config: dict[str, Any], image_size: tuple[int, int]) -> int:
-    """How many values the network's feature maps hold for one image: the input and output at full size, and each
-    level's channels at its size (each level smaller than the one above by its stride, in both directions)."""
-    height, width = image_size
-    channels = network_of(config).level_channels(config["channels"])
-    total, scale = (config.get("in_channels", 1) + config.get("out_channels", 1)) * height * width, 1
-    for level_channels, stride in zip(channels, [1, *config["strides"]], strict=False):
-        scale *= stride
-        total += level_channels * (height // scale) * (width // scale)
-    return total
 
 
 def size_multiple(config: dict[str, Any]) -> int:

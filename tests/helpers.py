@@ -57,6 +57,8 @@ def read_metrics(run: Path) -> list[dict]:
 
 
 FAST_TRAINING = (
+    "--model",
+    "unet",  # the network from scratch: 2.6 times lighter than the default (tests/test_encoders.py trains that)
     "--image-height",
     "64",
     "--image-width",

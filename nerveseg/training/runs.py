@@ -26,7 +26,8 @@ from nerveseg.distributed import Process
 from nerveseg.errors import UserError
 from nerveseg.files import FolderLock, check_can_be_folder, write_csv, write_json
 from nerveseg.metrics import describe_scores
-from nerveseg.model import check_network_request
+from nerveseg.model import network_channels
+from nerveseg.network_bounds import check_network_request
 from nerveseg.pictures import plot_cross_validation, plot_training_curves
 from nerveseg.postprocess import TUNING_PLANES, PostProcessing
 from nerveseg.training.crossval import MIN_TTA_GAIN, describe_cross_validation
@@ -52,12 +53,15 @@ def check_settings(settings: dict) -> None:
             f"--image-height and --image-width must be multiples of {multiple} (the product of the "
             f"strides), not {height}x{width}; for example 128x176 or 224x304"
         )
-    config = {"model": s.get("MODEL", "unet"), "channels": list(s["CHANNELS"]), "strides": list(s["STRIDES"]),
+    model = s.get("MODEL", "unet")
+    channels = network_channels(model, s["CHANNELS"], s.get("DECODER_CHANNELS", ()))
+    option = "--channels" if channels is s["CHANNELS"] else "--decoder-channels"
+    config = {"model": model, "channels": list(channels), "strides": list(s["STRIDES"]),
               "num_res_units": s.get("NUM_RES_UNITS", 0)}
     try:
         check_network_request(config, [height, width])  # the bound that predict.py holds a checkpoint to
     except ValueError as error:
-        raise UserError(f"--image-height, --image-width and --channels ask for more memory than any model here may "
+        raise UserError(f"--image-height, --image-width and {option} ask for more memory than any model here may "
                         f"({error})") from None
 
 
