@@ -12,7 +12,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-# The whole pipeline on a small synthetic download: clean -> train -> predict (a few minutes on 2 CPU cores).
+# The whole pipeline on a small synthetic download: clean -> train -> predict (about 12 minutes on 2 CPU cores).
 demo: $(VENV)/.installed
 	$(BIN)/python data_cleaning.py --demo
 	$(BIN)/python train.py --max-epochs 12
