@@ -135,8 +135,8 @@ def test_a_fine_tuned_model_started_from_imagenet_and_every_stage_runs_it(train_
     """train.py --model efficientnet-lite0: the checkpoint says where its encoder started, and its encoder's
     weights are still ImageNet's after training (a random start is not); predict.py with test-time augmentation
     and the fold ensemble, and export.py's ONNX (checked against PyTorch) run it."""
-    result = run_script("train.py", "--data-dir", str(train_clean), "--model", "efficientnet-lite0", "--folds", "2",
-                        "--max-epochs", "1", "--decoder-channels", "8,16,32,64,128", *FAST_TRAINING, cwd=tmp_path)
+    result = run_script("train.py", "--data-dir", str(train_clean), *FAST_TRAINING, "--model", "efficientnet-lite0",
+                        "--folds", "2", "--max-epochs", "1", cwd=tmp_path)  # the default, after FAST_TRAINING
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(tmp_path / "2D_Nerve_Segmentation.pt", weights_only=True)
     assert checkpoint["model_config"]["encoder_weights"] == ("ImageNet: efficientnet-lite0-57934424.pth of "
