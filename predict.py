@@ -33,7 +33,6 @@ import monai
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from nerveseg import distributed
 from nerveseg.data import partition
@@ -56,6 +55,7 @@ from nerveseg.metrics import describe_scores, kaggle_dice
 from nerveseg.pictures import plot_predictions
 from nerveseg.postprocess import PostProcessing, full_size_masks
 from nerveseg.predictors import ENGINES, load_predictor
+from nerveseg.progress import progress
 from nerveseg.rle import rle_encode
 from nerveseg.settings import AUTO_TRUE_FALSE, Bounds, OneOf, parse_settings
 from nerveseg.transforms import collate_keep_sizes, load_transforms
@@ -218,7 +218,7 @@ def segment_share(share: list[ChunkPlan]) -> None:
     """This process's chunks, read by one loader (a batch never spans two chunks), each kept as soon as all its
     images, videos and DICOM SEGs are written."""
     quiet = QUIET or not process.is_main
-    batches = iter(tqdm(loader, desc="predicting", unit="batch", disable=True if quiet else None))
+    batches = iter(progress(loader, desc="predicting", quiet=quiet))  # a bar, or a line every 30 s in a log
     for plan in share:
         chunk = Chunk(parts, plan)
         report = Report(chunk.folder, images=len(items), max_pixels=MAX_IMAGE_PIXELS, first=plan.first_row) if REPORT \

@@ -125,10 +125,11 @@ def main() -> None:
                    str(work / "pictures")]
         killed = run(command, code=ROOT, work=work, threads=1, kill_at=3)  # killed as it keeps its third chunk
         kept = sorted(path.name for path in Path(f"{output}.parts").glob("chunk-*"))
+        left = "PRESENT" if output.exists() else "absent"  # nothing that looks complete
         resumed = run([*torchrun, *command[1:]], code=ROOT, work=work, threads=1)
         digests["killed, resumed"] = tree_digest(output) if resumed["returncode"] == 0 else "failed"
         print(f"killed after {len(kept)} chunks ({killed['seconds']:.1f} s, exit {killed['returncode']}, output "
-              f"{'absent' if not output.exists() else 'PRESENT'}), resumed on 2 processes: {resumed['seconds']:.1f} s, "
+              f"{left}), resumed on 2 processes: {resumed['seconds']:.1f} s, "
               f"CPU {resumed['cpu']:.1f} s, outputs {digests['killed, resumed']}", flush=True)
     same = len(set(digests.values())) == 1
     print(f"outputs byte-identical across {', '.join(digests)}: {'yes' if same else 'NO'}")

@@ -119,10 +119,10 @@ def main() -> None:
     data = options.data.resolve()
     if options.repeat > 1:
         data = repeated_copy(data, options.repeat, work)
-    with open(data / "manifest.csv") as file:
-        pairs = sum(1 for _ in file) - 1
-    print(f"{pairs:,} pairs in {data}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at the start; "
-          f"train.py {' '.join(train_options)}", flush=True)
+    with open(data / "manifest.csv", newline="", encoding="utf-8") as file:
+        pairs = sum(row["kept"] == "1" for row in csv.DictReader(file))
+    print(f"{pairs:,} pairs kept in {data}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at the "
+          f"start; train.py {' '.join(train_options)}", flush=True)
     for name in options.runs.split(","):
         shutil.rmtree(work / "runs" / name, ignore_errors=True)
         figures = run_training(name, data, work, train_options, cache="memory" if name == "memory" else "disk")

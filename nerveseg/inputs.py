@@ -23,12 +23,13 @@ IMAGE_FOLDERS = ("images", "image", "imgs", "img")
 MASK_FOLDERS = ("masks", "mask", "labels", "label", "gt", "ground_truth", "groundtruth", "annotations")
 
 
-PIPELINE_MARKERS = ("cleaning.json", ".nerveseg-predictions", "train_masks.csv")  # folders never read as own data
+CHUNKS_MARKER = ".nerveseg-chunks.json"  # predict.py's OUTPUT.parts/: the settings its chunks were made with
+PIPELINE_MARKERS = ("cleaning.json", ".nerveseg-predictions", CHUNKS_MARKER, "train_masks.csv")  # never own data
 
 
 def skipped_folder(folder: Path) -> bool:
-    """A hidden folder, or one the pipeline wrote (a clean copy, predictions) or a Kaggle download's own folder:
-    never read as own data."""
+    """A hidden folder, or one the pipeline wrote (a clean copy, predictions and their unfinished chunks) or a Kaggle
+    download's own folder: never read as own data (so --output may lie inside --input)."""
     return folder.name.startswith(".") or any((folder / marker).exists() for marker in PIPELINE_MARKERS)
 
 

@@ -14,11 +14,12 @@ class ProgressLines:
     """Iterates `items`, printing "DESC: batch n of total, s s" to stderr whenever LINE_EVERY seconds have passed
     since the last line (or the start); tqdm's set_postfix adds its values to the line."""
 
-    def __init__(self, items: Iterable, *, desc: str, unit: str) -> None:
+    def __init__(self, items: Iterable, *, desc: str, unit: str, total: int | None = None) -> None:
         self.items, self.desc, self.unit, self.postfix = items, desc, unit, ""
+        self.total = len(items) if total is None and hasattr(items, "__len__") else total
 
     def __iter__(self) -> Iterator:
-        total = f" of {len(self.items)}" if hasattr(self.items, "__len__") else ""
+        total = f" of {self.total}" if self.total is not None else ""
         started = last = time.monotonic()
         for count, item in enumerate(self.items, start=1):
             yield item
@@ -33,9 +34,10 @@ class ProgressLines:
         self.postfix = "".join(f", {name} {value}" for name, value in values.items())
 
 
-def progress(items: Iterable, *, desc: str, unit: str = "batch", quiet: bool = False) -> "tqdm | ProgressLines":
-    """`items` with their progress shown: nothing when `quiet`, a tqdm bar (that goes when done) in a terminal,
-    else a line at least every LINE_EVERY seconds."""
+def progress(items: Iterable, *, desc: str, unit: str = "batch", total: int | None = None,
+             quiet: bool = False) -> "tqdm | ProgressLines":
+    """`items` (`total` of them, where they have no length) with their progress shown: nothing when `quiet`, a tqdm
+    bar (that goes when done) in a terminal, else a line at least every LINE_EVERY seconds."""
     if quiet or sys.stderr.isatty():
-        return tqdm(items, desc=desc, unit=unit, leave=False, disable=quiet)
-    return ProgressLines(items, desc=desc, unit=unit)
+        return tqdm(items, desc=desc, unit=unit, total=total, leave=False, disable=quiet)
+    return ProgressLines(items, desc=desc, unit=unit, total=total)

@@ -4,6 +4,7 @@ rerun with other settings is refused naming what differs, the merge bounds the r
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -64,7 +65,7 @@ def test_a_chunk_is_complete_or_absent(tmp_path):
                       ImageResult("b", "b.png", skipped_because="not an image")]
     assert not (parts / chunk_name(0)).exists()  # not yet
     chunk.commit([{"name": "a"}], ["videos/a.mp4"])
-    assert sorted(p.name for p in parts.iterdir()) == [chunk_name(0), "settings.json"]
+    assert sorted(p.name for p in parts.iterdir()) == [chunks.SETTINGS, chunk_name(0)]
     assert list(chunks.records(parts, 1)) == chunk.results and chunks.media(parts, 1) == ["videos/a.mp4"]
     unfinished = Chunk(parts, ChunkPlan(1, 2, 4, 2))
     folder = unfinished.folder
@@ -195,3 +196,17 @@ def test_a_killed_process_leaves_nothing_complete_and_a_rerun_finishes_with_any_
     assert f"{len(done)} done by an earlier run" in resumed.stdout
     assert outputs(tmp_path / "out") == outputs(one_process) and not parts.exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no hidden folder left
+
+
+@pytest.mark.slow
+def test_predictions_inside_the_input_folder_are_not_read_as_input_when_resumed_or_rerun(one_process, inputs,
+                                                                                         tmp_path):
+    model, original = inputs
+    folder = tmp_path / "scans"
+    shutil.copytree(original, folder)
+    killed = predict(tmp_path, (model, folder), "scans/out", "--pictures", "pictures", environment={"KILL_AT": "2"})
+    assert killed.returncode != 0 and len(list((folder / "out.parts").glob("chunk-*"))) == 1
+    for run in ("resumed", "rerun"):  # the chunks, then the finished predictions, lie in the input folder
+        result = predict(tmp_path, (model, folder), "scans/out", "--pictures", "pictures")
+        assert result.returncode == 0, f"{run}: {result.stderr}"
+        assert ": 6 chunks" in result.stdout and outputs(folder / "out") == outputs(one_process), run

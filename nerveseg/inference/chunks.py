@@ -28,11 +28,12 @@ from nerveseg.errors import UserError
 from nerveseg.files import atomic_write, building_folder, discard_building, swap_into_place, write_json
 from nerveseg.inference.records import ImageResult
 from nerveseg.inference.report import PICTURES
+from nerveseg.inputs import CHUNKS_MARKER
 from nerveseg.video import is_video_file
 
 RECORDS = "records.jsonl"  # a chunk's records, one JSON object a line, in the order they were made
 CONTENTS = "chunk.json"  # a chunk's rows of the report page, and the videos and DICOM SEGs it wrote
-SETTINGS = "settings.json"
+SETTINGS = CHUNKS_MARKER  # the settings the chunks were made with; marks the folder as ours (not input)
 WAIT_REPORT_SECONDS = 30  # the process that merges says how many chunks it waits for at least this often
 
 
