@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import monai
 import torch
-from monai.data import CacheDataset, DataLoader, ThreadDataLoader
+from monai.data import DataLoader, ThreadDataLoader
 from torch import nn
 
 from nerveseg import distributed, memory
@@ -42,7 +42,7 @@ from nerveseg.settings import Bounds, OneOf, parse_settings, settings_to_json
 from nerveseg.training import runs, steps
 from nerveseg.training.augment import AUGMENTATIONS, BatchAugment
 from nerveseg.training.crossval import choose_on_validation, cross_validation_summary, validate_fold
-from nerveseg.training.diskcache import CACHES, CachedPairs, DiskCache, training_cache
+from nerveseg.training.diskcache import CACHES, CachedPairs, DiskCache, MemoryCache, training_cache
 from nerveseg.training.evaluation import evaluate
 from nerveseg.training.tracking import TrainingLog, tensorboard_installed
 from nerveseg.transforms import collate_keep_sizes, load_transforms, network_input
@@ -170,12 +170,12 @@ def make_loaders(train_items: list[dict], val_items: list[dict], *, image_size: 
     my_val_items = partition(val_items, process.rank, process.world_size, pad=False)
     batch_size, epoch_length = steps.epoch_plan(len(my_train_items), batch_size=settings.BATCH_SIZE,
                                                 min_steps=settings.MIN_STEPS_PER_EPOCH)
-    show_progress = not settings.QUIET and process.is_main and sys.stderr.isatty()
+    quiet = settings.QUIET or not process.is_main
     if disk_cache is None:
-        train_ds = CacheDataset(my_train_items, load_transforms(image_size, with_label=True), progress=show_progress,
-                                copy_cache=False)
-        val_ds = CacheDataset(my_val_items, load_transforms(image_size, with_label=True, keep_full_label=True),
-                              progress=show_progress)
+        train_ds = MemoryCache(my_train_items, load_transforms(image_size, with_label=True),
+                               desc="caching the training pairs", quiet=quiet, copy_cache=False)
+        val_ds = MemoryCache(my_val_items, load_transforms(image_size, with_label=True, keep_full_label=True),
+                             desc="caching the validation pairs", quiet=quiet)
     else:
         train_ds = CachedPairs(disk_cache, my_train_items, full_label=False)
         val_ds = CachedPairs(disk_cache, my_val_items, full_label=True)

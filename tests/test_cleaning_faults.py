@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from nerveseg import progress
 from nerveseg.cleaning.clean_copy import CleaningOptions
 from nerveseg.cleaning.layouts import find_own_data
+from nerveseg.cleaning.parallel import run_parallel
 from nerveseg.cleaning.pipeline import clean_download, clean_own_data
 from nerveseg.cleaning.sources import ArchiveCache, Locator, TooLarge, find_download
 from nerveseg.errors import UserError
@@ -403,3 +405,13 @@ def test_a_plain_file_larger_than_the_bound_is_not_read(tmp_path):
     with pytest.raises(TooLarge, match=f"{path} is 3 MiB, more than the 2 MiB allowed \\(--max-member-mb\\)"):
         ArchiveCache().read(Locator(str(path)), max_bytes=2 << 20)
     assert ArchiveCache().read(Locator(str(path)), max_bytes=4 << 20) == bytes(3 << 20)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_checks_say_how_far_they_are_where_the_output_is_not_a_terminal(workers, monkeypatch, capsys):
+    monkeypatch.setattr(progress, "LINE_EVERY", 0.0)  # a line for every file (capsys: not a terminal)
+    assert run_parallel(abs, [-1, -2, -3], workers, "pairs", quiet=False) == [1, 2, 3]
+    assert [line.split(",")[0] for line in capsys.readouterr().err.splitlines()] == [
+        "pairs: file 1 of 3", "pairs: file 2 of 3", "pairs: file 3 of 3"]
+    assert run_parallel(abs, [-1, -2], workers, "pairs", quiet=True) == [1, 2]
+    assert capsys.readouterr().err == ""

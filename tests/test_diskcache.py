@@ -17,11 +17,12 @@ import torch
 from monai.data import CacheDataset, DataLoader
 from PIL import Image
 
+from nerveseg import progress
 from nerveseg.distributed import Process
 from nerveseg.errors import UserError
 from nerveseg.memory import available_memory
 from nerveseg.training import diskcache
-from nerveseg.training.diskcache import CachedPairs, cache_path, choose_cache, open_disk_cache
+from nerveseg.training.diskcache import CachedPairs, MemoryCache, cache_path, choose_cache, open_disk_cache
 from nerveseg.transforms import collate_keep_sizes, load_transforms
 from tests.helpers import FAST_TRAINING, ROOT, read_metrics, run_script
 
@@ -83,6 +84,17 @@ def test_workers_share_the_file_instead_of_copying_it(tmp_path: Path) -> None:
 
 def dataset_in_memory(items: list[dict]) -> CacheDataset:
     return CacheDataset(items, load_transforms(IMAGE_SIZE, with_label=True, keep_full_label=True), progress=False)
+
+
+def test_the_memory_cache_holds_what_monai_caches_and_says_how_far_it_is(tmp_path: Path, monkeypatch, capsys) -> None:
+    items = write_pairs(tmp_path)
+    monkeypatch.setattr(progress, "LINE_EVERY", 0.0)  # a line for every pair (stderr is not a terminal here)
+    memory = MemoryCache(items, load_transforms(IMAGE_SIZE, with_label=True, keep_full_label=True),
+                         desc="caching the training pairs", quiet=False)
+    assert "caching the training pairs: pair 7 of 7" in capsys.readouterr().err
+    assert_same_pairs(memory, dataset_in_memory(items))
+    MemoryCache(items, load_transforms(IMAGE_SIZE, with_label=True), desc="caching", quiet=True)
+    assert capsys.readouterr().err == ""
 
 
 def test_a_second_run_reuses_the_cache_and_a_changed_image_rebuilds_it(tmp_path: Path, monkeypatch) -> None:

@@ -26,7 +26,7 @@ from nerveseg.distributed import Process
 from nerveseg.errors import UserError
 from nerveseg.files import FolderLock, check_can_be_folder, write_csv, write_json
 from nerveseg.metrics import describe_scores
-from nerveseg.model import network_channels
+from nerveseg.model import NETWORKS, network_channels
 from nerveseg.network_bounds import check_network_request
 from nerveseg.pictures import plot_cross_validation, plot_training_curves
 from nerveseg.postprocess import TUNING_PLANES, PostProcessing
@@ -55,7 +55,7 @@ def check_settings(settings: dict) -> None:
         )
     model = s.get("MODEL", "unet")
     channels = network_channels(model, s["CHANNELS"], s.get("DECODER_CHANNELS", ()))
-    option = "--channels" if channels is s["CHANNELS"] else "--decoder-channels"
+    option = "--decoder-channels" if NETWORKS[model].encoder else "--channels"
     config = {"model": model, "channels": list(channels), "strides": list(s["STRIDES"]),
               "num_res_units": s.get("NUM_RES_UNITS", 0)}
     try:
