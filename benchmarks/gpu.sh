@@ -4,6 +4,7 @@
 # NCCL, and the benchmark suite's GPU mode. Logs and results go to OUT (default: gpu-results/), the runs'
 # checkpoints to a scratch folder. With CV=1 also a default 5-fold cross-validation of DATA and the 5-model
 # ensemble's prediction of DATA/test, both timed end to end (#13; budget the time of five default trainings).
+# With DATA, also predict.py on one process and on two sharing the GPU (torchrun; outputs compared: issue 34).
 #   bash benchmarks/gpu.sh [DATA] [OUT]
 #   CV=1 bash benchmarks/gpu.sh data/clean gpu-results
 set -uo pipefail
@@ -23,6 +24,8 @@ if [ -n "$DATA" ]; then
   cp "$WORK/training_curves.png" "$OUT/real_training_curves.png"
   torchrun --standalone --nproc_per_node=1 train.py --data-dir "$DATA" --runs-dir "$WORK/runs" --run-name ddp \
     --model-path "$WORK/ddp.pt" --pictures "$WORK/ddp" --max-epochs 3 --quiet 2>&1 | tail -4 | tee "$OUT/torchrun_nccl.log"
+  python3 benchmarks/predict_processes.py --checkpoint "$WORK/real.pt" --input "$DATA/test" --work "$WORK/processes" \
+    --device cuda --only one,two 2>&1 | tail -4 | tee "$OUT/predict_processes.log"
 fi
 if [ -n "$DATA" ] && [ -n "${CV:-}" ]; then
   start=$(date +%s)

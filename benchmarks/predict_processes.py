@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--work", required=True, type=Path, help="a folder for the outputs")
     parser.add_argument("--baseline", type=Path, help="a checkout of another version: its predict.py, one process")
     parser.add_argument("--repeat", type=int, default=1, help="the images this many times over (memory)")
+    parser.add_argument("--device", default="cpu", help="predict.py's --device (cpu: the figures of the docs)")
     parser.add_argument("--only", default="", help="comma-separated runs to do (baseline,one,two,killed)")
     options = parser.parse_args()
     work = options.work.resolve()
@@ -99,7 +100,7 @@ def main() -> None:
                                                                                 options.repeat, work)
     count = sum(1 for path in images.rglob("*") if path.is_file())
     common = ["--checkpoint", str(options.checkpoint.resolve()), "--input", str(images), "--quiet",
-              "--device", "cpu"]
+              "--device", options.device]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     plans = {  # name: command, code, threads (None: PyTorch's default, a thread a core)
         "baseline": ([sys.executable, str((options.baseline or ROOT) / "predict.py")], options.baseline, None),
