@@ -4,6 +4,7 @@ the data changed, nothing complete-looking after a killed build; the automatic c
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,16 @@ def test_a_second_run_reuses_the_cache_and_a_changed_image_rebuilds_it(tmp_path:
     items[5]["size"] = (1, 1)  # a manifest that disagrees with its image is refused, naming it
     with pytest.raises(UserError, match=f"{items[5]['image']} is .* run data_cleaning.py again"):
         open_cache(items, tmp_path)
+
+
+def test_a_cache_of_another_image_size_is_kept_and_named_with_its_size(tmp_path: Path, capsys) -> None:
+    items = write_pairs(tmp_path)
+    open_cache(items, tmp_path)
+    other = open_disk_cache(items, (16, 24), data_dir=tmp_path, folder=tmp_path / "training-cache",
+                            process=ONE_PROCESS, quiet=True)
+    assert other.images.shape[1:] == (16, 24) and cache_path(tmp_path / "training-cache", IMAGE_SIZE).is_file()
+    assert re.search(r"also holds pairs-32x48.bin \(0.00 GB\) for other image sizes; delete them if no run uses",
+                     capsys.readouterr().out)
 
 
 def test_a_file_that_is_not_a_cache_is_never_replaced(tmp_path: Path) -> None:

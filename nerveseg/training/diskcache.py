@@ -256,6 +256,11 @@ def open_disk_cache(items: list[dict], image_size: tuple[int, int], *, data_dir:
     else:
         process.print0(f"building the disk cache {path} ({len(items)} pairs, {header['bytes'] / 1e9:.2f} GB)")
         build(items, image_size, path=path, header=header, process=process, quiet=quiet)
+    others = sorted(set(folder.glob(cache_path(folder, ("*", "*")).name)) - {path})
+    if others:  # kept for runs at those sizes, never removed by train.py: say what they take
+        process.print0(f"disk cache: {folder} also holds {', '.join(other.name for other in others)} "
+                       f"({sum(other.stat().st_size for other in others) / 1e9:.2f} GB) for other image sizes; "
+                       "delete them if no run uses those sizes")
     return DiskCache(path, header, items)
 
 
