@@ -12,34 +12,19 @@ import os
 import resource
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-# SIGKILL as the process is about to keep its chunk number KILL_AT (the audit hook sees the rename first)
-KILL_AT_COMMIT = textwrap.dedent("""
-    import os, signal, sys
-    if os.environ.get("KILL_AT"):
-        commits = []
-        def hook(event, args):
-            if event == "os.rename" and os.path.basename(str(args[1])).startswith("chunk-"):
-                commits.append(args[1])
-                if len(commits) == int(os.environ["KILL_AT"]):
-                    os.kill(os.getpid(), signal.SIGKILL)
-        sys.addaudithook(hook)
-""")
+KILL_HOOK = ROOT / "benchmarks" / "hooks"  # on PYTHONPATH: KILL_AT=N kills a run as it keeps its Nth chunk
 
 
 def run(command: list[str], *, code: Path, work: Path, threads: int | None, kill_at: int = 0) -> dict:
     """Run a command to its end; its wall and CPU seconds (all its processes), the peak RSS of its largest process
     and of all together (sampled every 0.2 s), its exit status."""
-    hooks = work / "hooks"
-    hooks.mkdir(exist_ok=True)
-    (hooks / "sitecustomize.py").write_text(KILL_AT_COMMIT)
-    env = {**os.environ, "PYTHONPATH": f"{hooks}{os.pathsep}{code}", "KILL_AT": str(kill_at or "")}
+    env = {**os.environ, "PYTHONPATH": f"{KILL_HOOK}{os.pathsep}{code}", "KILL_AT": str(kill_at or "")}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

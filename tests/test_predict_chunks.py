@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -92,19 +91,8 @@ def test_the_page_of_many_entries_shows_videos_skips_the_worst_and_the_least_cer
 
 # Running predict.py (slow) ---------------------------------------------------------------------------------
 
-# Kills the process (SIGKILL: no clean-up of any kind) as it is about to commit its chunk number KILL_AT (1-based),
-# in the process of rank KILL_RANK; Python's audit hook sees the rename before it happens.
-KILL_AT_COMMIT = textwrap.dedent("""
-    import os, signal, sys
-    if os.environ.get("KILL_AT") and os.environ.get("RANK", "0") == os.environ.get("KILL_RANK", "0"):
-        commits = []
-        def hook(event, args):
-            if event == "os.rename" and os.path.basename(str(args[1])).startswith("chunk-"):
-                commits.append(args[1])
-                if len(commits) == int(os.environ["KILL_AT"]):
-                    os.kill(os.getpid(), signal.SIGKILL)
-        sys.addaudithook(hook)
-""")
+# On PYTHONPATH: KILL_AT=N (and KILL_RANK) kill a run as it keeps its Nth chunk (SIGKILL: no clean-up at all)
+KILL_HOOK = ROOT / "benchmarks" / "hooks"
 # batches of 2, chunks of at least 2 images: 01-02 | 03-04 | 05 and the DICOM file's 3 frames | the video's 6 frames
 # | 06-07 | 08
 CHUNKED = ("--batch-size", "2", "--chunk-batches", "1", "--quiet", "--num-workers", "0", "--presence-window", "3",
@@ -130,15 +118,12 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 def predict(work: Path, inputs: tuple[Path, Path], output: str, *extra: str, processes: int = 1,
             environment: dict | None = None) -> subprocess.CompletedProcess:
     """predict.py on the inputs, alone or under torchrun with `processes` processes."""
-    hooks = work / "hooks"
-    hooks.mkdir(exist_ok=True)
-    (hooks / "sitecustomize.py").write_text(KILL_AT_COMMIT)
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     model, folder = inputs
     command = [*launcher, str(ROOT / "predict.py"), "--checkpoint", str(model), "--input", str(folder), "--output",
                output, "--pictures", f"{output}-pictures", *CHUNKED, *extra]
-    env = {**os.environ, "PYTHONPATH": f"{hooks}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1", **(environment or {})}
+    env = {**os.environ, "PYTHONPATH": f"{KILL_HOOK}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1", **(environment or {})}
     return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
 
